@@ -1,0 +1,223 @@
+"""The public functions. Each validates its options into a LossSpec, builds one
+Batch, asks the batch's engine for per-row statistics (and the gradient), and
+turns those into results with the shared rules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _arrays, _batch, _rules
+from ._arrays import Operand
+from ._spec import LossSpec
+
+ArrayLike = Any
+
+
+def _run(b: _batch.Batch, spec: LossSpec, **kw) -> _rules.Stats:
+    return b.engine.run(
+        b,
+        scale=spec.logit_scale,
+        softcap=spec.softcap_or_zero,
+        want_wz=_rules.wants_wz(spec),
+        **kw,
+    )
+
+
+def _result(value, like: Operand):
+    return _batch.engine_for(like).wrap(value, like)
+
+
+def logsumexp(logits: ArrayLike, *, out: Optional[ArrayLike] = None):
+    """Log-sum-exp over the last axis, in one streaming pass.
+
+    Parameters
+    ----------
+    logits : array of shape ``(*batch, C)``
+        float32, float64, float16 or bfloat16; NumPy, torch (CPU/CUDA), CuPy or
+        anything with ``__array_interface__``.
+    out : array of shape ``batch``, optional
+        float32 or float64 array (same library and device as ``logits``) to write into.
+
+    Returns
+    -------
+    Array of shape ``batch``: float32 (float64 for float64 input), the same library
+    as ``logits``. A row of only ``-inf`` gives ``-inf``, a row holding ``+inf`` (and
+    no NaN) gives ``+inf``, a row holding NaN gives NaN, as ``torch.logsumexp``.
+    """
+    x = _batch.logits_operand(logits)
+    engine = _batch.engine_for(x)
+    b = _batch.Batch(x=x, engine=engine, xp=engine.xp(), classes=x.shape[-1])
+    s = b.engine.run(b, scale=1.0, softcap=0.0, want_wz=False)
+    res = s.lse.astype(b.out_dtype).reshape(x.batch_shape)
+    if out is None:
+        return _result(res, x)
+    o = _arrays.operand(out, "out")
+    _batch.same_device(x, o, "out")
+    if o.shape != x.batch_shape:
+        raise ValueError(f"out must have shape {x.batch_shape} (logits shape {x.shape} without its last axis), got {o.shape}")
+    if o.code not in (_arrays.F32, _arrays.F64):
+        raise TypeError(f"out must be float32 or float64, got {o.dtype_name}")
+    b.engine.copy_into(o, res)
+    return out
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: Optional[ArrayLike] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+):
+    """Cross-entropy of ``logits`` (class axis last) against ``target``.
+
+    The semantics are ``torch.nn.functional.cross_entropy`` with the class axis
+    moved last: ``cross_entropy(z, y)`` equals ``F.cross_entropy(z.movedim(-1, 1), y)``
+    for ``(N, d1.., C)`` logits (a plain ``(N, C)`` needs no move).
+
+    Parameters
+    ----------
+    logits : array ``(*batch, C)``, float32 / float64 / float16 / bfloat16.
+    target : integer array ``batch`` of class indices, or a floating array of the
+        logits' shape holding class probabilities (soft targets).
+    weight : ``(C,)`` non-negative class weights, optional.
+    ignore_index : rows whose target equals it contribute 0 and leave the mean
+        (integer targets only).
+    reduction : ``"mean"`` (weighted mean over counted rows), ``"sum"`` or ``"none"``.
+    label_smoothing : in ``[0, 1]``; mixes the target with the uniform distribution.
+    z_loss : coefficient ``z`` of ``z * lse**2`` added per counted row (PaLM's z-loss).
+    softcap : ``c``; logits become ``c * tanh(logits / c)`` (after ``logit_scale``). None: off.
+    logit_scale : logits are multiplied by it first.
+
+    Returns
+    -------
+    0-d float32 array (float64 for float64 logits) for ``mean`` / ``sum``, or the per-row
+    losses of shape ``batch`` for ``none``; the same library and device as ``logits``.
+
+    Raises
+    ------
+    ValueError for wrong shapes, bad option values or mixed devices; TypeError for
+    unsupported dtypes; IndexError for a target outside ``[0, C)`` that is not
+    ``ignore_index``.
+    """
+    spec = LossSpec.make(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+    )
+    b = _batch.make_batch(logits, target, spec, weight)
+    s = _run(b, spec)
+    return _result(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x)
+
+
+def _grad_out(b: _batch.Batch, out: Optional[ArrayLike]) -> Tuple[Operand, Any]:
+    """The operand the gradient is written to, and what is returned for it."""
+    x = b.x
+    if out is None:
+        arr = b.engine.empty_like(x)
+        return _arrays.operand(arr, "out"), arr
+    o = _arrays.operand(out, "out")
+    _batch.same_device(x, o, "out")
+    if o.shape != x.shape:
+        raise ValueError(f"out must have the logits' shape {x.shape}, got {o.shape}")
+    if o.code != x.code:
+        raise TypeError(f"out must have the logits' dtype {x.dtype_name}, got {o.dtype_name}")
+    if not (o.ptr == x.ptr and o.strides == x.strides) and _overlap(o, x):
+        raise ValueError("out overlaps logits without being the same array; pass out=logits for in place")
+    if b.soft is not None and _overlap(o, b.soft):
+        raise ValueError("out overlaps the soft target")
+    if not b.engine.writable(o):
+        raise ValueError("out is read-only")
+    return o, out
+
+
+def _extent(op: Operand) -> Tuple[int, int]:
+    item = np.dtype(np.float64).itemsize if op.code == _arrays.F64 else (4 if op.code == _arrays.F32 else 2)
+    lo = hi = op.ptr
+    for n, s in zip(op.shape, op.strides):
+        if n == 0:
+            return op.ptr, op.ptr
+        span = (n - 1) * s * item
+        lo, hi = (lo + span, hi) if span < 0 else (lo, hi + span)
+    return lo, hi + item
+
+
+def _overlap(a: Operand, b: Operand) -> bool:
+    a0, a1 = _extent(a)
+    b0, b1 = _extent(b)
+    return a0 < b1 and b0 < a1 and a0 != a1 and b0 != b1
+
+
+def cross_entropy_and_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: Optional[ArrayLike] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    grad_output: Any = 1.0,
+    out: Optional[ArrayLike] = None,
+):
+    """Loss and its gradient in one fused pass per row.
+
+    Takes every option of :func:`cross_entropy` and returns ``(loss, grad)`` where
+    ``loss`` is exactly what ``cross_entropy`` returns and
+    ``grad = d(grad_output * loss) / d(logits)`` has the logits' shape and dtype.
+
+    grad_output : a scalar, or for ``reduction="none"`` an array of the loss's shape.
+    out : array to write the gradient into; ``out=logits`` overwrites the logits with
+        their gradient (no rows x classes allocation). The true-class term is formed in
+        float64 and rounded once into float16/bfloat16.
+    """
+    spec = LossSpec.make(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+    )
+    b = _batch.make_batch(logits, target, spec, weight)
+    go = b.engine.grad_output(grad_output, spec.reduction, b.x)
+    o, ret = _grad_out(b, out)
+    coef = _rules.grad_coef(b, spec, go)
+    s = _run(b, spec, grad=coef, out=o)
+    loss = _result(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x)
+    return loss, ret
+
+
+def _mean_ce(logits, target, ignore_index) -> float:
+    return float(cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean"))
+
+
+def perplexity(logits: ArrayLike, target: ArrayLike, *, ignore_index: int = -100, base: str = "e") -> float:
+    """``exp(mean cross-entropy)`` over the counted rows, as a Python float.
+
+    ``base="2"`` computes ``2 ** (mean cross-entropy in bits)``: the same number.
+    """
+    if base not in ("e", "2"):
+        raise ValueError(f"base must be 'e' or '2', got {base!r}")
+    ce = _mean_ce(logits, target, ignore_index)
+    try:
+        return math.exp(ce) if base == "e" else 2.0 ** (ce / math.log(2.0))
+    except OverflowError:
+        return math.inf
+
+
+def bits_per_token(logits: ArrayLike, target: ArrayLike, *, ignore_index: int = -100) -> float:
+    """Mean cross-entropy in bits (``mean CE / ln 2``), as a Python float."""
+    return _mean_ce(logits, target, ignore_index) / math.log(2.0)

@@ -1,0 +1,192 @@
+"""Turning user arrays into engine operands without copying the logits.
+
+An :class:`Operand` remembers which library the array came from (so results go
+back as the same library), which device it lives on (which picks the engine),
+and the raw layout the engines read: address, dtype code, shape and strides in
+elements.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+# Dtype codes shared with the Rust engine (rust/elem.rs) and the CUDA kernels.
+F32, F64, F16, BF16 = 0, 1, 2, 3
+_NP_CODES = {
+    np.dtype(np.float32): F32,
+    np.dtype(np.float64): F64,
+    np.dtype(np.float16): F16,
+    np.dtype(ml_dtypes.bfloat16): BF16,
+}
+CODE_NAMES = {F32: "float32", F64: "float64", F16: "float16", BF16: "bfloat16"}
+SUPPORTED = "float32, float64, float16 or bfloat16"
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _cupy():
+    return sys.modules.get("cupy")
+
+
+def is_torch(obj: Any) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _torch_codes():
+    torch = _torch()
+    return {torch.float32: F32, torch.float64: F64, torch.float16: F16, torch.bfloat16: BF16}
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A validated view of one array argument."""
+
+    array: Any  # numpy.ndarray, cupy.ndarray or torch.Tensor: keeps the memory alive
+    lib: str  # "numpy", "torch" or "cupy": what results are returned as
+    device: str  # "cpu" or "cuda:N"
+    shape: tuple
+    strides: tuple  # in elements
+    dtype_name: str
+    code: int | None  # engine dtype code for floating arrays, None otherwise
+    ptr: int
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device != "cpu"
+
+    @property
+    def batch_shape(self) -> tuple:
+        return self.shape[:-1]
+
+    @property
+    def rows(self) -> int:
+        return int(np.prod(self.batch_shape, dtype=np.int64))
+
+    def desc(self) -> tuple:
+        """(address, dtype code, columns, column stride, batch shape, batch strides)."""
+        return (
+            self.ptr,
+            self.code,
+            self.shape[-1],
+            self.strides[-1],
+            list(self.shape[:-1]),
+            list(self.strides[:-1]),
+        )
+
+
+def _device_of_dlpack(obj: Any) -> str | None:
+    try:
+        dev_type, dev_id = obj.__dlpack_device__()
+    except Exception:
+        return None
+    # kDLCPU = 1, kDLCUDA = 2, kDLCUDAManaged = 13
+    if int(dev_type) == 1:
+        return "cpu"
+    if int(dev_type) in (2, 13):
+        return f"cuda:{int(dev_id)}"
+    return f"dlpack-device-{int(dev_type)}"
+
+
+def operand(obj: Any, name: str) -> Operand:
+    """Describes `obj` without copying it. Raises TypeError for what is not an array."""
+    if is_torch(obj):
+        t = obj.detach()
+        if t.device.type == "cuda":
+            return _cupy_operand(_to_cupy(t), name, lib="torch", keep=t)
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} is on device {t.device}; ce_fast runs on CPU and CUDA")
+        code = _torch_codes().get(t.dtype)
+        return Operand(
+            array=t,
+            lib="torch",
+            device="cpu",
+            shape=tuple(t.shape),
+            strides=tuple(t.stride()),
+            dtype_name=str(t.dtype).replace("torch.", ""),
+            code=code,
+            ptr=t.data_ptr(),
+        )
+    cp = _cupy()
+    if cp is not None and isinstance(obj, cp.ndarray):
+        return _cupy_operand(obj, name, lib="cupy")
+    if hasattr(obj, "__cuda_array_interface__"):
+        return _cupy_operand(_require_cupy(name).asarray(obj), name, lib="cupy")
+    if not isinstance(obj, np.ndarray) and hasattr(obj, "__dlpack_device__"):
+        dev = _device_of_dlpack(obj)
+        if dev is not None and dev.startswith("cuda"):
+            return _cupy_operand(_require_cupy(name).from_dlpack(obj), name, lib="cupy")
+    try:
+        a = np.asarray(obj)
+    except Exception as exc:  # pragma: no cover - numpy's own message is kept
+        raise TypeError(f"{name} must be an array, got {type(obj).__name__}") from exc
+    if a.dtype == object:
+        raise TypeError(f"{name} must be a numeric array, got {type(obj).__name__} of objects")
+    item = a.dtype.itemsize
+    if any(s % item for s in a.strides):
+        # Byte strides that are not whole elements (views of packed records) are copied once.
+        a = np.ascontiguousarray(a)
+    return Operand(
+        array=a,
+        lib="numpy",
+        device="cpu",
+        shape=a.shape,
+        strides=tuple(s // item for s in a.strides),
+        dtype_name=str(a.dtype),
+        code=_NP_CODES.get(a.dtype),
+        ptr=a.__array_interface__["data"][0] if a.size else 0,
+    )
+
+
+def _require_cupy(name: str):
+    try:
+        import cupy
+    except ImportError as exc:
+        raise ImportError(
+            f"{name} is a CUDA array; the GPU engine needs CuPy (pip install 'ce_fast[cuda]')"
+        ) from exc
+    return cupy
+
+
+def _to_cupy(t):
+    return _require_cupy("tensor").from_dlpack(t)
+
+
+def _cupy_operand(a, name: str, lib: str, keep: Any = None) -> Operand:
+    item = a.dtype.itemsize
+    code = _NP_CODES.get(np.dtype(a.dtype)) if a.dtype != object else None
+    return Operand(
+        array=a if keep is None else (a, keep),
+        lib=lib,
+        device=f"cuda:{a.device.id}",
+        shape=tuple(a.shape),
+        strides=tuple(s // item for s in a.strides),
+        dtype_name=str(a.dtype),
+        code=code,
+        ptr=int(a.data.ptr),
+    )
+
+
+def numpy_of(op: Operand) -> np.ndarray:
+    """A NumPy view of a CPU operand (torch tensors included, bfloat16 as ml_dtypes)."""
+    a = op.array
+    if op.lib == "torch":
+        torch = _torch()
+        if a.dtype == torch.bfloat16:
+            return a.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return a.numpy()
+    return a
+
+
+def wrap(result: np.ndarray, like: Operand):
+    """Returns a NumPy result as the library of `like` (a CPU operand)."""
+    if like.lib == "torch":
+        return _torch().from_numpy(np.ascontiguousarray(result))
+    return result

@@ -1,0 +1,127 @@
+"""The CPU engine: a thin adapter from batches to the Rust kernels in `_core`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _arrays, _batch, _core
+from ._arrays import Operand
+from ._rules import GradCoef, Stats
+
+_threads = 0  # 0 = rayon's default (all cores, or RAYON_NUM_THREADS)
+
+
+def xp():
+    return np
+
+
+def set_threads(n: int) -> None:
+    """Threads the CPU engine uses; 0 restores the default."""
+    global _threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"threads must be an int >= 0, got {n!r}")
+    _threads = n
+
+
+def get_threads() -> int:
+    return _threads or _core.default_threads()
+
+
+def to_float64(op: Operand) -> np.ndarray:
+    return np.ascontiguousarray(_arrays.numpy_of(op), dtype=np.float64)
+
+
+def index_targets(t: Operand, C: int, ignore_index: int):
+    """int64 class indices with -1 for ignored rows, and the mask of counted rows."""
+    a = np.asarray(_arrays.numpy_of(t))
+    bad = _batch.out_of_range(a, C, ignore_index, np)
+    if bad is not None:
+        raise _batch.index_error(*bad, C, ignore_index)
+    valid = (a != ignore_index).reshape(-1)
+    idx = np.where(valid, a.reshape(-1), -1).astype(np.int64)
+    return idx, valid
+
+
+def _ptr(a: Optional[np.ndarray]) -> int:
+    return 0 if a is None else a.ctypes.data
+
+
+def run(b, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCoef] = None,
+        out: Optional[Operand] = None, soft_stats: bool = False) -> Stats:
+    """Per-row statistics of the batch; with `grad`, the gradient is written into `out`."""
+    rows = b.rows
+    s = Stats(lse=np.empty(rows))
+    s.zy = np.zeros(rows) if b.target is not None else None
+    s.swz = np.zeros(rows) if want_wz else None
+    if b.soft is not None or soft_stats:
+        s.swtz, s.swt = np.zeros(rows), np.zeros(rows)
+    keep = []  # contiguous float64 copies must outlive the call
+
+    def f64(a):
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        keep.append(a)
+        return a
+
+    target = None if b.target is None else np.ascontiguousarray(b.target, dtype=np.int64)
+    weight = None if b.weight is None else f64(b.weight)
+    g = None
+    if grad is not None:
+        g = (_ptr(f64(grad.a0)), _ptr(f64(grad.b)), _ptr(f64(grad.g)),
+             grad.a_lse, grad.a_swt, grad.d, grad.e, out.desc())
+    _core.run(
+        b.x.desc(),
+        _ptr(target),
+        _ptr(weight),
+        None if b.soft is None else b.soft.desc(),
+        float(scale),
+        float(softcap),
+        bool(want_wz),
+        (_ptr(s.lse), _ptr(s.zy), _ptr(s.swz), _ptr(s.swtz), _ptr(s.swt)),
+        g,
+        _threads,
+    )
+    return s
+
+
+def wrap(value: np.ndarray, like: Operand):
+    return _arrays.wrap(value, like)
+
+
+def copy_into(o: Operand, value: np.ndarray) -> None:
+    if o.lib == "torch":
+        o.array.copy_(_arrays._torch().from_numpy(np.ascontiguousarray(value)))
+    else:
+        np.copyto(o.array, value, casting="same_kind")
+
+
+def empty_like(x: Operand):
+    """A C-contiguous array of the logits' shape, dtype and library."""
+    if x.lib == "torch":
+        torch = _arrays._torch()
+        return torch.empty(x.shape, dtype=x.array.dtype)
+    return np.empty(x.shape, dtype=_arrays.numpy_of(x).dtype)
+
+
+def writable(o: Operand) -> bool:
+    return o.lib == "torch" or bool(o.array.flags.writeable)
+
+
+def grad_output(value: Any, reduction: str, x: Operand) -> np.ndarray:
+    """grad_output as float64: a scalar, or for reduction='none' an array of the loss's shape."""
+    if _arrays.is_torch(value):
+        if value.device.type != "cpu":
+            raise ValueError(f"logits are on cpu but grad_output is on {value.device}")
+        value = value.detach().double().numpy()
+    try:
+        g = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"grad_output must be a number or an array, got {type(value).__name__}") from exc
+    if g.ndim == 0:
+        return g
+    if reduction != "none":
+        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}")
+    if g.shape != x.batch_shape:
+        raise ValueError(f"grad_output must be a scalar or have the loss's shape {x.batch_shape}, got {g.shape}")
+    return g

@@ -1,0 +1,148 @@
+"""The loss and gradient rules, written once for every engine.
+
+Engines return per-row statistics of the transformed logits z (after
+logit_scale and softcap), all float64:
+
+- ``lse``  log-sum-exp of the row
+- ``zy``   the target logit (integer targets)
+- ``swz``  sum_c w_c z_c (w = 1 without weights; only with label smoothing)
+- ``swt``, ``swtz``  sum_c w_c t_c and sum_c w_c t_c z_c (soft targets t)
+
+With eps = label_smoothing, W = sum_c w_c and C classes, per row:
+
+- integer target y: ``(1-eps) w_y (lse - z_y) + eps/C (W lse - swz) + z_loss lse^2``
+- soft target t' = (1-eps) t + eps/C: ``lse sum(w t') - sum(w t' z) + z_loss lse^2``
+
+as torch.nn.functional.cross_entropy (class axis last). The mean divides by the
+sum of the target weights of counted rows (integer targets) or the row count
+(soft targets). Everything here uses the array module ``xp`` of the engine
+(NumPy or CuPy), so the rules run where the statistics are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ._batch import Batch
+from ._spec import LossSpec
+
+
+@dataclass
+class Stats:
+    lse: Any
+    zy: Optional[Any] = None
+    swz: Optional[Any] = None
+    swtz: Optional[Any] = None
+    swt: Optional[Any] = None
+
+
+@dataclass
+class GradCoef:
+    """``grad_c = g * chain_c * ((a0 + a_lse*lse + a_swt*swt) p_c - d w_c - e w_c t_c - b [c == y])``."""
+
+    a0: Any
+    b: Any
+    g: Any
+    a_lse: float
+    a_swt: float
+    d: float
+    e: float
+
+
+def wants_wz(spec: LossSpec) -> bool:
+    return spec.label_smoothing > 0.0
+
+
+def per_row(b: Batch, spec: LossSpec, s: Stats):
+    """float64 loss of every row (0 for ignored rows)."""
+    xp = b.xp
+    eps = spec.label_smoothing
+    C = b.classes
+    with _quiet(xp):
+        if b.soft is not None:
+            swt = s.swt
+            swtz = s.swtz
+            if eps > 0.0:
+                swt = (1.0 - eps) * swt + (eps / C) * b.weight_total
+                swtz = (1.0 - eps) * swtz + (eps / C) * s.swz
+            loss = s.lse * swt - swtz
+        else:
+            loss = b.wy * (s.lse - s.zy)
+            if eps > 0.0:
+                loss = (1.0 - eps) * loss + (eps / C) * (b.weight_total * s.lse - s.swz)
+        if spec.z_loss > 0.0:
+            loss = loss + spec.z_loss * s.lse * s.lse
+        # log_softmax of a row holding +inf is NaN in float64, so is its loss.
+        loss = xp.where(s.lse == xp.inf, xp.nan, loss)
+        return xp.where(b.valid, loss, 0.0)
+
+
+def denominator(b: Batch) -> float:
+    """What the mean divides by: sum of target weights of counted rows, or the row count."""
+    if b.soft is not None:
+        return float(b.rows)
+    return float(b.wy.sum())
+
+
+def reduce(b: Batch, spec: LossSpec, rows_loss):
+    """The returned loss in the output dtype: 0-d for mean/sum, batch-shaped for none."""
+    xp = b.xp
+    if spec.reduction == "none":
+        return rows_loss.astype(b.out_dtype).reshape(b.x.batch_shape)
+    total = float(rows_loss.sum())
+    if spec.reduction == "mean":
+        den = denominator(b)
+        total = total / den if den != 0.0 else float("nan")
+    return xp.asarray(total, dtype=b.out_dtype)
+
+
+def grad_coef(b: Batch, spec: LossSpec, grad_output) -> GradCoef:
+    """Per-row gradient coefficients of ``grad_output * loss``."""
+    xp = b.xp
+    eps = spec.label_smoothing
+    C = b.classes
+    rows = b.rows
+    if spec.reduction == "none":
+        go = xp.broadcast_to(xp.asarray(grad_output, dtype=xp.float64), b.x.batch_shape).reshape(rows)
+    else:
+        go = xp.full(rows, float(grad_output), dtype=xp.float64)
+        if spec.reduction == "mean":
+            den = denominator(b)
+            go = go / den if den != 0.0 else go * 0.0
+    g = xp.where(b.valid, go, 0.0)
+    smooth = eps / C
+    if b.soft is not None:
+        return GradCoef(
+            a0=xp.full(rows, smooth * b.weight_total),
+            b=xp.zeros(rows),
+            g=g,
+            a_lse=2.0 * spec.z_loss,
+            a_swt=1.0 - eps,
+            d=smooth,
+            e=1.0 - eps,
+        )
+    return GradCoef(
+        a0=(1.0 - eps) * b.wy + smooth * b.weight_total,
+        b=(1.0 - eps) * b.wy,
+        g=g,
+        a_lse=2.0 * spec.z_loss,
+        a_swt=0.0,
+        d=smooth,
+        e=0.0,
+    )
+
+
+class _quiet:
+    """Silences NumPy's warnings for inf - inf and 0 * inf, which the rules mean."""
+
+    def __init__(self, xp):
+        self.ctx = xp.errstate(invalid="ignore", over="ignore") if hasattr(xp, "errstate") else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)

@@ -1,0 +1,170 @@
+//! Bindings only: Python hands over array descriptors (address, dtype code,
+//! shape, strides in elements) already validated by `ce_fast`; this layer checks
+//! what it relies on, picks the kernel set and releases the GIL for the pass.
+
+mod elem;
+mod float;
+mod rows;
+mod simd;
+
+use elem::{DType, Matrix};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use rows::{GradSpec, Problem, StatsOut};
+use simd::{avx2::Avx2, scalar::Scalar, Level};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// (address, dtype code, columns, column stride, batch shape, batch strides)
+type Desc = (usize, u8, usize, isize, Vec<usize>, Vec<isize>);
+
+fn matrix(d: Desc, what: &str) -> PyResult<Matrix> {
+    let (ptr, code, cols, col_stride, batch_shape, batch_strides) = d;
+    let dtype = DType::from_code(code)
+        .ok_or_else(|| PyValueError::new_err(format!("{what}: unknown dtype code {code}")))?;
+    if batch_shape.len() != batch_strides.len() {
+        return Err(PyValueError::new_err(format!("{what}: shape and strides differ in length")));
+    }
+    if cols == 0 {
+        return Err(PyValueError::new_err(format!("{what}: zero classes")));
+    }
+    if ptr == 0 && batch_shape.iter().product::<usize>() > 0 {
+        return Err(PyValueError::new_err(format!("{what}: null data pointer")));
+    }
+    Ok(Matrix { ptr, dtype, cols, col_stride, batch_shape, batch_strides })
+}
+
+/// Thread pools by size, built once; 0 means rayon's global pool.
+fn pool(threads: usize) -> PyResult<Option<Arc<rayon::ThreadPool>>> {
+    if threads == 0 {
+        return Ok(None);
+    }
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS.get_or_init(Default::default).lock().unwrap();
+    if let Some(p) = pools.get(&threads) {
+        return Ok(Some(p.clone()));
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let p = Arc::new(p);
+    pools.insert(threads, p.clone());
+    Ok(Some(p))
+}
+
+unsafe fn slice<'a, T>(ptr: usize, len: usize) -> Option<&'a [T]> {
+    (ptr != 0).then(|| std::slice::from_raw_parts(ptr as *const T, len))
+}
+
+/// Per-row statistics of `x`, and the gradient into `grad.7` when `grad` is given.
+///
+/// grad = (a0_ptr, b_ptr, g_ptr, a_lse, a_swt, d, e, out_desc); pointers are f64 of length rows.
+#[pyfunction]
+#[pyo3(signature = (x, target, weight, soft, scale, softcap, want_wz, stats, grad=None, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn run(
+    py: Python<'_>,
+    x: Desc,
+    target: usize,
+    weight: usize,
+    soft: Option<Desc>,
+    scale: f64,
+    softcap: f64,
+    want_wz: bool,
+    stats: (usize, usize, usize, usize, usize),
+    grad: Option<(usize, usize, usize, f64, f64, f64, f64, Desc)>,
+    threads: usize,
+) -> PyResult<()> {
+    let x = matrix(x, "logits")?;
+    let soft = soft.map(|d| matrix(d, "soft target")).transpose()?;
+    if let Some(s) = &soft {
+        if s.cols != x.cols || s.batch_shape != x.batch_shape {
+            return Err(PyValueError::new_err("soft target shape differs from logits"));
+        }
+    }
+    let rows = x.rows();
+    let out = StatsOut { lse: stats.0, zy: stats.1, swz: stats.2, swtz: stats.3, swt: stats.4 };
+    let gout = match &grad {
+        Some(g) => {
+            let m = matrix(g.7.clone(), "grad out")?;
+            if m.cols != x.cols || m.batch_shape != x.batch_shape {
+                return Err(PyValueError::new_err("gradient out shape differs from logits"));
+            }
+            Some(m)
+        }
+        None => None,
+    };
+    let pool = pool(threads)?;
+    let x_ref = &x;
+    let soft_ref = soft.as_ref();
+    let gout_ref = gout.as_ref();
+    let cols = x.cols;
+    py.detach(move || {
+        let (target, weight) = unsafe { (slice::<i64>(target, rows), slice::<f64>(weight, cols)) };
+        let p = Problem {
+            x: x_ref,
+            target,
+            weight,
+            soft: soft_ref,
+            scale,
+            softcap,
+            want_wz,
+        };
+        let gspec = grad.as_ref().zip(gout_ref).map(|(g, m)| unsafe {
+            GradSpec {
+                a0: slice(g.0, rows).unwrap_or(&[]),
+                b: slice(g.1, rows).unwrap_or(&[]),
+                g: slice(g.2, rows).unwrap_or(&[]),
+                a_lse: g.3,
+                a_swt: g.4,
+                d: g.5,
+                e: g.6,
+                out: m,
+            }
+        });
+        let pool = pool.as_deref();
+        let level = simd::current();
+        if x_ref.dtype == DType::F64 {
+            rows::run::<f64, _>(Scalar, &p, gspec.as_ref(), out, pool);
+        } else if let (Level::Avx2, Some(k)) = (level, Avx2::new()) {
+            rows::run::<f32, _>(k, &p, gspec.as_ref(), out, pool);
+        } else {
+            rows::run::<f32, _>(Scalar, &p, gspec.as_ref(), out, pool);
+        }
+    });
+    Ok(())
+}
+
+/// Forces the scalar kernels ("scalar") or the best the CPU has ("auto").
+#[pyfunction]
+fn set_simd(name: &str) -> PyResult<()> {
+    if simd::set(name) {
+        Ok(())
+    } else {
+        Err(PyValueError::new_err(format!("simd must be 'scalar' or 'auto', got {name:?}")))
+    }
+}
+
+/// The kernel set f32-lane calls use now: "avx2" or "scalar".
+#[pyfunction]
+fn simd_level() -> &'static str {
+    simd::current().name()
+}
+
+/// Threads of rayon's global pool.
+#[pyfunction]
+fn default_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(run, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    m.add("CHUNK", rows::CHUNK)?;
+    m.add("PAR_MIN_ELEMS", rows::PAR_MIN_ELEMS)?;
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! The row algorithms, generic over compute type and kernel set. One streaming
+//! pass per row computes the statistics every loss needs (online log-sum-exp over
+//! chunks that stay in L1); the optional gradient pass then re-reads the row
+//! (still in L2) and writes the gradient chunk by chunk, so `out` may alias the
+//! logits. The loss rules themselves live in Python (`ce_fast._rules`).
+
+use crate::elem::{Compute, Matrix};
+use crate::float::Float;
+use crate::simd::{GradParams, Kernels};
+use rayon::prelude::*;
+
+/// Elements per chunk: 8 KiB of f32, so a chunk and its weights stay in L1.
+pub const CHUNK: usize = 2048;
+/// Below this many elements a call stays on the calling thread (thread start-up dominates).
+pub const PAR_MIN_ELEMS: usize = 1 << 17;
+/// Rows handed to a worker at a time hold at least this many elements.
+const TASK_ELEMS: usize = 1 << 16;
+
+pub struct Problem<'a> {
+    pub x: &'a Matrix,
+    /// One class index per row; negative means no target (ignored row or none given).
+    pub target: Option<&'a [i64]>,
+    pub weight: Option<&'a [f64]>,
+    pub soft: Option<&'a Matrix>,
+    pub scale: f64,
+    /// 0 means off.
+    pub softcap: f64,
+    /// Accumulate sum_c w_c z_c (label smoothing with integer targets).
+    pub want_wz: bool,
+}
+
+/// Per-row coefficients of the gradient, built by the loss rules:
+/// `grad_c = g * chain_c * ((a0 + a_lse*lse + a_swt*swt) * p_c - d*w_c - e*w_c*t_c - b*[c == y])`.
+pub struct GradSpec<'a> {
+    pub a0: &'a [f64],
+    pub b: &'a [f64],
+    pub g: &'a [f64],
+    pub a_lse: f64,
+    pub a_swt: f64,
+    pub d: f64,
+    pub e: f64,
+    pub out: &'a Matrix,
+}
+
+/// Destinations (length `rows`, f64) of the per-row statistics; 0 = not wanted.
+#[derive(Clone, Copy, Default)]
+pub struct StatsOut {
+    pub lse: usize,
+    pub zy: usize,
+    pub swz: usize,
+    pub swtz: usize,
+    pub swt: usize,
+}
+
+impl StatsOut {
+    #[inline]
+    fn put(&self, ptr: usize, r: usize, v: f64) {
+        if ptr != 0 {
+            // Each row is written by exactly one worker.
+            unsafe { *(ptr as *mut f64).add(r) = v }
+        }
+    }
+}
+
+struct Bufs<F> {
+    x: Vec<F>,
+    t: Vec<F>,
+}
+
+impl<F: Float> Bufs<F> {
+    fn new() -> Self {
+        Bufs { x: vec![F::ZERO; CHUNK], t: vec![F::ZERO; CHUNK] }
+    }
+}
+
+fn transform_scalar(z: f64, scale: f64, softcap: f64) -> f64 {
+    let z = z * scale;
+    if softcap > 0.0 {
+        softcap * (z / softcap).tanh()
+    } else {
+        z
+    }
+}
+
+/// Combines the running (max, sum) into log-sum-exp with the float64 conventions:
+/// NaN anywhere -> NaN; a +inf -> +inf; all -inf -> -inf.
+fn finish_lse(m: f64, s: f64, nan: bool) -> f64 {
+    if nan {
+        f64::NAN
+    } else if m.is_infinite() {
+        m
+    } else {
+        m + s.ln()
+    }
+}
+
+struct Ctx<'a, F, K> {
+    k: K,
+    p: &'a Problem<'a>,
+    grad: Option<&'a GradSpec<'a>>,
+    w: Option<Vec<F>>,
+    out: StatsOut,
+    transform: bool,
+}
+
+impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
+    fn row(&self, bufs: &mut Bufs<F>, r: usize) {
+        let p = self.p;
+        let x = p.x;
+        let cols = x.cols;
+        let level = self.k.level();
+        let off = x.row_offset(r);
+        let soff = p.soft.map(|s| s.row_offset(r));
+        let y = p.target.map_or(-1, |t| t[r]);
+        // Read before any gradient is written, so `out` may alias the logits.
+        let zy = if y >= 0 {
+            transform_scalar(x.get(off, y as usize), p.scale, p.softcap)
+        } else {
+            0.0
+        };
+
+        let (mut m, mut s, mut nan) = (f64::NEG_INFINITY, 0.0f64, false);
+        let (mut swz, mut swtz, mut swt) = (0.0f64, 0.0f64, 0.0f64);
+        let scale = F::from_f64(p.scale);
+        let softcap = F::from_f64(p.softcap);
+        let mut start = 0;
+        while start < cols {
+            let n = CHUNK.min(cols - start);
+            let buf = &mut bufs.x[..n];
+            F::load(x, off, start, buf, level);
+            if self.transform {
+                self.k.transform(buf, scale, softcap);
+            }
+            let (cm, cn) = self.k.max_nan(buf);
+            nan |= cn;
+            let cm = cm.to_f64();
+            if cm > m {
+                if m.is_finite() {
+                    s *= (m - cm).exp();
+                }
+                m = cm;
+            }
+            if m.is_finite() {
+                s += self.k.sum_exp(buf, F::from_f64(m));
+            }
+            let w = self.w.as_ref().map(|w| &w[start..start + n]);
+            if p.want_wz {
+                swz += match w {
+                    Some(w) => self.k.dot(buf, w),
+                    None => self.k.sum(buf),
+                };
+            }
+            if let (Some(sm), Some(soff)) = (p.soft, soff) {
+                let t = &mut bufs.t[..n];
+                F::load(sm, soff, start, t, level);
+                if let Some(w) = w {
+                    for (ti, &wi) in t.iter_mut().zip(w) {
+                        *ti = *ti * wi;
+                    }
+                }
+                swt += self.k.sum(t);
+                swtz += self.k.dot(buf, t);
+            }
+            start += n;
+        }
+        let lse = finish_lse(m, s, nan);
+        self.out.put(self.out.lse, r, lse);
+        self.out.put(self.out.zy, r, zy);
+        self.out.put(self.out.swz, r, swz);
+        self.out.put(self.out.swtz, r, swtz);
+        self.out.put(self.out.swt, r, swt);
+
+        if let Some(gs) = self.grad {
+            self.grad_row(bufs, gs, r, off, soff, y, zy, lse, swt);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grad_row(
+        &self,
+        bufs: &mut Bufs<F>,
+        gs: &GradSpec,
+        r: usize,
+        off: isize,
+        soff: Option<isize>,
+        y: i64,
+        zy: f64,
+        lse: f64,
+        swt: f64,
+    ) {
+        let p = self.p;
+        let cols = p.x.cols;
+        let level = self.k.level();
+        let ooff = gs.out.row_offset(r);
+        let g = gs.g[r];
+        let a = gs.a0[r] + gs.a_lse * lse + gs.a_swt * swt;
+        let params = GradParams {
+            lse: F::from_f64(lse),
+            a: F::from_f64(a),
+            g: F::from_f64(g),
+            d: F::from_f64(gs.d),
+            e: F::from_f64(gs.e),
+            scale: F::from_f64(p.scale),
+            softcap: F::from_f64(p.softcap),
+        };
+        let mut start = 0;
+        while start < cols {
+            let n = CHUNK.min(cols - start);
+            let buf = &mut bufs.x[..n];
+            if g == 0.0 {
+                // Ignored rows get an exact zero gradient, also where the row holds inf/NaN.
+                buf.fill(F::ZERO);
+            } else {
+                F::load(p.x, off, start, buf, level);
+                if self.transform {
+                    self.k.transform(buf, params.scale, params.softcap);
+                }
+                let w = self.w.as_ref().map(|w| &w[start..start + n]);
+                let t = match (p.soft, soff) {
+                    (Some(sm), Some(soff)) => {
+                        let t = &mut bufs.t[..n];
+                        F::load(sm, soff, start, t, level);
+                        Some(&*t)
+                    }
+                    _ => None,
+                };
+                self.k.grad(buf, &params, w, t);
+            }
+            F::store(gs.out, ooff, start, buf, level);
+            start += n;
+        }
+        // The true-class term p_y - b in f64, rounded once at the store.
+        let b = gs.b[r];
+        if y >= 0 && b != 0.0 && g != 0.0 {
+            let yi = y as usize;
+            let chain = if p.softcap > 0.0 {
+                let u = zy / p.softcap;
+                p.scale * (1.0 - u * u)
+            } else {
+                p.scale
+            };
+            let wy = p.weight.map_or(1.0, |w| w[yi]);
+            let py = (zy - lse).exp();
+            gs.out.set(ooff, yi, g * chain * (a * py - gs.d * wy - b));
+        }
+    }
+}
+
+pub fn run<F: Compute, K: Kernels<F>>(
+    k: K,
+    p: &Problem,
+    grad: Option<&GradSpec>,
+    out: StatsOut,
+    pool: Option<&rayon::ThreadPool>,
+) {
+    let ctx = Ctx {
+        k,
+        p,
+        grad,
+        w: p.weight.map(|w| w.iter().map(|&v| F::from_f64(v)).collect()),
+        out,
+        transform: p.scale != 1.0 || p.softcap > 0.0,
+    };
+    let rows = p.x.rows();
+    let cols = p.x.cols;
+    let parallel = rows > 1
+        && rows.saturating_mul(cols) >= PAR_MIN_ELEMS
+        && pool.map_or(rayon::current_num_threads(), |p| p.current_num_threads()) > 1;
+    if !parallel {
+        let mut bufs = Bufs::new();
+        for r in 0..rows {
+            ctx.row(&mut bufs, r);
+        }
+        return;
+    }
+    let min_len = (TASK_ELEMS / cols).max(1);
+    let work = || {
+        (0..rows)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .for_each_init(Bufs::new, |bufs, r| ctx.row(bufs, r));
+    };
+    match pool {
+        Some(pool) => pool.install(work),
+        None => work(),
+    }
+}

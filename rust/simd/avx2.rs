@@ -1,0 +1,360 @@
+//! AVX2 + FMA + F16C kernels for f32 lanes. The exponential is the bottleneck on
+//! CPUs without AVX-512, so it is a degree-5 FMA polynomial with exponent-bit
+//! scaling, and the sums run four independent accumulators.
+
+use super::{GradParams, Kernels, Level};
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+#[derive(Clone, Copy)]
+pub struct Avx2 {
+    _private: (),
+}
+
+impl Avx2 {
+    /// Only constructed after run-time detection says the CPU has AVX2, FMA and F16C.
+    pub fn new() -> Option<Avx2> {
+        (super::detected() == Level::Avx2).then_some(Avx2 { _private: () })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use super::*;
+
+    // exp(x) underflows to 0 below LO; HI keeps 2^n finite.
+    const LO: f32 = -87.3;
+    const HI: f32 = 88.0;
+
+    #[inline(always)]
+    pub unsafe fn exp_ps(x_in: __m256) -> __m256 {
+        // max/min return their second operand on NaN, so NaN flows through.
+        let x = _mm256_min_ps(_mm256_set1_ps(HI), _mm256_max_ps(_mm256_set1_ps(LO), x_in));
+        let fx = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        // Cody-Waite split of ln 2 keeps r = x - n ln2 exact to f32.
+        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_199_9e-3));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.666_666_5e-1));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.000_000_1e-1));
+        y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let n = _mm256_cvtps_epi32(fx);
+        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(n, _mm256_set1_epi32(127)),
+            23,
+        ));
+        let res = _mm256_mul_ps(y, pow2n);
+        // Exact zero below LO (so -inf gives 0); NaN compares unordered and is kept.
+        let keep = _mm256_cmp_ps(x_in, _mm256_set1_ps(LO), _CMP_NLT_UQ);
+        _mm256_and_ps(res, keep)
+    }
+
+    /// c * tanh(u) with u = x / c, via exp(-2|u|) (no overflow) and a series near 0.
+    #[inline(always)]
+    unsafe fn softcap_ps(x: __m256, c: __m256, inv_c: __m256) -> __m256 {
+        let u = _mm256_mul_ps(x, inv_c);
+        let sign = _mm256_set1_ps(-0.0);
+        let a = _mm256_andnot_ps(sign, u);
+        let e = exp_ps(_mm256_mul_ps(a, _mm256_set1_ps(-2.0)));
+        let one = _mm256_set1_ps(1.0);
+        let t_big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+        // tanh(a) = a - a^3/3 + 2a^5/15 - 17a^7/315 for small a, where 1 - e cancels.
+        let a2 = _mm256_mul_ps(a, a);
+        let mut p = _mm256_set1_ps(-17.0 / 315.0);
+        p = _mm256_fmadd_ps(p, a2, _mm256_set1_ps(2.0 / 15.0));
+        p = _mm256_fmadd_ps(p, a2, _mm256_set1_ps(-1.0 / 3.0));
+        let t_small = _mm256_fmadd_ps(_mm256_mul_ps(p, a2), a, a);
+        let small = _mm256_cmp_ps(a, _mm256_set1_ps(0.0625), _CMP_LT_OQ);
+        let t = _mm256_blendv_ps(t_big, t_small, small);
+        let t = _mm256_or_ps(t, _mm256_and_ps(u, sign));
+        _mm256_mul_ps(c, t)
+    }
+
+    #[inline(always)]
+    unsafe fn hsum_f64(v: __m256) -> f64 {
+        let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+        let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        let s = _mm256_add_pd(lo, hi);
+        let s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+        _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)))
+    }
+
+    /// The last < 8 elements, padded with `fill`.
+    #[inline(always)]
+    unsafe fn tail(buf: &[f32], start: usize, fill: f32) -> __m256 {
+        let mut t = [fill; 8];
+        t[..buf.len() - start].copy_from_slice(&buf[start..]);
+        _mm256_loadu_ps(t.as_ptr())
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn transform(buf: &mut [f32], scale: f32, softcap: f32) {
+        let n8 = buf.len() / 8 * 8;
+        let p = buf.as_mut_ptr();
+        let s = _mm256_set1_ps(scale);
+        if softcap > 0.0 {
+            let c = _mm256_set1_ps(softcap);
+            let inv_c = _mm256_set1_ps(1.0 / softcap);
+            let mut i = 0;
+            while i < n8 {
+                let x = _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), s);
+                _mm256_storeu_ps(p.add(i), softcap_ps(x, c, inv_c));
+                i += 8;
+            }
+            if n8 < buf.len() {
+                let x = _mm256_mul_ps(tail(buf, n8, 0.0), s);
+                let mut t = [0.0f32; 8];
+                _mm256_storeu_ps(t.as_mut_ptr(), softcap_ps(x, c, inv_c));
+                let len = buf.len();
+                buf[n8..].copy_from_slice(&t[..len - n8]);
+            }
+        } else {
+            for x in buf.iter_mut() {
+                *x *= scale;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn max_nan(buf: &[f32]) -> (f32, bool) {
+        let n16 = buf.len() / 16 * 16;
+        let p = buf.as_ptr();
+        let mut m0 = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut m1 = m0;
+        let mut nan = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < n16 {
+            let a = _mm256_loadu_ps(p.add(i));
+            let b = _mm256_loadu_ps(p.add(i + 8));
+            // max(x, acc) returns acc when x is NaN: NaN is skipped here, flagged below.
+            m0 = _mm256_max_ps(a, m0);
+            m1 = _mm256_max_ps(b, m1);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+            i += 16;
+        }
+        let mut m = [0.0f32; 8];
+        _mm256_storeu_ps(m.as_mut_ptr(), _mm256_max_ps(m0, m1));
+        let mut best = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut has_nan = _mm256_movemask_ps(nan) != 0;
+        for &x in &buf[n16..] {
+            if x > best {
+                best = x;
+            }
+            has_nan |= x.is_nan();
+        }
+        (best, has_nan)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn sum_exp(buf: &[f32], m: f32) -> f64 {
+        let n32 = buf.len() / 32 * 32;
+        let p = buf.as_ptr();
+        let vm = _mm256_set1_ps(m);
+        let mut a0 = _mm256_setzero_ps();
+        let mut a1 = a0;
+        let mut a2 = a0;
+        let mut a3 = a0;
+        let mut i = 0;
+        while i < n32 {
+            a0 = _mm256_add_ps(a0, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm)));
+            a1 = _mm256_add_ps(a1, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 8)), vm)));
+            a2 = _mm256_add_ps(a2, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 16)), vm)));
+            a3 = _mm256_add_ps(a3, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 24)), vm)));
+            i += 32;
+        }
+        while i + 8 <= buf.len() {
+            a0 = _mm256_add_ps(a0, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm)));
+            i += 8;
+        }
+        if i < buf.len() {
+            let x = tail(buf, i, f32::NEG_INFINITY);
+            a1 = _mm256_add_ps(a1, exp_ps(_mm256_sub_ps(x, vm)));
+        }
+        hsum_f64(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot(a: &[f32], b: Option<&[f32]>) -> f64 {
+        let n = a.len();
+        let n16 = n / 16 * 16;
+        let pa = a.as_ptr();
+        let mut s0 = _mm256_setzero_ps();
+        let mut s1 = s0;
+        let mut i = 0;
+        match b {
+            Some(b) => {
+                let pb = b.as_ptr();
+                while i < n16 {
+                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+                    s1 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(i + 8)),
+                        _mm256_loadu_ps(pb.add(i + 8)),
+                        s1,
+                    );
+                    i += 16;
+                }
+                let mut rest = 0.0f64;
+                for j in n16..n {
+                    rest += (a[j] * b[j]) as f64;
+                }
+                hsum_f64(_mm256_add_ps(s0, s1)) + rest
+            }
+            None => {
+                while i < n16 {
+                    s0 = _mm256_add_ps(_mm256_loadu_ps(pa.add(i)), s0);
+                    s1 = _mm256_add_ps(_mm256_loadu_ps(pa.add(i + 8)), s1);
+                    i += 16;
+                }
+                let rest: f64 = a[n16..].iter().map(|&x| x as f64).sum();
+                hsum_f64(_mm256_add_ps(s0, s1)) + rest
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn grad8(x: __m256, w: __m256, t: __m256, p: &GradParams<f32>) -> __m256 {
+        let prob = exp_ps(_mm256_sub_ps(x, _mm256_set1_ps(p.lse)));
+        // a*p - d*w - e*w*t
+        let wt = _mm256_fmadd_ps(_mm256_set1_ps(p.e), t, _mm256_set1_ps(p.d));
+        let core = _mm256_fmsub_ps(_mm256_set1_ps(p.a), prob, _mm256_mul_ps(w, wt));
+        let chain = if p.softcap > 0.0 {
+            let u = _mm256_mul_ps(x, _mm256_set1_ps(1.0 / p.softcap));
+            _mm256_mul_ps(
+                _mm256_set1_ps(p.scale),
+                _mm256_fnmadd_ps(u, u, _mm256_set1_ps(1.0)),
+            )
+        } else {
+            _mm256_set1_ps(p.scale)
+        };
+        _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(p.g), chain), core)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn grad(buf: &mut [f32], p: &GradParams<f32>, w: Option<&[f32]>, t: Option<&[f32]>) {
+        let n = buf.len();
+        let n8 = n / 8 * 8;
+        let px = buf.as_mut_ptr();
+        let one = _mm256_set1_ps(1.0);
+        let zero = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < n8 {
+            let wv = w.map_or(one, |w| _mm256_loadu_ps(w.as_ptr().add(i)));
+            let tv = t.map_or(zero, |t| _mm256_loadu_ps(t.as_ptr().add(i)));
+            _mm256_storeu_ps(px.add(i), grad8(_mm256_loadu_ps(px.add(i)), wv, tv, p));
+            i += 8;
+        }
+        if n8 < n {
+            let wv = w.map_or(one, |w| tail(w, n8, 1.0));
+            let tv = t.map_or(zero, |t| tail(t, n8, 0.0));
+            let mut out = [0.0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), grad8(tail(buf, n8, 0.0), wv, tv, p));
+            buf[n8..].copy_from_slice(&out[..n - n8]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
+        let n = src.len();
+        let n8 = n / 8 * 8;
+        let mut i = 0;
+        while i < n8 {
+            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            i += 8;
+        }
+        for j in n8..n {
+            let h = _mm_set1_epi16(src[j] as i16);
+            dst[j] = _mm_cvtss_f32(_mm_cvtph_ps(h));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn f32_to_f16(src: &[f32], dst: &mut [u16]) {
+        let n = src.len();
+        let n8 = n / 8 * 8;
+        let mut i = 0;
+        while i < n8 {
+            let h = _mm256_cvtps_ph(_mm256_loadu_ps(src.as_ptr().add(i)), _MM_FROUND_TO_NEAREST_INT);
+            _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+            i += 8;
+        }
+        for j in n8..n {
+            let h = _mm_cvtps_ph(_mm_set1_ps(src[j]), _MM_FROUND_TO_NEAREST_INT);
+            dst[j] = _mm_extract_epi16(h, 0) as u16;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use imp::{f16_to_f32, f32_to_f16};
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_bits(x).to_f32();
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn f32_to_f16(src: &[f32], dst: &mut [u16]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_f32(x).to_bits();
+    }
+}
+
+// Every method is safe to call: an `Avx2` value exists only on CPUs that have the features.
+#[cfg(target_arch = "x86_64")]
+impl Kernels<f32> for Avx2 {
+    fn level(self) -> Level {
+        Level::Avx2
+    }
+    fn transform(self, buf: &mut [f32], scale: f32, softcap: f32) {
+        unsafe { imp::transform(buf, scale, softcap) }
+    }
+    fn max_nan(self, buf: &[f32]) -> (f32, bool) {
+        unsafe { imp::max_nan(buf) }
+    }
+    fn sum_exp(self, buf: &[f32], m: f32) -> f64 {
+        unsafe { imp::sum_exp(buf, m) }
+    }
+    fn sum(self, buf: &[f32]) -> f64 {
+        unsafe { imp::dot(buf, None) }
+    }
+    fn dot(self, a: &[f32], b: &[f32]) -> f64 {
+        unsafe { imp::dot(a, Some(b)) }
+    }
+    fn grad(self, buf: &mut [f32], p: &GradParams<f32>, w: Option<&[f32]>, t: Option<&[f32]>) {
+        unsafe { imp::grad(buf, p, w, t) }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl Kernels<f32> for Avx2 {
+    fn level(self) -> Level {
+        Level::Scalar
+    }
+    fn transform(self, buf: &mut [f32], scale: f32, softcap: f32) {
+        super::scalar::Scalar.transform(buf, scale, softcap)
+    }
+    fn max_nan(self, buf: &[f32]) -> (f32, bool) {
+        super::scalar::Scalar.max_nan(buf)
+    }
+    fn sum_exp(self, buf: &[f32], m: f32) -> f64 {
+        super::scalar::Scalar.sum_exp(buf, m)
+    }
+    fn sum(self, buf: &[f32]) -> f64 {
+        super::scalar::Scalar.sum(buf)
+    }
+    fn dot(self, a: &[f32], b: &[f32]) -> f64 {
+        super::scalar::Scalar.dot(a, b)
+    }
+    fn grad(self, buf: &mut [f32], p: &GradParams<f32>, w: Option<&[f32]>, t: Option<&[f32]>) {
+        super::scalar::Scalar.grad(buf, p, w, t)
+    }
+}

@@ -1,0 +1,94 @@
+//! Instruction-set dispatch: one module per instruction set, chosen once per call
+//! at run time. The scalar path is always available and forced with
+//! `CE_FAST_SIMD=scalar` (or `ce_fast._core.set_simd("scalar")`) so CI tests both.
+
+pub mod avx2;
+pub mod scalar;
+
+use crate::float::Float;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Level {
+    Scalar,
+    Avx2,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+        }
+    }
+}
+
+// 0 = not decided yet, 1 = scalar forced, 2 = best available.
+static CHOICE: AtomicU8 = AtomicU8::new(0);
+
+pub fn detected() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return Level::Avx2;
+        }
+    }
+    Level::Scalar
+}
+
+/// The level used for the next call.
+pub fn current() -> Level {
+    let mut c = CHOICE.load(Ordering::Relaxed);
+    if c == 0 {
+        let forced = std::env::var("CE_FAST_SIMD").map(|v| v.eq_ignore_ascii_case("scalar"));
+        c = if forced.unwrap_or(false) { 1 } else { 2 };
+        CHOICE.store(c, Ordering::Relaxed);
+    }
+    if c == 1 {
+        Level::Scalar
+    } else {
+        detected()
+    }
+}
+
+/// Returns false for an unknown name.
+pub fn set(name: &str) -> bool {
+    let c = match name {
+        "scalar" => 1,
+        "auto" | "avx2" => 2,
+        _ => return false,
+    };
+    CHOICE.store(c, Ordering::Relaxed);
+    true
+}
+
+/// Per-chunk kernels over a buffer of the compute type (the chunk is in L1).
+pub trait Kernels<F: Float>: Copy + Send + Sync {
+    fn level(self) -> Level;
+    /// `x -> scale * x`, then `softcap * tanh(x / softcap)` when `softcap > 0`.
+    fn transform(self, buf: &mut [F], scale: F, softcap: F);
+    /// Largest value ignoring NaN, and whether a NaN was seen.
+    fn max_nan(self, buf: &[F]) -> (F, bool);
+    /// sum(exp(x - m)) for finite `m`.
+    fn sum_exp(self, buf: &[F], m: F) -> f64;
+    fn sum(self, buf: &[F]) -> f64;
+    fn dot(self, a: &[F], b: &[F]) -> f64;
+    /// In place: `g * chain(x) * (a * exp(x - lse) - d * w - e * w * t)`, where `w`
+    /// is 1 without weights and `chain` the derivative of the transform.
+    fn grad(self, buf: &mut [F], p: &GradParams<F>, w: Option<&[F]>, t: Option<&[F]>);
+}
+
+#[derive(Clone, Copy)]
+pub struct GradParams<F> {
+    pub lse: F,
+    pub a: F,
+    pub g: F,
+    pub d: F,
+    pub e: F,
+    pub scale: F,
+    /// 0 when softcap is off.
+    pub softcap: F,
+}

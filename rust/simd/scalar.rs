@@ -1,0 +1,83 @@
+//! Portable reference kernels, generic over f32 / f64, using the platform's libm.
+
+use super::{GradParams, Kernels, Level};
+use crate::float::Float;
+
+#[derive(Clone, Copy)]
+pub struct Scalar;
+
+/// Four independent partial sums so the loop does not serialise on one add.
+#[inline(always)]
+fn sum4<F: Float>(buf: &[F], f: impl Fn(usize) -> F) -> f64 {
+    let mut acc = [F::ZERO; 4];
+    let n4 = buf.len() / 4 * 4;
+    let mut i = 0;
+    while i < n4 {
+        for k in 0..4 {
+            acc[k] = acc[k] + f(i + k);
+        }
+        i += 4;
+    }
+    let mut total = (acc[0].to_f64() + acc[1].to_f64()) + (acc[2].to_f64() + acc[3].to_f64());
+    for j in n4..buf.len() {
+        total += f(j).to_f64();
+    }
+    total
+}
+
+impl<F: Float> Kernels<F> for Scalar {
+    fn level(self) -> Level {
+        Level::Scalar
+    }
+
+    fn transform(self, buf: &mut [F], scale: F, softcap: F) {
+        if softcap > F::ZERO {
+            for x in buf.iter_mut() {
+                *x = softcap * ((scale * *x) / softcap).tanh();
+            }
+        } else {
+            for x in buf.iter_mut() {
+                *x = scale * *x;
+            }
+        }
+    }
+
+    fn max_nan(self, buf: &[F]) -> (F, bool) {
+        let mut m = F::NEG_INF;
+        let mut nan = false;
+        for &x in buf {
+            if x > m {
+                m = x;
+            }
+            nan |= x.is_nan();
+        }
+        (m, nan)
+    }
+
+    fn sum_exp(self, buf: &[F], m: F) -> f64 {
+        sum4(buf, |i| (buf[i] - m).exp())
+    }
+
+    fn sum(self, buf: &[F]) -> f64 {
+        sum4(buf, |i| buf[i])
+    }
+
+    fn dot(self, a: &[F], b: &[F]) -> f64 {
+        sum4(a, |i| a[i] * b[i])
+    }
+
+    fn grad(self, buf: &mut [F], p: &GradParams<F>, w: Option<&[F]>, t: Option<&[F]>) {
+        for (i, x) in buf.iter_mut().enumerate() {
+            let wi = w.map_or(F::ONE, |w| w[i]);
+            let ti = t.map_or(F::ZERO, |t| t[i]);
+            let chain = if p.softcap > F::ZERO {
+                let u = *x / p.softcap;
+                p.scale * (F::ONE - u * u)
+            } else {
+                p.scale
+            };
+            let prob = (*x - p.lse).exp();
+            *x = p.g * chain * (p.a * prob - p.d * wi - p.e * wi * ti);
+        }
+    }
+}
