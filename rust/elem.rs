@@ -128,11 +128,19 @@ fn f64_to_bf16(v: f64) -> u16 {
 
 /// The compute types know how to fill a buffer from any stored type and write one back.
 pub trait Compute: Float {
+    /// The stored elements themselves when they already are contiguous values of this type.
+    fn view<'a>(m: &Matrix, row_off: isize, start: usize, n: usize) -> Option<&'a [Self]>;
     fn load(m: &Matrix, row_off: isize, start: usize, dst: &mut [Self], level: Level);
     fn store(m: &Matrix, row_off: isize, start: usize, src: &[Self], level: Level);
 }
 
 impl Compute for f32 {
+    fn view<'a>(m: &Matrix, row_off: isize, start: usize, n: usize) -> Option<&'a [f32]> {
+        (m.dtype == DType::F32 && m.col_stride == 1).then(|| unsafe {
+            std::slice::from_raw_parts(m.addr(row_off + start as isize) as *const f32, n)
+        })
+    }
+
     fn load(m: &Matrix, row_off: isize, start: usize, dst: &mut [f32], level: Level) {
         let n = dst.len();
         let base = m.addr(row_off + start as isize * m.col_stride);
@@ -222,6 +230,12 @@ impl Compute for f32 {
 }
 
 impl Compute for f64 {
+    fn view<'a>(m: &Matrix, row_off: isize, start: usize, n: usize) -> Option<&'a [f64]> {
+        (m.dtype == DType::F64 && m.col_stride == 1).then(|| unsafe {
+            std::slice::from_raw_parts(m.addr(row_off + start as isize) as *const f64, n)
+        })
+    }
+
     fn load(m: &Matrix, row_off: isize, start: usize, dst: &mut [f64], _level: Level) {
         for (i, d) in dst.iter_mut().enumerate() {
             *d = m.get(row_off, start + i);

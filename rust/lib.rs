@@ -61,7 +61,8 @@ unsafe fn slice<'a, T>(ptr: usize, len: usize) -> Option<&'a [T]> {
 ///
 /// grad = (a0_ptr, b_ptr, g_ptr, a_lse, a_swt, d, e, out_desc); pointers are f64 of length rows.
 #[pyfunction]
-#[pyo3(signature = (x, target, weight, soft, scale, softcap, want_wz, stats, grad=None, threads=0))]
+/// given = (lse_ptr, swt_ptr): statistics saved by an earlier call; only the gradient pass runs.
+#[pyo3(signature = (x, target, weight, soft, scale, softcap, want_wz, stats, grad=None, threads=0, given=None))]
 #[allow(clippy::too_many_arguments)]
 fn run(
     py: Python<'_>,
@@ -75,7 +76,11 @@ fn run(
     stats: (usize, usize, usize, usize, usize),
     grad: Option<(usize, usize, usize, f64, f64, f64, f64, Desc)>,
     threads: usize,
+    given: Option<(usize, usize)>,
 ) -> PyResult<()> {
+    if given.is_some_and(|g| g.0 == 0) || (given.is_some() && grad.is_none()) {
+        return Err(PyValueError::new_err("given statistics need an lse pointer and a gradient"));
+    }
     let x = matrix(x, "logits")?;
     let soft = soft.map(|d| matrix(d, "soft target")).transpose()?;
     if let Some(s) = &soft {
@@ -110,6 +115,7 @@ fn run(
             scale,
             softcap,
             want_wz,
+            given: given.map(|(l, s)| unsafe { (slice(l, rows).unwrap(), slice(s, rows)) }),
         };
         let gspec = grad.as_ref().zip(gout_ref).map(|(g, m)| unsafe {
             GradSpec {
@@ -134,6 +140,51 @@ fn run(
         }
     });
     Ok(())
+}
+
+/// Reads every byte of a C-contiguous buffer once, on the engine's threads: the
+/// memory-bandwidth yardstick the benchmarks compare against. Returns a checksum
+/// so the reads cannot be optimised away.
+#[pyfunction]
+#[pyo3(signature = (ptr, nbytes, threads=0))]
+fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyResult<u64> {
+    if ptr == 0 && nbytes > 0 {
+        return Err(PyValueError::new_err("null data pointer"));
+    }
+    let pool = pool(threads)?;
+    Ok(py.detach(move || {
+        // Unaligned head bytes are read one by one so the words are aligned.
+        let head = ((8 - ptr % 8) % 8).min(nbytes);
+        let words = (nbytes - head) / 8;
+        let bytes = |from: usize, n: usize| unsafe { std::slice::from_raw_parts(from as *const u8, n) };
+        let data = unsafe { std::slice::from_raw_parts((ptr + head) as *const u64, words) };
+        let end = ptr + head + words * 8;
+        let rest: u64 = bytes(ptr, head)
+            .iter()
+            .chain(bytes(end, ptr + nbytes - end))
+            .fold(0, |a, &b| a ^ b as u64);
+        let body = || {
+            use rayon::prelude::*;
+            data.par_chunks(1 << 16)
+                .map(|c| {
+                    // Four lanes of xor keep the loop free of a serial dependency.
+                    let mut acc = [0u64; 4];
+                    let mut it = c.chunks_exact(4);
+                    for q in &mut it {
+                        for k in 0..4 {
+                            acc[k] ^= q[k];
+                        }
+                    }
+                    it.remainder().iter().fold(acc[0] ^ acc[1] ^ acc[2] ^ acc[3], |a, &b| a ^ b)
+                })
+                .reduce(|| 0, |a, b| a ^ b)
+        };
+        let sum = match pool.as_deref() {
+            Some(p) => p.install(body),
+            None => body(),
+        };
+        sum ^ rest
+    }))
 }
 
 /// Forces the scalar kernels ("scalar") or the best the CPU has ("auto").
@@ -162,6 +213,7 @@ fn default_threads() -> usize {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
+    m.add_function(wrap_pyfunction!(read_pass, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add("CHUNK", rows::CHUNK)?;

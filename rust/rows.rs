@@ -27,6 +27,9 @@ pub struct Problem<'a> {
     pub softcap: f64,
     /// Accumulate sum_c w_c z_c (label smoothing with integer targets).
     pub want_wz: bool,
+    /// lse (and sum_c w_c t_c for soft targets) saved by an earlier call: the
+    /// statistics pass is skipped and only the gradient pass runs.
+    pub given: Option<(&'a [f64], Option<&'a [f64]>)>,
 }
 
 /// Per-row coefficients of the gradient, built by the loss rules:
@@ -119,6 +122,11 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
             0.0
         };
 
+        if let (Some(gs), Some((lse, swt))) = (self.grad, p.given) {
+            let swt = swt.map_or(0.0, |s| s[r]);
+            self.grad_row(bufs, gs, r, off, soff, y, zy, lse[r], swt);
+            return;
+        }
         let (mut m, mut s, mut nan) = (f64::NEG_INFINITY, 0.0f64, false);
         let (mut swz, mut swtz, mut swt) = (0.0f64, 0.0f64, 0.0f64);
         let scale = F::from_f64(p.scale);
@@ -126,11 +134,18 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         let mut start = 0;
         while start < cols {
             let n = CHUNK.min(cols - start);
-            let buf = &mut bufs.x[..n];
-            F::load(x, off, start, buf, level);
-            if self.transform {
-                self.k.transform(buf, scale, softcap);
-            }
+            // Contiguous logits of the compute type are read in place, others converted.
+            let buf: &[F] = match F::view(x, off, start, n) {
+                Some(v) if !self.transform => v,
+                _ => {
+                    let buf = &mut bufs.x[..n];
+                    F::load(x, off, start, buf, level);
+                    if self.transform {
+                        self.k.transform(buf, scale, softcap);
+                    }
+                    buf
+                }
+            };
             let (cm, cn) = self.k.max_nan(buf);
             nan |= cn;
             let cm = cm.to_f64();

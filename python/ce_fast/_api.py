@@ -115,9 +115,15 @@ def cross_entropy(
         softcap=softcap,
         logit_scale=logit_scale,
     )
+    return _loss_and_stats(logits, target, spec, weight)[0]
+
+
+def _loss_and_stats(logits, target, spec: LossSpec, weight=None) -> Tuple[Any, _rules.Stats]:
+    """What :func:`cross_entropy` returns, and the per-row statistics behind it (lse; swt
+    for soft targets) that :func:`_grad_with_saved` needs. For ce_fast.torch's forward."""
     b = _batch.make_batch(logits, target, spec, weight)
     s = _run(b, spec)
-    return _result(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x)
+    return _result(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x), s
 
 
 def _grad_out(b: _batch.Batch, out: Optional[ArrayLike]) -> Tuple[Operand, Any]:
@@ -198,6 +204,18 @@ def cross_entropy_and_grad(
     s = _run(b, spec, grad=coef, out=o)
     loss = _result(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x)
     return loss, ret
+
+
+def _grad_with_saved(logits, target, saved: _rules.Stats, *, weight=None, grad_output=1.0,
+                     out=None, **options):
+    """The gradient only, from statistics saved by a forward call (lse; swt for soft
+    targets): one read and one write of the logits. For ce_fast.torch's backward."""
+    spec = LossSpec.make(**options)
+    b = _batch.make_batch(logits, target, spec, weight)
+    go = b.engine.grad_output(grad_output, spec.reduction, b.x)
+    o, ret = _grad_out(b, out)
+    _run(b, spec, grad=_rules.grad_coef(b, spec, go), out=o, given=saved)
+    return ret
 
 
 def _mean_ce(logits, target, ignore_index) -> float:

@@ -188,5 +188,6 @@ def numpy_of(op: Operand) -> np.ndarray:
 def wrap(result: np.ndarray, like: Operand):
     """Returns a NumPy result as the library of `like` (a CPU operand)."""
     if like.lib == "torch":
-        return _torch().from_numpy(np.ascontiguousarray(result))
+        # np.ascontiguousarray turns 0-d into shape (1,); keep the result's own shape.
+        return _torch().from_numpy(np.ascontiguousarray(result).reshape(np.shape(result)))
     return result

@@ -49,14 +49,28 @@ def _ptr(a: Optional[np.ndarray]) -> int:
 
 
 def run(b, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCoef] = None,
-        out: Optional[Operand] = None, soft_stats: bool = False) -> Stats:
-    """Per-row statistics of the batch; with `grad`, the gradient is written into `out`."""
+        out: Optional[Operand] = None, given: Optional[Stats] = None) -> Stats:
+    """Per-row statistics of the batch; with `grad`, the gradient is written into `out`.
+
+    With `given` (lse, and swt for soft targets, from an earlier call) only the
+    gradient pass runs and `given` is returned.
+    """
     rows = b.rows
+    if given is not None:
+        lse = np.ascontiguousarray(given.lse, dtype=np.float64)
+        swt = None if given.swt is None else np.ascontiguousarray(given.swt, dtype=np.float64)
+        _call(b, scale, softcap, False, grad, out, Stats(lse=None), (_ptr(lse), _ptr(swt)))
+        return given
     s = Stats(lse=np.empty(rows))
     s.zy = np.zeros(rows) if b.target is not None else None
     s.swz = np.zeros(rows) if want_wz else None
-    if b.soft is not None or soft_stats:
+    if b.soft is not None:
         s.swtz, s.swt = np.zeros(rows), np.zeros(rows)
+    _call(b, scale, softcap, want_wz, grad, out, s, None)
+    return s
+
+
+def _call(b, scale, softcap, want_wz, grad, out, s: Stats, given) -> None:
     keep = []  # contiguous float64 copies must outlive the call
 
     def f64(a):
@@ -81,8 +95,8 @@ def run(b, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCo
         (_ptr(s.lse), _ptr(s.zy), _ptr(s.swz), _ptr(s.swtz), _ptr(s.swt)),
         g,
         _threads,
+        given,
     )
-    return s
 
 
 def wrap(value: np.ndarray, like: Operand):

@@ -1,6 +1,7 @@
 //! AVX2 + FMA + F16C kernels for f32 lanes. The exponential is the bottleneck on
-//! CPUs without AVX-512, so it is a degree-5 FMA polynomial with exponent-bit
-//! scaling, and the sums run four independent accumulators.
+//! CPUs without AVX-512, so it is a degree-5 FMA polynomial for 2^f with the
+//! exponent added into the float's bits, and the sums run four independent
+//! accumulators.
 
 use super::{GradParams, Kernels, Level};
 
@@ -23,37 +24,43 @@ impl Avx2 {
 mod imp {
     use super::*;
 
-    // exp(x) underflows to 0 below LO; HI keeps 2^n finite.
-    const LO: f32 = -87.3;
-    const HI: f32 = 88.0;
-
+        /// 2^t for -126 <= t <= 127 (NaN passes through): 2^n * p(t - n), p a degree-5
+    /// minimax polynomial (relative error 1.9e-7), 2^n added into the exponent bits.
     #[inline(always)]
-    pub unsafe fn exp_ps(x_in: __m256) -> __m256 {
-        // max/min return their second operand on NaN, so NaN flows through.
-        let x = _mm256_min_ps(_mm256_set1_ps(HI), _mm256_max_ps(_mm256_set1_ps(LO), x_in));
-        let fx = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        // Cody-Waite split of ln 2 keeps r = x - n ln2 exact to f32.
-        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_199_9e-3));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.666_666_5e-1));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.000_000_1e-1));
-        y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-        let n = _mm256_cvtps_epi32(fx);
-        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_add_epi32(n, _mm256_set1_epi32(127)),
-            23,
-        ));
-        let res = _mm256_mul_ps(y, pow2n);
-        // Exact zero below LO (so -inf gives 0); NaN compares unordered and is kept.
-        let keep = _mm256_cmp_ps(x_in, _mm256_set1_ps(LO), _CMP_NLT_UQ);
-        _mm256_and_ps(res, keep)
+    unsafe fn exp2_core(t: __m256) -> __m256 {
+        // Adding 1.5 * 2^23 rounds t to an integer n held in the low mantissa bits,
+        // which avoids round/convert instructions (one slow port on some cores).
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let nf = _mm256_add_ps(t, magic);
+        let f = _mm256_sub_ps(t, _mm256_sub_ps(nf, magic));
+        let mut p = _mm256_set1_ps(1.326_472_4e-3);
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.671_513e-3));
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550_733_6e-2));
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402_224_2e-1));
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931_470e-1));
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0));
+        // n << 23 (the magic's own bits shift out); n >= -126 and p >= 1 when
+        // n == -126, so the sum stays a normal float.
+        let e = _mm256_slli_epi32(_mm256_castps_si256(nf), 23);
+        _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e))
+    }
+
+    /// exp(x) for x <= 0 inside sums: below -87.3 it returns ~1e-38 instead of 0,
+    /// which no sum that holds its own maximum (exp(0) = 1) can notice.
+    #[inline(always)]
+    unsafe fn exp_sum_term(x: __m256) -> __m256 {
+        let t = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E));
+        // max returns its second operand on NaN, so NaN flows through.
+        exp2_core(_mm256_max_ps(_mm256_set1_ps(-126.0), t))
+    }
+
+    /// exp(x) for any x: exact 0 below -87.3 (so -inf gives 0), NaN kept.
+    #[inline(always)]
+    pub unsafe fn exp_ps(x: __m256) -> __m256 {
+        let t = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E));
+        let tc = _mm256_min_ps(_mm256_set1_ps(127.0), _mm256_max_ps(_mm256_set1_ps(-126.0), t));
+        let keep = _mm256_cmp_ps(t, _mm256_set1_ps(-126.0), _CMP_NLT_UQ);
+        _mm256_and_ps(exp2_core(tc), keep)
     }
 
     /// c * tanh(u) with u = x / c, via exp(-2|u|) (no overflow) and a series near 0.
@@ -154,30 +161,63 @@ mod imp {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn sum_exp(buf: &[f32], m: f32) -> f64 {
+        let log2e = std::f32::consts::LOG2_E;
+        let ml = m * log2e;
+        if !ml.is_finite() || m.abs() > 1e30 {
+            return sum_exp_sub(buf, m);
+        }
+        // t = x*log2e - fl(m*log2e) in one FMA; the rounding of fl(m*log2e) is the same
+        // for every term, so it is a factor 2^-rho on the sum, undone exactly in f64.
+        let rho = ml as f64 - m as f64 * log2e as f64;
         let n32 = buf.len() / 32 * 32;
         let p = buf.as_ptr();
-        let vm = _mm256_set1_ps(m);
+        let vl = _mm256_set1_ps(log2e);
+        let vml = _mm256_set1_ps(-ml);
+        let lo = _mm256_set1_ps(-126.0);
+        let term = |x: __m256| exp2_core(_mm256_max_ps(lo, _mm256_fmadd_ps(x, vl, vml)));
         let mut a0 = _mm256_setzero_ps();
         let mut a1 = a0;
         let mut a2 = a0;
         let mut a3 = a0;
         let mut i = 0;
         while i < n32 {
-            a0 = _mm256_add_ps(a0, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm)));
-            a1 = _mm256_add_ps(a1, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 8)), vm)));
-            a2 = _mm256_add_ps(a2, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 16)), vm)));
-            a3 = _mm256_add_ps(a3, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 24)), vm)));
+            a0 = _mm256_add_ps(a0, term(_mm256_loadu_ps(p.add(i))));
+            a1 = _mm256_add_ps(a1, term(_mm256_loadu_ps(p.add(i + 8))));
+            a2 = _mm256_add_ps(a2, term(_mm256_loadu_ps(p.add(i + 16))));
+            a3 = _mm256_add_ps(a3, term(_mm256_loadu_ps(p.add(i + 24))));
             i += 32;
         }
         while i + 8 <= buf.len() {
-            a0 = _mm256_add_ps(a0, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm)));
+            a0 = _mm256_add_ps(a0, term(_mm256_loadu_ps(p.add(i))));
             i += 8;
         }
-        if i < buf.len() {
-            let x = tail(buf, i, f32::NEG_INFINITY);
-            a1 = _mm256_add_ps(a1, exp_ps(_mm256_sub_ps(x, vm)));
+        let mut s = hsum_f64(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        s *= (rho * std::f64::consts::LN_2).exp();
+        s + tail_sum_exp(buf, i, m)
+    }
+
+    /// The last < 8 terms, padded with -inf, through the exact-zero exp.
+    #[inline(always)]
+    unsafe fn tail_sum_exp(buf: &[f32], i: usize, m: f32) -> f64 {
+        if i == buf.len() {
+            return 0.0;
         }
-        hsum_f64(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)))
+        let x = tail(buf, i, f32::NEG_INFINITY);
+        hsum_f64(exp_ps(_mm256_sub_ps(x, _mm256_set1_ps(m))))
+    }
+
+    /// sum(exp(x - m)) with the subtraction first: for |m| too large for m*log2e.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sum_exp_sub(buf: &[f32], m: f32) -> f64 {
+        let p = buf.as_ptr();
+        let vm = _mm256_set1_ps(m);
+        let mut a0 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= buf.len() {
+            a0 = _mm256_add_ps(a0, exp_sum_term(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm)));
+            i += 8;
+        }
+        hsum_f64(a0) + tail_sum_exp(buf, i, m)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
