@@ -54,13 +54,12 @@ mod imp {
         exp2_core(_mm256_max_ps(_mm256_set1_ps(-126.0), t))
     }
 
-    /// exp(x) for any x: exact 0 below -87.3 (so -inf gives 0), NaN kept.
+    /// exp(x) for x <= 0 with an exact 0 below -87.3 (so -inf gives 0), NaN kept.
     #[inline(always)]
-    pub unsafe fn exp_ps(x: __m256) -> __m256 {
+    unsafe fn exp_le0(x: __m256) -> __m256 {
         let t = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E));
-        let tc = _mm256_min_ps(_mm256_set1_ps(127.0), _mm256_max_ps(_mm256_set1_ps(-126.0), t));
         let keep = _mm256_cmp_ps(t, _mm256_set1_ps(-126.0), _CMP_NLT_UQ);
-        _mm256_and_ps(exp2_core(tc), keep)
+        _mm256_and_ps(exp2_core(_mm256_max_ps(_mm256_set1_ps(-126.0), t)), keep)
     }
 
     /// c * tanh(u) with u = x / c, via exp(-2|u|) (no overflow) and a series near 0.
@@ -69,7 +68,7 @@ mod imp {
         let u = _mm256_mul_ps(x, inv_c);
         let sign = _mm256_set1_ps(-0.0);
         let a = _mm256_andnot_ps(sign, u);
-        let e = exp_ps(_mm256_mul_ps(a, _mm256_set1_ps(-2.0)));
+        let e = exp_le0(_mm256_mul_ps(a, _mm256_set1_ps(-2.0)));
         let one = _mm256_set1_ps(1.0);
         let t_big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
         // tanh(a) = a - a^3/3 + 2a^5/15 - 17a^7/315 for small a, where 1 - e cancels.
@@ -203,7 +202,7 @@ mod imp {
             return 0.0;
         }
         let x = tail(buf, i, f32::NEG_INFINITY);
-        hsum_f64(exp_ps(_mm256_sub_ps(x, _mm256_set1_ps(m))))
+        hsum_f64(exp_le0(_mm256_sub_ps(x, _mm256_set1_ps(m))))
     }
 
     /// sum(exp(x - m)) with the subtraction first: for |m| too large for m*log2e.
@@ -258,44 +257,66 @@ mod imp {
         }
     }
 
+    /// Applies `f(x, i)` to every 8 lanes of `buf` in place; the tail is padded with 0.
     #[inline(always)]
-    unsafe fn grad8(x: __m256, w: __m256, t: __m256, p: &GradParams<f32>) -> __m256 {
-        let prob = exp_ps(_mm256_sub_ps(x, _mm256_set1_ps(p.lse)));
-        // a*p - d*w - e*w*t
-        let wt = _mm256_fmadd_ps(_mm256_set1_ps(p.e), t, _mm256_set1_ps(p.d));
-        let core = _mm256_fmsub_ps(_mm256_set1_ps(p.a), prob, _mm256_mul_ps(w, wt));
-        let chain = if p.softcap > 0.0 {
-            let u = _mm256_mul_ps(x, _mm256_set1_ps(1.0 / p.softcap));
-            _mm256_mul_ps(
-                _mm256_set1_ps(p.scale),
-                _mm256_fnmadd_ps(u, u, _mm256_set1_ps(1.0)),
-            )
+    unsafe fn map8(buf: &mut [f32], f: impl Fn(__m256, usize) -> __m256) {
+        let n = buf.len();
+        let n8 = n / 8 * 8;
+        let px = buf.as_mut_ptr();
+        let mut i = 0;
+        while i < n8 {
+            _mm256_storeu_ps(px.add(i), f(_mm256_loadu_ps(px.add(i)), i));
+            i += 8;
+        }
+        if n8 < n {
+            let mut out = [0.0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), f(tail(buf, n8, 0.0), n8));
+            buf[n8..].copy_from_slice(&out[..n - n8]);
+        }
+    }
+
+    /// The 8 lanes of `v` from `i` on, padded with `fill` past the end.
+    #[inline(always)]
+    unsafe fn lanes(v: &[f32], i: usize, fill: f32) -> __m256 {
+        if i + 8 <= v.len() {
+            _mm256_loadu_ps(v.as_ptr().add(i))
         } else {
-            _mm256_set1_ps(p.scale)
-        };
-        _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(p.g), chain), core)
+            tail(v, i, fill)
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn grad(buf: &mut [f32], p: &GradParams<f32>, w: Option<&[f32]>, t: Option<&[f32]>) {
-        let n = buf.len();
-        let n8 = n / 8 * 8;
-        let px = buf.as_mut_ptr();
-        let one = _mm256_set1_ps(1.0);
-        let zero = _mm256_setzero_ps();
-        let mut i = 0;
-        while i < n8 {
-            let wv = w.map_or(one, |w| _mm256_loadu_ps(w.as_ptr().add(i)));
-            let tv = t.map_or(zero, |t| _mm256_loadu_ps(t.as_ptr().add(i)));
-            _mm256_storeu_ps(px.add(i), grad8(_mm256_loadu_ps(px.add(i)), wv, tv, p));
-            i += 8;
-        }
-        if n8 < n {
-            let wv = w.map_or(one, |w| tail(w, n8, 1.0));
-            let tv = t.map_or(zero, |t| tail(t, n8, 0.0));
-            let mut out = [0.0f32; 8];
-            _mm256_storeu_ps(out.as_mut_ptr(), grad8(tail(buf, n8, 0.0), wv, tv, p));
-            buf[n8..].copy_from_slice(&out[..n - n8]);
+        let vlse = _mm256_set1_ps(p.lse);
+        // g * scale folded into the coefficients: g*chain*(a p - d w - e w t).
+        let gs = p.g * p.scale;
+        let ga = _mm256_set1_ps(gs * p.a);
+        let gd = _mm256_set1_ps(gs * p.d);
+        let ge = _mm256_set1_ps(gs * p.e);
+        let core = |x: __m256, i: usize| {
+            let prob = exp_le0(_mm256_sub_ps(x, vlse));
+            match (w, t) {
+                (None, None) => _mm256_fmsub_ps(ga, prob, gd),
+                _ => {
+                    let wv = w.map_or(_mm256_set1_ps(1.0), |w| lanes(w, i, 1.0));
+                    let tv = t.map_or(_mm256_setzero_ps(), |t| lanes(t, i, 0.0));
+                    let wt = _mm256_mul_ps(wv, _mm256_fmadd_ps(ge, tv, gd));
+                    _mm256_fmsub_ps(ga, prob, wt)
+                }
+            }
+        };
+        if p.softcap > 0.0 {
+            let inv_c = _mm256_set1_ps(1.0 / p.softcap);
+            map8(buf, |x, i| {
+                // d/dx of c*tanh(s x / c) is s (1 - tanh^2) = s (1 - (x'/c)^2), x' the capped value.
+                let u = _mm256_mul_ps(x, inv_c);
+                _mm256_mul_ps(_mm256_fnmadd_ps(u, u, _mm256_set1_ps(1.0)), core(x, i))
+            });
+        } else if w.is_none() && t.is_none() {
+            // The common case gets its own loop: one FMA after the exponential.
+            map8(buf, |x, _| _mm256_fmsub_ps(ga, exp_le0(_mm256_sub_ps(x, vlse)), gd));
+        } else {
+            map8(buf, core);
         }
     }
 
