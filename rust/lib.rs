@@ -61,7 +61,8 @@ unsafe fn slice<'a, T>(ptr: usize, len: usize) -> Option<&'a [T]> {
 ///
 /// grad = (a0_ptr, b_ptr, g_ptr, a_lse, a_swt, d, e, out_desc); pointers are f64 of length rows.
 #[pyfunction]
-/// given = (lse_ptr, swt_ptr): statistics saved by an earlier call; only the gradient pass runs.
+/// stats = (mx, ls, zy, swz, swtz, swt) destinations (f64, length rows, 0 = not wanted);
+/// given = (mx, ls, swt) pointers: statistics saved by an earlier call; only the gradient pass runs.
 #[pyo3(signature = (x, target, weight, soft, scale, softcap, want_wz, stats, grad=None, threads=0, given=None))]
 #[allow(clippy::too_many_arguments)]
 fn run(
@@ -73,13 +74,13 @@ fn run(
     scale: f64,
     softcap: f64,
     want_wz: bool,
-    stats: (usize, usize, usize, usize, usize),
+    stats: (usize, usize, usize, usize, usize, usize),
     grad: Option<(usize, usize, usize, f64, f64, f64, f64, Desc)>,
     threads: usize,
-    given: Option<(usize, usize)>,
+    given: Option<(usize, usize, usize)>,
 ) -> PyResult<()> {
-    if given.is_some_and(|g| g.0 == 0) || (given.is_some() && grad.is_none()) {
-        return Err(PyValueError::new_err("given statistics need an lse pointer and a gradient"));
+    if given.is_some_and(|g| g.0 == 0 || g.1 == 0) || (given.is_some() && grad.is_none()) {
+        return Err(PyValueError::new_err("given statistics need mx and ls pointers and a gradient"));
     }
     let x = matrix(x, "logits")?;
     let soft = soft.map(|d| matrix(d, "soft target")).transpose()?;
@@ -89,7 +90,14 @@ fn run(
         }
     }
     let rows = x.rows();
-    let out = StatsOut { lse: stats.0, zy: stats.1, swz: stats.2, swtz: stats.3, swt: stats.4 };
+    let out = StatsOut {
+        mx: stats.0,
+        ls: stats.1,
+        zy: stats.2,
+        swz: stats.3,
+        swtz: stats.4,
+        swt: stats.5,
+    };
     let gout = match &grad {
         Some(g) => {
             let m = matrix(g.7.clone(), "grad out")?;
@@ -100,6 +108,13 @@ fn run(
         }
         None => None,
     };
+    if target != 0 {
+        // The engine indexes rows with these: refuse what validation should have caught.
+        let t = unsafe { std::slice::from_raw_parts(target as *const i64, rows) };
+        if let Some(&bad) = t.iter().find(|&&y| y >= x.cols as i64) {
+            return Err(PyValueError::new_err(format!("target index {bad} out of range")));
+        }
+    }
     let pool = pool(threads)?;
     let x_ref = &x;
     let soft_ref = soft.as_ref();
@@ -115,7 +130,9 @@ fn run(
             scale,
             softcap,
             want_wz,
-            given: given.map(|(l, s)| unsafe { (slice(l, rows).unwrap(), slice(s, rows)) }),
+            given: given.map(|(m, l, s)| unsafe {
+                (slice(m, rows).unwrap(), slice(l, rows).unwrap(), slice(s, rows))
+            }),
         };
         let gspec = grad.as_ref().zip(gout_ref).map(|(g, m)| unsafe {
             GradSpec {

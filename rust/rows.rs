@@ -27,13 +27,14 @@ pub struct Problem<'a> {
     pub softcap: f64,
     /// Accumulate sum_c w_c z_c (label smoothing with integer targets).
     pub want_wz: bool,
-    /// lse (and sum_c w_c t_c for soft targets) saved by an earlier call: the
-    /// statistics pass is skipped and only the gradient pass runs.
-    pub given: Option<(&'a [f64], Option<&'a [f64]>)>,
+    /// (mx, ls, and sum_c w_c t_c for soft targets) saved by an earlier call:
+    /// the statistics pass is skipped and only the gradient pass runs.
+    pub given: Option<(&'a [f64], &'a [f64], Option<&'a [f64]>)>,
 }
 
 /// Per-row coefficients of the gradient, built by the loss rules:
-/// `grad_c = g * chain_c * ((a0 + a_lse*lse + a_swt*swt) * p_c - d*w_c - e*w_c*t_c - b*[c == y])`.
+/// `grad_c = g * chain_c * ((a0 + a_lse*lse + a_swt*swt) * p_c - d*w_c - e*w_c*t_c - b*[c == y])`
+/// with `p_c = exp(z_c - lse)` and `lse = mx + ls`.
 pub struct GradSpec<'a> {
     pub a0: &'a [f64],
     pub b: &'a [f64],
@@ -48,7 +49,8 @@ pub struct GradSpec<'a> {
 /// Destinations (length `rows`, f64) of the per-row statistics; 0 = not wanted.
 #[derive(Clone, Copy, Default)]
 pub struct StatsOut {
-    pub lse: usize,
+    pub mx: usize,
+    pub ls: usize,
     pub zy: usize,
     pub swz: usize,
     pub swtz: usize,
@@ -85,15 +87,13 @@ fn transform_scalar(z: f64, scale: f64, softcap: f64) -> f64 {
     }
 }
 
-/// Combines the running (max, sum) into log-sum-exp with the float64 conventions:
-/// NaN anywhere -> NaN; a +inf -> +inf; all -inf -> -inf.
-fn finish_lse(m: f64, s: f64, nan: bool) -> f64 {
-    if nan {
-        f64::NAN
-    } else if m.is_infinite() {
-        m
+/// A sum relative to the running max after the max grew by `delta` over
+/// elements of total weight `wdone` (nothing was added while the max was -inf).
+fn shift(acc: f64, delta: f64, wdone: f64) -> f64 {
+    if wdone == 0.0 {
+        acc
     } else {
-        m + s.ln()
+        acc - delta * wdone
     }
 }
 
@@ -122,13 +122,16 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
             0.0
         };
 
-        if let (Some(gs), Some((lse, swt))) = (self.grad, p.given) {
+        if let (Some(gs), Some((mx, ls, swt))) = (self.grad, p.given) {
             let swt = swt.map_or(0.0, |s| s[r]);
-            self.grad_row(bufs, gs, r, off, soff, y, zy, lse[r], swt);
+            self.grad_row(bufs, gs, r, off, soff, y, zy, mx[r], ls[r], swt);
             return;
         }
         let (mut m, mut s, mut nan) = (f64::NEG_INFINITY, 0.0f64, false);
-        let (mut swz, mut swtz, mut swt) = (0.0f64, 0.0f64, 0.0f64);
+        // Sums of w*(z - m) and w*t*(z - m) relative to the running max m, so the
+        // smoothing and soft-target terms never cancel large common offsets; `wdone`
+        // and `swt` (sums of w and w*t so far) shift them when m grows.
+        let (mut swz, mut swtz, mut swt, mut wdone) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
         let scale = F::from_f64(p.scale);
         let softcap = F::from_f64(p.softcap);
         let mut start = 0;
@@ -153,16 +156,22 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                 if m.is_finite() {
                     s *= (m - cm).exp();
                 }
+                swz = shift(swz, cm - m, wdone);
+                swtz = shift(swtz, cm - m, swt);
                 m = cm;
             }
+            let fm = F::from_f64(m);
             if m.is_finite() {
-                s += self.k.sum_exp(buf, F::from_f64(m));
+                s += self.k.sum_exp(buf, fm);
             }
             let w = self.w.as_ref().map(|w| &w[start..start + n]);
             if p.want_wz {
-                swz += match w {
-                    Some(w) => self.k.dot(buf, w),
-                    None => self.k.sum(buf),
+                if m.is_finite() {
+                    swz += self.k.dot_shift(buf, w, fm);
+                }
+                wdone += match w {
+                    Some(w) => self.k.sum(w),
+                    None => n as f64,
                 };
             }
             if let (Some(sm), Some(soff)) = (p.soft, soff) {
@@ -173,20 +182,30 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                         *ti = *ti * wi;
                     }
                 }
+                if m.is_finite() {
+                    swtz += self.k.dot_shift(buf, Some(t), fm);
+                }
                 swt += self.k.sum(t);
-                swtz += self.k.dot(buf, t);
             }
             start += n;
         }
-        let lse = finish_lse(m, s, nan);
-        self.out.put(self.out.lse, r, lse);
+        // lse = mx + ls, kept apart so that lse - z_y keeps ls when |mx| is huge.
+        let (mx, ls) = if nan {
+            (f64::NAN, 0.0)
+        } else if m.is_finite() {
+            (m, s.ln())
+        } else {
+            (m, 0.0)
+        };
+        self.out.put(self.out.mx, r, mx);
+        self.out.put(self.out.ls, r, ls);
         self.out.put(self.out.zy, r, zy);
         self.out.put(self.out.swz, r, swz);
         self.out.put(self.out.swtz, r, swtz);
         self.out.put(self.out.swt, r, swt);
 
         if let Some(gs) = self.grad {
-            self.grad_row(bufs, gs, r, off, soff, y, zy, lse, swt);
+            self.grad_row(bufs, gs, r, off, soff, y, zy, mx, ls, swt);
         }
     }
 
@@ -200,7 +219,8 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         soff: Option<isize>,
         y: i64,
         zy: f64,
-        lse: f64,
+        mx: f64,
+        ls: f64,
         swt: f64,
     ) {
         let p = self.p;
@@ -208,10 +228,11 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         let level = self.k.level();
         let ooff = gs.out.row_offset(r);
         let g = gs.g[r];
-        let a = gs.a0[r] + gs.a_lse * lse + gs.a_swt * swt;
+        let a = gs.a0[r] + gs.a_lse * (mx + ls) + gs.a_swt * swt;
+        // p_c = exp(z_c - mx) * exp(-ls): the second factor (in [1/C, 1]) joins `a`.
         let params = GradParams {
-            lse: F::from_f64(lse),
-            a: F::from_f64(a),
+            m: F::from_f64(mx),
+            a: F::from_f64(a * (-ls).exp()),
             g: F::from_f64(g),
             d: F::from_f64(gs.d),
             e: F::from_f64(gs.e),
@@ -255,7 +276,7 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                 p.scale
             };
             let wy = p.weight.map_or(1.0, |w| w[yi]);
-            let py = (zy - lse).exp();
+            let py = ((zy - mx) - ls).exp();
             gs.out.set(ooff, yi, g * chain * (a * py - gs.d * wy - b));
         }
     }

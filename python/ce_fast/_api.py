@@ -4,6 +4,7 @@ turns those into results with the shared rules."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Tuple
 
@@ -14,6 +15,18 @@ from ._arrays import Operand
 from ._spec import LossSpec
 
 ArrayLike = Any
+
+
+def _on_device(fn):
+    """Runs `fn(logits, ...)` inside the logits' device scope (the CUDA device and
+    torch's current stream; nothing on the CPU)."""
+
+    @functools.wraps(fn)
+    def call(logits, *args, **kwargs):
+        with _batch.device_scope(logits):
+            return fn(logits, *args, **kwargs)
+
+    return call
 
 
 def _run(b: _batch.Batch, spec: LossSpec, **kw) -> _rules.Stats:
@@ -30,6 +43,7 @@ def _result(value, like: Operand):
     return _batch.engine_for(like).wrap(value, like)
 
 
+@_on_device
 def logsumexp(logits: ArrayLike, *, out: Optional[ArrayLike] = None):
     """Log-sum-exp over the last axis, in one streaming pass.
 
@@ -64,6 +78,7 @@ def logsumexp(logits: ArrayLike, *, out: Optional[ArrayLike] = None):
     return out
 
 
+@_on_device
 def cross_entropy(
     logits: ArrayLike,
     target: ArrayLike,
@@ -118,9 +133,10 @@ def cross_entropy(
     return _loss_and_stats(logits, target, spec, weight)[0]
 
 
+@_on_device
 def _loss_and_stats(logits, target, spec: LossSpec, weight=None) -> Tuple[Any, _rules.Stats]:
-    """What :func:`cross_entropy` returns, and the per-row statistics behind it (lse; swt
-    for soft targets) that :func:`_grad_with_saved` needs. For ce_fast.torch's forward."""
+    """What :func:`cross_entropy` returns, and the per-row statistics behind it (mx, ls;
+    swt for soft targets) that :func:`_grad_with_saved` needs. For ce_fast.torch's forward."""
     b = _batch.make_batch(logits, target, spec, weight)
     s = _run(b, spec)
     return _result(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x), s
@@ -164,6 +180,7 @@ def _overlap(a: Operand, b: Operand) -> bool:
     return a0 < b1 and b0 < a1 and a0 != a1 and b0 != b1
 
 
+@_on_device
 def cross_entropy_and_grad(
     logits: ArrayLike,
     target: ArrayLike,
@@ -206,10 +223,11 @@ def cross_entropy_and_grad(
     return loss, ret
 
 
+@_on_device
 def _grad_with_saved(logits, target, saved: _rules.Stats, *, weight=None, grad_output=1.0,
                      out=None, **options):
-    """The gradient only, from statistics saved by a forward call (lse; swt for soft
-    targets): one read and one write of the logits. For ce_fast.torch's backward."""
+    """The gradient only, from statistics saved by a forward call (mx and ls; swt for
+    soft targets): one read and one write of the logits. For ce_fast.torch's backward."""
     spec = LossSpec.make(**options)
     b = _batch.make_batch(logits, target, spec, weight)
     go = b.engine.grad_output(grad_output, spec.reduction, b.x)

@@ -99,15 +99,15 @@ def operand(obj: Any, name: str) -> Operand:
     """Describes `obj` without copying it. Raises TypeError for what is not an array."""
     if is_torch(obj):
         t = obj.detach()
-        if t.device.type == "cuda":
-            return _cupy_operand(_to_cupy(t), name, lib="torch", keep=t)
-        if t.device.type != "cpu":
+        if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{name} is on device {t.device}; ce_fast runs on CPU and CUDA")
+        # CUDA tensors are described from torch's own metadata (no CuPy view): bfloat16
+        # works although CuPy has no such dtype, and CuPy is needed only by the engine.
         code = _torch_codes().get(t.dtype)
         return Operand(
             array=t,
             lib="torch",
-            device="cpu",
+            device="cpu" if t.device.type == "cpu" else f"cuda:{t.device.index}",
             shape=tuple(t.shape),
             strides=tuple(t.stride()),
             dtype_name=str(t.dtype).replace("torch.", ""),

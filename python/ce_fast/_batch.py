@@ -4,6 +4,7 @@ target ranges are checked here, once, for every engine."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -44,6 +45,29 @@ def engine_for(op: Operand):
     from . import _cpu
 
     return _cpu
+
+
+def device_scope(logits: Any):
+    """Context for one public call on `logits`: for CUDA arrays the engine makes their
+    device current and, for torch tensors, torch's current stream CuPy's current stream,
+    so every kernel and CuPy operation of the call (rules included) is ordered with
+    the caller's torch work. A no-op on the CPU."""
+    if isinstance(logits, np.ndarray):
+        cuda = False
+    elif _arrays.is_torch(logits):
+        cuda = logits.device.type == "cuda"
+    else:
+        cp = _arrays._cupy()
+        cuda = (
+            (cp is not None and isinstance(logits, cp.ndarray))
+            or hasattr(logits, "__cuda_array_interface__")
+            or str(_arrays._device_of_dlpack(logits)).startswith("cuda")
+        )
+    if not cuda:
+        return contextlib.nullcontext()
+    from . import _cuda
+
+    return _cuda.scope(_arrays.operand(logits, "logits"))
 
 
 def logits_operand(logits: Any) -> Operand:

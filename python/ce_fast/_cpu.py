@@ -40,7 +40,8 @@ def index_targets(t: Operand, C: int, ignore_index: int):
     if bad is not None:
         raise _batch.index_error(*bad, C, ignore_index)
     valid = (a != ignore_index).reshape(-1)
-    idx = np.where(valid, a.reshape(-1), -1).astype(np.int64)
+    # int64 before the -1 marker: unsigned targets cannot hold it.
+    idx = np.where(valid, a.reshape(-1).astype(np.int64), -1)
     return idx, valid
 
 
@@ -52,16 +53,16 @@ def run(b, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCo
         out: Optional[Operand] = None, given: Optional[Stats] = None) -> Stats:
     """Per-row statistics of the batch; with `grad`, the gradient is written into `out`.
 
-    With `given` (lse, and swt for soft targets, from an earlier call) only the
+    With `given` (mx, ls, and swt for soft targets, from an earlier call) only the
     gradient pass runs and `given` is returned.
     """
     rows = b.rows
     if given is not None:
-        lse = np.ascontiguousarray(given.lse, dtype=np.float64)
-        swt = None if given.swt is None else np.ascontiguousarray(given.swt, dtype=np.float64)
-        _call(b, scale, softcap, False, grad, out, Stats(lse=None), (_ptr(lse), _ptr(swt)))
+        saved = [None if a is None else np.ascontiguousarray(a, dtype=np.float64)
+                 for a in (given.mx, given.ls, given.swt)]
+        _call(b, scale, softcap, False, grad, out, None, tuple(_ptr(a) for a in saved))
         return given
-    s = Stats(lse=np.empty(rows))
+    s = Stats(mx=np.empty(rows), ls=np.empty(rows))
     s.zy = np.zeros(rows) if b.target is not None else None
     s.swz = np.zeros(rows) if want_wz else None
     if b.soft is not None:
@@ -70,7 +71,7 @@ def run(b, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCo
     return s
 
 
-def _call(b, scale, softcap, want_wz, grad, out, s: Stats, given) -> None:
+def _call(b, scale, softcap, want_wz, grad, out, s: Optional[Stats], given) -> None:
     keep = []  # contiguous float64 copies must outlive the call
 
     def f64(a):
@@ -92,7 +93,7 @@ def _call(b, scale, softcap, want_wz, grad, out, s: Stats, given) -> None:
         float(scale),
         float(softcap),
         bool(want_wz),
-        (_ptr(s.lse), _ptr(s.zy), _ptr(s.swz), _ptr(s.swtz), _ptr(s.swt)),
+        (0, 0, 0, 0, 0, 0) if s is None else tuple(_ptr(a) for a in (s.mx, s.ls, s.zy, s.swz, s.swtz, s.swt)),
         g,
         _threads,
         given,

@@ -3,15 +3,18 @@
 Engines return per-row statistics of the transformed logits z (after
 logit_scale and softcap), all float64:
 
-- ``lse``  log-sum-exp of the row
+- ``mx``, ``ls``  the row maximum and log(sum(exp(z - mx))): lse = mx + ls, kept
+  apart so that ``lse - z_y = (mx - z_y) + ls`` keeps ls when |mx| is huge
 - ``zy``   the target logit (integer targets)
-- ``swz``  sum_c w_c z_c (w = 1 without weights; only with label smoothing)
-- ``swt``, ``swtz``  sum_c w_c t_c and sum_c w_c t_c z_c (soft targets t)
+- ``swz``  sum_c w_c (z_c - mx) (w = 1 without weights; only with label smoothing)
+- ``swt``, ``swtz``  sum_c w_c t_c and sum_c w_c t_c (z_c - mx) (soft targets t)
 
 With eps = label_smoothing, W = sum_c w_c and C classes, per row:
 
-- integer target y: ``(1-eps) w_y (lse - z_y) + eps/C (W lse - swz) + z_loss lse^2``
-- soft target t' = (1-eps) t + eps/C: ``lse sum(w t') - sum(w t' z) + z_loss lse^2``
+- integer target y: ``(1-eps) w_y (lse - z_y) + eps/C sum_c w_c (lse - z_c) + z_loss lse^2``
+  where ``sum_c w_c (lse - z_c) = W ls - swz``
+- soft target t' = (1-eps) t + eps/C: ``sum_c w_c t'_c (lse - z_c) + z_loss lse^2``
+  ``= ls sum(w t') - sum(w t' (z - mx))``
 
 as torch.nn.functional.cross_entropy (class axis last). The mean divides by the
 sum of the target weights of counted rows (integer targets) or the row count
@@ -30,16 +33,23 @@ from ._spec import LossSpec
 
 @dataclass
 class Stats:
-    lse: Any
+    mx: Any
+    ls: Any
     zy: Optional[Any] = None
     swz: Optional[Any] = None
     swtz: Optional[Any] = None
     swt: Optional[Any] = None
 
+    @property
+    def lse(self):
+        """log-sum-exp of each row (NaN / +inf / -inf as torch.logsumexp)."""
+        return self.mx + self.ls
+
 
 @dataclass
 class GradCoef:
-    """``grad_c = g * chain_c * ((a0 + a_lse*lse + a_swt*swt) p_c - d w_c - e w_c t_c - b [c == y])``."""
+    """``grad_c = g * chain_c * ((a0 + a_lse*lse + a_swt*swt) p_c - d w_c - e w_c t_c - b [c == y])``
+    with ``p_c = exp(z_c - lse)``: the rules give the coefficients, engines apply them."""
 
     a0: Any
     b: Any
@@ -66,15 +76,16 @@ def per_row(b: Batch, spec: LossSpec, s: Stats):
             if eps > 0.0:
                 swt = (1.0 - eps) * swt + (eps / C) * b.weight_total
                 swtz = (1.0 - eps) * swtz + (eps / C) * s.swz
-            loss = s.lse * swt - swtz
+            loss = s.ls * swt - swtz
         else:
-            loss = b.wy * (s.lse - s.zy)
+            loss = b.wy * ((s.mx - s.zy) + s.ls)
             if eps > 0.0:
-                loss = (1.0 - eps) * loss + (eps / C) * (b.weight_total * s.lse - s.swz)
+                loss = (1.0 - eps) * loss + (eps / C) * (b.weight_total * s.ls - s.swz)
         if spec.z_loss > 0.0:
-            loss = loss + spec.z_loss * s.lse * s.lse
-        # log_softmax of a row holding +inf is NaN in float64, so is its loss.
-        loss = xp.where(s.lse == xp.inf, xp.nan, loss)
+            lse = s.lse
+            loss = loss + spec.z_loss * lse * lse
+        # float64 log_softmax of a row holding NaN or +inf, or of only -inf, is NaN.
+        loss = xp.where(xp.isfinite(s.mx), loss, xp.nan)
         return xp.where(b.valid, loss, 0.0)
 
 
@@ -88,13 +99,14 @@ def denominator(b: Batch) -> float:
 def reduce(b: Batch, spec: LossSpec, rows_loss):
     """The returned loss in the output dtype: 0-d for mean/sum, batch-shaped for none."""
     xp = b.xp
-    if spec.reduction == "none":
-        return rows_loss.astype(b.out_dtype).reshape(b.x.batch_shape)
-    total = float(rows_loss.sum())
-    if spec.reduction == "mean":
-        den = denominator(b)
-        total = total / den if den != 0.0 else float("nan")
-    return xp.asarray(total, dtype=b.out_dtype)
+    with _quiet(xp):  # a float64 loss beyond float32's range becomes inf, as it should
+        if spec.reduction == "none":
+            return rows_loss.astype(b.out_dtype).reshape(b.x.batch_shape)
+        total = float(rows_loss.sum())
+        if spec.reduction == "mean":
+            den = denominator(b)
+            total = total / den if den != 0.0 else float("nan")
+        return xp.asarray(total, dtype=b.out_dtype)
 
 
 def grad_coef(b: Batch, spec: LossSpec, grad_output) -> GradCoef:

@@ -219,42 +219,40 @@ mod imp {
         hsum_f64(a0) + tail_sum_exp(buf, i, m)
     }
 
+    /// sum(w * (x - m)) (w = 1 when None) with the differences in f32 and the
+    /// products and sums in f64 lanes: terms near 3e38 neither overflow nor cancel.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot(a: &[f32], b: Option<&[f32]>) -> f64 {
-        let n = a.len();
-        let n16 = n / 16 * 16;
-        let pa = a.as_ptr();
-        let mut s0 = _mm256_setzero_ps();
+    pub unsafe fn dot_shift(x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
+        let n = x.len();
+        let n8 = n / 8 * 8;
+        let px = x.as_ptr();
+        let vm = _mm256_set1_ps(m);
+        let mut s0 = _mm256_setzero_pd();
         let mut s1 = s0;
         let mut i = 0;
-        match b {
-            Some(b) => {
-                let pb = b.as_ptr();
-                while i < n16 {
-                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-                    s1 = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(pa.add(i + 8)),
-                        _mm256_loadu_ps(pb.add(i + 8)),
-                        s1,
-                    );
-                    i += 16;
+        while i < n8 {
+            let d = _mm256_sub_ps(_mm256_loadu_ps(px.add(i)), vm);
+            let (dlo, dhi) = (_mm256_cvtps_pd(_mm256_castps256_ps128(d)), _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1)));
+            match w {
+                Some(w) => {
+                    let wv = _mm256_loadu_ps(w.as_ptr().add(i));
+                    s0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(wv)), dlo, s0);
+                    s1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(wv, 1)), dhi, s1);
                 }
-                let mut rest = 0.0f64;
-                for j in n16..n {
-                    rest += (a[j] * b[j]) as f64;
+                None => {
+                    s0 = _mm256_add_pd(s0, dlo);
+                    s1 = _mm256_add_pd(s1, dhi);
                 }
-                hsum_f64(_mm256_add_ps(s0, s1)) + rest
             }
-            None => {
-                while i < n16 {
-                    s0 = _mm256_add_ps(_mm256_loadu_ps(pa.add(i)), s0);
-                    s1 = _mm256_add_ps(_mm256_loadu_ps(pa.add(i + 8)), s1);
-                    i += 16;
-                }
-                let rest: f64 = a[n16..].iter().map(|&x| x as f64).sum();
-                hsum_f64(_mm256_add_ps(s0, s1)) + rest
-            }
+            i += 8;
         }
+        let s = _mm256_add_pd(s0, s1);
+        let s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+        let mut total = _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
+        for j in n8..n {
+            total += w.map_or(1.0, |w| w[j] as f64) * (x[j] - m) as f64;
+        }
+        total
     }
 
     /// Applies `f(x, i)` to every 8 lanes of `buf` in place; the tail is padded with 0.
@@ -287,7 +285,7 @@ mod imp {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn grad(buf: &mut [f32], p: &GradParams<f32>, w: Option<&[f32]>, t: Option<&[f32]>) {
-        let vlse = _mm256_set1_ps(p.lse);
+        let vlse = _mm256_set1_ps(p.m);
         // g * scale folded into the coefficients: g*chain*(a p - d w - e w t).
         let gs = p.g * p.scale;
         let ga = _mm256_set1_ps(gs * p.a);
@@ -385,10 +383,10 @@ impl Kernels<f32> for Avx2 {
         unsafe { imp::sum_exp(buf, m) }
     }
     fn sum(self, buf: &[f32]) -> f64 {
-        unsafe { imp::dot(buf, None) }
+        unsafe { imp::dot_shift(buf, None, 0.0) }
     }
-    fn dot(self, a: &[f32], b: &[f32]) -> f64 {
-        unsafe { imp::dot(a, Some(b)) }
+    fn dot_shift(self, x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
+        unsafe { imp::dot_shift(x, w, m) }
     }
     fn grad(self, buf: &mut [f32], p: &GradParams<f32>, w: Option<&[f32]>, t: Option<&[f32]>) {
         unsafe { imp::grad(buf, p, w, t) }
@@ -412,8 +410,8 @@ impl Kernels<f32> for Avx2 {
     fn sum(self, buf: &[f32]) -> f64 {
         super::scalar::Scalar.sum(buf)
     }
-    fn dot(self, a: &[f32], b: &[f32]) -> f64 {
-        super::scalar::Scalar.dot(a, b)
+    fn dot_shift(self, x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
+        super::scalar::Scalar.dot_shift(x, w, m)
     }
     fn grad(self, buf: &mut [f32], p: &GradParams<f32>, w: Option<&[f32]>, t: Option<&[f32]>) {
         super::scalar::Scalar.grad(buf, p, w, t)

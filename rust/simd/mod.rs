@@ -75,15 +75,16 @@ pub trait Kernels<F: Float>: Copy + Send + Sync {
     /// sum(exp(x - m)) for finite `m`.
     fn sum_exp(self, buf: &[F], m: F) -> f64;
     fn sum(self, buf: &[F]) -> f64;
-    fn dot(self, a: &[F], b: &[F]) -> f64;
-    /// In place: `g * chain(x) * (a * exp(x - lse) - d * w - e * w * t)`, where `w`
+    /// sum(w * (x - m)), w = 1 when `None`.
+    fn dot_shift(self, x: &[F], w: Option<&[F]>, m: F) -> f64;
+    /// In place: `g * chain(x) * (a * exp(x - m) - d * w - e * w * t)`, where `w`
     /// is 1 without weights and `chain` the derivative of the transform.
     fn grad(self, buf: &mut [F], p: &GradParams<F>, w: Option<&[F]>, t: Option<&[F]>);
 }
 
 #[derive(Clone, Copy)]
 pub struct GradParams<F> {
-    pub lse: F,
+    pub m: F,
     pub a: F,
     pub g: F,
     pub d: F,

@@ -6,21 +6,22 @@ use crate::float::Float;
 #[derive(Clone, Copy)]
 pub struct Scalar;
 
-/// Four independent partial sums so the loop does not serialise on one add.
+/// Four independent f64 partial sums: no serial dependency on one add, and terms
+/// near the type's maximum do not overflow.
 #[inline(always)]
-fn sum4<F: Float>(buf: &[F], f: impl Fn(usize) -> F) -> f64 {
-    let mut acc = [F::ZERO; 4];
+fn sum4<F: Float>(buf: &[F], f: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0.0f64; 4];
     let n4 = buf.len() / 4 * 4;
     let mut i = 0;
     while i < n4 {
         for k in 0..4 {
-            acc[k] = acc[k] + f(i + k);
+            acc[k] += f(i + k);
         }
         i += 4;
     }
-    let mut total = (acc[0].to_f64() + acc[1].to_f64()) + (acc[2].to_f64() + acc[3].to_f64());
+    let mut total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for j in n4..buf.len() {
-        total += f(j).to_f64();
+        total += f(j);
     }
     total
 }
@@ -55,15 +56,18 @@ impl<F: Float> Kernels<F> for Scalar {
     }
 
     fn sum_exp(self, buf: &[F], m: F) -> f64 {
-        sum4(buf, |i| (buf[i] - m).exp())
+        sum4(buf, |i| (buf[i] - m).exp().to_f64())
     }
 
     fn sum(self, buf: &[F]) -> f64 {
-        sum4(buf, |i| buf[i])
+        sum4(buf, |i| buf[i].to_f64())
     }
 
-    fn dot(self, a: &[F], b: &[F]) -> f64 {
-        sum4(a, |i| a[i] * b[i])
+    fn dot_shift(self, x: &[F], w: Option<&[F]>, m: F) -> f64 {
+        match w {
+            Some(w) => sum4(x, |i| w[i].to_f64() * (x[i] - m).to_f64()),
+            None => sum4(x, |i| (x[i] - m).to_f64()),
+        }
     }
 
     fn grad(self, buf: &mut [F], p: &GradParams<F>, w: Option<&[F]>, t: Option<&[F]>) {
@@ -76,7 +80,7 @@ impl<F: Float> Kernels<F> for Scalar {
             } else {
                 p.scale
             };
-            let prob = (*x - p.lse).exp();
+            let prob = (*x - p.m).exp();
             *x = p.g * chain * (p.a * prob - p.d * wi - p.e * wi * ti);
         }
     }

@@ -1,0 +1,233 @@
+"""Shared helpers for the ce_fast tests: SIMD-path fixture, tolerance checks,
+array layouts and random inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import ce_fast  # noqa: E402
+from ce_fast import _core  # noqa: E402
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+LOW_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BF16)
+ALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BF16)
+DTYPE_IDS = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64", np.dtype(np.float16): "f16", BF16: "bf16"}
+FINFO_MAX = {
+    np.dtype(np.float32): 3.0e38,
+    np.dtype(np.float64): 1e300,
+    np.dtype(np.float16): 6.0e4,
+    BF16: 3.0e38,
+}
+
+# ---------------------------------------------------------------- SIMD paths
+
+
+def _current_choice() -> str:
+    return "scalar" if _core.simd_level() == "scalar" else "auto"
+
+
+@contextlib.contextmanager
+def use_simd(name: str):
+    """Runs the body with ce_fast's f32 kernels forced to `name` ('scalar' or 'auto')."""
+    prev = _current_choice()
+    _core.set_simd(name)
+    try:
+        yield _core.simd_level()
+    finally:
+        _core.set_simd(prev)
+
+
+@pytest.fixture(params=["scalar", "auto"])
+def simd_path(request):
+    """Parametrizes a test over the scalar kernels and the best SIMD kernels (AVX2 here)."""
+    with use_simd(request.param) as level:
+        if request.param == "scalar":
+            assert level == "scalar"
+        yield level
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Every test starts and ends with the default thread count and SIMD choice."""
+    prev = _current_choice()
+    yield
+    ce_fast.set_threads(0)
+    _core.set_simd(prev)
+
+
+# ---------------------------------------------------------------- conversions
+
+
+def to_f64(a) -> np.ndarray:
+    """float64 NumPy copy of a NumPy / ml_dtypes / torch array (or scalar)."""
+    if type(a).__module__.startswith("torch"):
+        import torch
+
+        return a.detach().to(torch.float64).cpu().numpy()
+    return np.asarray(a).astype(np.float64)
+
+
+def out_dtype(dtype) -> np.dtype:
+    """The dtype ce_fast returns losses in for logits of `dtype`."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+# ---------------------------------------------------------------- tolerances
+
+
+def row_tol(ref, dtype):
+    """Per-row tolerance: 1e-5 (1 + |ref|) for f32/f16/bf16 input, 1e-12 (1 + |ref|) for f64."""
+    r = 1e-12 if np.dtype(dtype) == np.float64 else 1e-5
+    return r * (1.0 + np.abs(ref))
+
+
+def assert_rows_close(got, ref, dtype, *, scale=1.0, what=""):
+    """Per-row check of engine output `got` against float64 `ref` (computed on the same
+    rounded input values). NaN exactly where ref is NaN, infs equal (also where ref
+    overflows the output dtype), elsewhere |got - ref| <= tol(ref) * scale."""
+    g = to_f64(got)
+    r = np.asarray(ref, dtype=np.float64)
+    assert g.shape == r.shape, f"{what}shape {g.shape} != reference shape {r.shape}"
+    od = out_dtype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r_out = r.astype(od).astype(np.float64)  # what the output dtype can hold
+    nan_r = np.isnan(r)
+    nan_g = np.isnan(g)
+    bad = np.flatnonzero((nan_r != nan_g).reshape(-1))
+    assert bad.size == 0, (
+        f"{what}NaN mismatch at flat rows {bad[:10].tolist()}: got {g.reshape(-1)[bad[:10]]}, "
+        f"ref {r.reshape(-1)[bad[:10]]}"
+    )
+    inf_r = np.isinf(r_out)
+    inf_mismatch = (inf_r | np.isinf(g)) & ~nan_r & (g != r_out)
+    bad = np.flatnonzero(inf_mismatch.reshape(-1))
+    assert bad.size == 0, (
+        f"{what}inf mismatch at flat rows {bad[:10].tolist()}: got {g.reshape(-1)[bad[:10]]}, "
+        f"ref {r.reshape(-1)[bad[:10]]}"
+    )
+    fin = ~nan_r & ~inf_r
+    err = np.where(fin, np.abs(g - r), 0.0)
+    tol = np.where(fin, row_tol(r, dtype) * scale, 1.0)
+    worst = np.flatnonzero((err > tol).reshape(-1))
+    assert worst.size == 0, (
+        f"{what}{worst.size} rows outside tolerance ({np.dtype(dtype).name}); first at flat rows "
+        f"{worst[:10].tolist()}: got {g.reshape(-1)[worst[:10]]}, ref {r.reshape(-1)[worst[:10]]}, "
+        f"max err/tol {float(np.max(err / tol)):.3g}"
+    )
+
+
+def assert_reduced_close(got, ref, ref_rows, den, dtype, reduction, *, scale=1.0, what=""):
+    """Check a mean/sum loss: 0-d of the output dtype, NaN/inf as ref, and
+    |got - ref| <= sum_i tol(ref_i) (/ |den| for the mean) plus output rounding."""
+    g = np.asarray(got)
+    assert g.shape == (), f"{what}mean/sum must be 0-d, got shape {g.shape}"
+    g = float(g)
+    r = float(ref)
+    if np.isnan(r):
+        assert np.isnan(g), f"{what}expected NaN, got {g}"
+        return
+    od = out_dtype(dtype)
+    with np.errstate(over="ignore"):
+        r_out = float(np.asarray(r).astype(od))
+    if np.isinf(r_out):
+        assert g == r_out, f"{what}expected {r_out}, got {g}"
+        return
+    rows = np.asarray(ref_rows, dtype=np.float64).reshape(-1)
+    tol = float(np.sum(row_tol(rows[np.isfinite(rows)], dtype))) * scale
+    if reduction == "mean":
+        tol /= abs(den) if den else 1.0
+    tol += abs(r) * float(np.finfo(od).eps) + 1e-300
+    assert abs(g - r) <= tol, f"{what}{reduction}: got {g!r}, ref {r!r}, err {abs(g - r):.3g} > tol {tol:.3g}"
+
+
+def assert_loss_dtype(res, dtype, reduction, batch_shape):
+    """mean/sum -> 0-d array of float32 (float64 for f64 logits); none -> shape batch."""
+    assert isinstance(res, np.ndarray), f"expected a NumPy array, got {type(res).__name__}"
+    assert res.dtype == out_dtype(dtype), f"loss dtype {res.dtype}, expected {out_dtype(dtype)}"
+    if reduction == "none":
+        assert res.shape == tuple(batch_shape)
+    else:
+        assert res.shape == ()
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def cast(a64: np.ndarray, dtype) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.asarray(a64, dtype=np.float64).astype(dtype)
+
+
+def random_logits(rng: np.random.Generator, shape, dtype, scale=3.0, offset=0.0) -> np.ndarray:
+    """Normal logits of `dtype` (C-contiguous)."""
+    z = rng.standard_normal(shape) * scale + offset
+    return cast(z, dtype)
+
+
+LAYOUTS = ("contig", "transposed", "sliced", "negative", "classes_strided")
+
+
+def with_layout(a: np.ndarray, layout: str) -> np.ndarray:
+    """A view holding the same values as `a` with another memory layout."""
+    a = np.ascontiguousarray(a)
+    if layout == "contig":
+        return a
+    if layout == "transposed":
+        # class axis first in memory: the class axis of the view has stride = rows
+        base = np.ascontiguousarray(np.moveaxis(a, -1, 0))
+        v = np.moveaxis(base, 0, -1)
+    elif layout == "sliced":
+        big = np.zeros(tuple(2 * n + 1 for n in a.shape), dtype=a.dtype)
+        idx = tuple(slice(1, 1 + 2 * n, 2) for n in a.shape)
+        big[idx] = a
+        v = big[idx]
+    elif layout == "negative":
+        rev = tuple(slice(None, None, -1) for _ in a.shape)
+        base = np.ascontiguousarray(a[rev])
+        v = base[rev]
+    elif layout == "classes_strided":
+        # only the class axis strided (stride 3 elements), batch axes contiguous in order
+        big = np.zeros(a.shape[:-1] + (3 * a.shape[-1],), dtype=a.dtype)
+        big[..., ::3] = a
+        v = big[..., ::3]
+    else:
+        raise ValueError(layout)
+    assert v.shape == a.shape
+    np.testing.assert_array_equal(v.astype(np.float64), a.astype(np.float64))
+    return v
+
+
+def torch_of(a: np.ndarray) -> torch.Tensor:
+    """A torch tensor sharing `a`'s values (ml_dtypes bfloat16 -> torch.bfloat16)."""
+    a = np.array(a, order="C", copy=True)
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def torch_with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "transposed":
+        return t.movedim(-1, 0).contiguous().movedim(0, -1)
+    if layout in ("sliced", "classes_strided"):
+        big = torch.zeros(tuple(2 * n + 1 for n in t.shape), dtype=t.dtype)
+        idx = tuple(slice(1, 1 + 2 * n, 2) for n in t.shape)
+        big[idx] = t
+        return big[idx]
+    return t  # torch has no negative strides
+
+
+class ArrayInterfaceOnly:
+    """Exposes only ``__array_interface__`` (no buffer protocol, not an ndarray)."""
+
+    def __init__(self, a: np.ndarray):
+        self._a = a
+        self.__array_interface__ = a.__array_interface__

@@ -1,0 +1,185 @@
+"""Threads: concurrent Python callers, the GIL released during native work, the
+engine's own thread count, and bitwise-reproducible results."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+import ce_fast
+from conftest import assert_rows_close, random_logits, to_f64
+from oracle import cross_entropy_ref, logsumexp_ref
+
+
+def _jobs():
+    """(name, thunk) pairs: small and parallel-sized inputs of several kinds."""
+    rng = np.random.default_rng(0)
+    z32 = random_logits(rng, (300, 2000), np.float32)  # 600k elements: the engine goes parallel
+    y32 = rng.integers(0, 2000, 300)
+    zbf = random_logits(rng, (4, 50, 1000), ml_dtypes.bfloat16)
+    ybf = rng.integers(0, 1000, (4, 50))
+    z64 = random_logits(rng, (20, 777), np.float64)
+    p64 = rng.dirichlet(np.ones(777), 20)
+    zt = torch.from_numpy(random_logits(rng, (64, 4096), np.float16))
+    yt = torch.from_numpy(rng.integers(0, 4096, 64))
+    zsmall = random_logits(rng, (3, 7), np.float32)
+    w = rng.uniform(0, 2, 2000)
+    jobs = {
+        "f32-mean": lambda: ce_fast.cross_entropy(z32, y32),
+        "f32-none-opts": lambda: ce_fast.cross_entropy(
+            z32, y32, reduction="none", weight=w, label_smoothing=0.1, z_loss=1e-3, softcap=20.0
+        ),
+        "f32-T-none": lambda: ce_fast.cross_entropy(z32.T.copy().T, y32, reduction="none"),
+        "bf16-sum": lambda: ce_fast.cross_entropy(zbf, ybf, reduction="sum", label_smoothing=0.2),
+        "f64-soft": lambda: ce_fast.cross_entropy(z64, p64, reduction="none", logit_scale=0.5),
+        "torch-f16": lambda: ce_fast.cross_entropy(zt, yt, reduction="none").numpy(),
+        "lse-bf16": lambda: ce_fast.logsumexp(zbf),
+        "lse-small": lambda: ce_fast.logsumexp(zsmall),
+        "grad-loss": lambda: ce_fast.cross_entropy_and_grad(z32, y32)[0],
+        "ppl": lambda: np.float64(ce_fast.perplexity(zbf, ybf)),
+    }
+    refs = {
+        "f32-mean": lambda: cross_entropy_ref(z32.astype(np.float64), y32),
+        "lse-bf16": lambda: logsumexp_ref(zbf.astype(np.float64)),
+        "f64-soft": lambda: cross_entropy_ref(z64, p64, reduction="none", logit_scale=0.5),
+    }
+    return jobs, refs
+
+
+def _same(a, b) -> bool:
+    a = np.asarray(a)
+    b = np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_concurrent_calls_match_sequential():
+    jobs, refs = _jobs()
+    sequential = {k: f() for k, f in jobs.items()}
+    # the sequential numbers are right to begin with
+    assert_rows_close(np.asarray(sequential["f32-mean"]), refs["f32-mean"](), np.float32)
+    assert_rows_close(sequential["lse-bf16"], refs["lse-bf16"](), np.float32)
+    assert_rows_close(sequential["f64-soft"], refs["f64-soft"](), np.float64)
+    names = list(jobs) * 6
+    np.random.default_rng(1).shuffle(names)
+    with ThreadPoolExecutor(max_workers=6) as ex:
+        results = list(ex.map(lambda n: (n, jobs[n]()), names))
+    assert len(results) == len(names)
+    for n, r in results:
+        assert _same(r, sequential[n]), f"{n}: a concurrent call differs from the sequential one"
+
+
+def test_concurrent_calls_with_explicit_thread_pool():
+    ce_fast.set_threads(2)
+    try:
+        jobs, _ = _jobs()
+        sequential = {k: f() for k, f in jobs.items()}
+        barrier = threading.Barrier(4)
+        errors = []
+
+        def worker(i):
+            barrier.wait()
+            for n in list(jobs)[i::4] * 3:
+                if not _same(jobs[n](), sequential[n]):
+                    errors.append(n)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+    finally:
+        ce_fast.set_threads(0)
+
+
+def test_gil_is_released_during_a_long_call():
+    """A counter thread keeps running while a ~0.5 s native call is in progress: the
+    largest pause the counter sees is far shorter than the call."""
+    row = np.random.default_rng(2).standard_normal(32768).astype(np.float32)
+    z = np.broadcast_to(row, (3072, 32768))  # 100M elements, no memory
+    y = np.zeros(3072, dtype=np.int64)
+    kw = dict(label_smoothing=0.1, softcap=30.0, z_loss=1e-4)
+    ce_fast.set_threads(1)
+    try:
+        t0 = time.perf_counter()
+        want = ce_fast.cross_entropy(z, y, **kw)
+        solo = time.perf_counter() - t0
+        assert solo > 0.15, f"the call took only {solo:.3f} s; make it bigger"
+
+        done = threading.Event()
+        result = {}
+
+        def call():
+            t = time.perf_counter()
+            result["loss"] = ce_fast.cross_entropy(z, y, **kw)
+            result["time"] = time.perf_counter() - t
+            done.set()
+
+        worker = threading.Thread(target=call)
+        count = 0
+        max_gap = 0.0
+        worker.start()
+        last = time.perf_counter()
+        while not done.is_set():
+            count += 1
+            now = time.perf_counter()
+            max_gap = max(max_gap, now - last)
+            last = now
+        worker.join()
+    finally:
+        ce_fast.set_threads(0)
+    call_time = result["time"]
+    assert _same(result["loss"], want)
+    ref = cross_entropy_ref(row[None].astype(np.float64), np.array([0]), **kw)
+    assert abs(float(want) - ref) <= 1e-5 * (1 + abs(ref))
+    assert count > 10_000, f"the counter advanced only {count} times during a {call_time:.2f} s call"
+    assert max_gap < 0.5 * call_time, (
+        f"the counter thread stalled for {max_gap:.3f} s of a {call_time:.3f} s call: GIL held?"
+    )
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_count_does_not_change_results(threads):
+    jobs, _ = _jobs()
+    default = {k: f() for k, f in jobs.items()}
+    ce_fast.set_threads(threads)
+    try:
+        assert ce_fast.get_threads() == threads
+        other = {k: f() for k, f in jobs.items()}
+    finally:
+        ce_fast.set_threads(0)
+    assert ce_fast.get_threads() >= 1
+    for k in jobs:
+        a, b = to_f64(default[k]), to_f64(other[k])
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, equal_nan=True, err_msg=k)
+
+
+def test_repeated_calls_are_bitwise_identical():
+    jobs, _ = _jobs()
+    first = {k: f() for k, f in jobs.items()}
+    for _ in range(5):
+        for k, f in jobs.items():
+            assert _same(f(), first[k]), f"{k}: result changed between identical calls"
+
+
+def test_repeated_calls_bitwise_identical_on_both_simd_paths():
+    from conftest import use_simd
+
+    rng = np.random.default_rng(3)
+    z = random_logits(rng, (257, 1031), np.float16)
+    y = rng.integers(0, 1031, 257)
+    for name in ("scalar", "auto"):
+        with use_simd(name):
+            a = ce_fast.cross_entropy(z, y, reduction="none", label_smoothing=0.3, softcap=10.0)
+            for _ in range(3):
+                assert _same(ce_fast.cross_entropy(z, y, reduction="none", label_smoothing=0.3, softcap=10.0), a)
+            ref = cross_entropy_ref(z.astype(np.float64), y, reduction="none", label_smoothing=0.3, softcap=10.0)
+            assert_rows_close(a, ref, np.float16)
