@@ -78,7 +78,6 @@ def logsumexp(logits: ArrayLike, *, out: Optional[ArrayLike] = None):
     return out
 
 
-@_on_device
 def cross_entropy(
     logits: ArrayLike,
     target: ArrayLike,

@@ -46,7 +46,7 @@ def index_targets(t: Operand, C: int, ignore_index: int):
 
 
 def _ptr(a: Optional[np.ndarray]) -> int:
-    return 0 if a is None else a.ctypes.data
+    return 0 if a is None else a.__array_interface__["data"][0]
 
 
 def run(b, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCoef] = None,
