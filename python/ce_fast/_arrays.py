@@ -139,7 +139,7 @@ def operand(obj: Any, name: str) -> Operand:
         device="cpu",
         shape=a.shape,
         strides=tuple(s // item for s in a.strides),
-        dtype_name=a.dtype.name,
+        dtype_name=str(a.dtype),
         code=_NP_CODES.get(a.dtype),
         ptr=a.__array_interface__["data"][0] if a.size else 0,
     )
