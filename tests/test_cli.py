@@ -72,9 +72,31 @@ def test_bad_options_exit_2(args, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_cuda_not_implemented(capsys):
+def _gpu_available() -> bool:
+    from ce_fast import _bench_cuda
+
+    try:
+        _bench_cuda.probe()
+        return True
+    except cli.DeviceUnavailable:
+        return False
+
+
+def test_cuda_without_gpu_exits_with_a_message(capsys):
+    if _gpu_available():
+        pytest.skip("a CUDA device is available here (tests/test_cli.py::test_gpu_* run the bench)")
     assert cli.main(["bench", "--device", "cuda", *TINY]) == 3
-    assert "not implemented" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--device cuda needs CuPy" in err and "Traceback" not in err
+
+
+def test_cuda_without_gpu_python_dash_m():
+    if _gpu_available():
+        pytest.skip("a CUDA device is available here")
+    r = subprocess.run([sys.executable, "-m", "ce_fast", "bench", "--device", "cuda", "-q"], capture_output=True,
+                       text=True)
+    assert r.returncode == 3 and r.stdout == ""
+    assert r.stderr.startswith("ce-fast: ce-fast bench --device cuda needs") and "Traceback" not in r.stderr
 
 
 def test_python_dash_m_exit_codes():
@@ -207,3 +229,429 @@ def test_peak_memory_sees_a_large_allocation():
         assert grown >= 60 << 20
     elif pm.method == "ru_maxrss":
         assert grown >= 0  # a lower bound only
+
+
+# ----------------------------------------------------------------- --device cuda without a GPU
+#
+# The CUDA backend's logic (defaults, case assembly, records, table, JSON, Markdown,
+# OOM / compile-failure handling, the 64-row check) driven by a stand-in device: CPU
+# torch tensors, a perf_counter "event" clock and a CPU read pass. Only the device
+# calls themselves (CUDA events, the read-pass kernel, CuPy / torch CUDA allocation)
+# are left to the @pytest.mark.gpu tests at the end.
+
+import time  # noqa: E402
+import types  # noqa: E402
+
+import torch  # noqa: E402
+
+from ce_fast import _bench_cuda  # noqa: E402
+
+
+class _ClockEvent:
+    def record(self):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+class _FakeOOM(RuntimeError):
+    pass
+
+
+class CpuTorchArrays(_bench_cuda.TorchArrays):
+    """TorchArrays on the CPU; ``oom_on`` names methods that raise an out-of-memory error."""
+
+    def __init__(self, oom_on=()):
+        super().__init__(torch, torch.device("cpu"))
+        self.oom_on = set(oom_on)
+        self.freed = 0
+
+    def empty_like(self, a):
+        if "empty_like" in self.oom_on:
+            raise _FakeOOM("CUDA out of memory. Tried to allocate 16.00 GiB")
+        return super().empty_like(a)
+
+    def make_inputs(self, shape, dtype, seed):
+        if "make_inputs" in self.oom_on:
+            raise _FakeOOM("CUDA out of memory (fake)")
+        return super().make_inputs(shape, dtype, seed)
+
+    def event_pair(self):
+        return _ClockEvent(), _ClockEvent()
+
+    def elapsed_ms(self, start, end):
+        return (end.t - start.t) * 1e3 + 1e-6  # never exactly 0
+
+    def sync(self):
+        pass
+
+    def free(self):
+        self.freed += 1
+
+
+class FakeCudaBackend(_bench_cuda.CudaBackend):
+    """The CUDA backend with its device calls replaced (no probe, no CuPy)."""
+
+    def __init__(self, compile_error=None, oom_on=()):
+        self.ce, self.threads, self.cupy, self.torch, self.device_index = ce_fast, None, None, torch, 0
+        self.arrays = CpuTorchArrays(oom_on)
+        self.memory = cli._NoMemory()
+        self.timer = _bench_cuda.EventTimer(self.arrays, self.memory)
+        self.compile_error = compile_error
+        self.compiled = []
+
+    def info(self):
+        return {"device": "cuda:0", "gpu": "FakeGPU 9000", "gpu_memory_bytes": 80 << 30, "compute_capability": "9.0",
+                "arrays": "torch", "cupy": "0.0", "peak_memory_method": self.memory.description}
+
+    def read_pass(self, a):
+        return lambda: a.view(torch.int16).sum() if a.dtype == torch.bfloat16 else a.sum()
+
+    def compile(self, fn, torch_mod):
+        if self.compile_error:
+            raise RuntimeError(self.compile_error)
+        self.compiled.append(fn)
+        return fn  # "compiled" = eager: same losses
+
+
+def _cuda_cfg(*args):
+    argv = ["bench", "--device", "cuda", *args]
+    return cli._to_config(cli.build_parser().parse_args(argv), argv)
+
+
+@pytest.fixture(scope="module")
+def fake_cuda_results():
+    cfg = _cuda_cfg("--sizes", "64x1000,2x8x300", "--dtype", "f32,bf16", "--repeat", "2", "--warmup", "1")
+    return cli.run_bench(cfg, quiet=True, backend=FakeCudaBackend())
+
+
+def test_gpu_defaults():
+    cfg = _cuda_cfg()
+    assert cfg.sizes == [(16384, 32000), (16384, 128256), (16384, 262144)]
+    assert cfg.sizes == _bench_cuda.default_sizes()
+    assert cfg.dtypes == ["float32", "bfloat16"] and cfg.ops == list(cli.OPS)
+    assert (cfg.repeat, cfg.warmup, cfg.compile, cfg.arrays) == (20, 3, True, None)
+    cpu = cli._to_config(cli.build_parser().parse_args(["bench"]), ["bench"])
+    assert cpu.sizes == cli._parse_sizes(cli.DEFAULT_SIZES) and (cpu.repeat, cpu.warmup) == (3, 1)
+    own = _cuda_cfg("--sizes", "8x100", "--repeat", "4", "--warmup", "0", "--no-compile", "--arrays", "cupy")
+    assert own.sizes == [(8, 100)] and (own.repeat, own.warmup, own.compile, own.arrays) == (4, 0, False, "cupy")
+
+
+@pytest.mark.parametrize("args", [["--dtype", "float64"], ["--dtype", "f32,f64"]])
+def test_gpu_rejects_float64(args, capsys):
+    assert cli.main(["bench", "--device", "cuda", *args]) == 2
+    assert "float64" in capsys.readouterr().err
+
+
+def test_arrays_needs_cuda(capsys):
+    assert cli.main(["bench", "--arrays", "torch", *TINY]) == 2
+    assert "--arrays applies to --device cuda" in capsys.readouterr().err
+
+
+def test_probe_messages(monkeypatch):
+    def fake_cupy(count):
+        def get_count():
+            if isinstance(count, Exception):
+                raise count
+            return count
+
+        runtime = types.SimpleNamespace(getDeviceCount=get_count)
+        return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(RuntimeError("cudaErrorNoDevice: no CUDA-capable device")))
+    with pytest.raises(cli.DeviceUnavailable, match="no usable CUDA device.*cudaErrorNoDevice"):
+        _bench_cuda.probe()
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(0))
+    with pytest.raises(cli.DeviceUnavailable, match="no CUDA device found"):
+        _bench_cuda.probe()
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(1))
+    lib, cp, t = _bench_cuda.probe()
+    if not torch.cuda.is_available():
+        assert (lib, t) == ("cupy", None)
+        with pytest.raises(cli.DeviceUnavailable, match="--arrays torch needs PyTorch"):
+            _bench_cuda.probe("torch")
+    assert _bench_cuda.probe("cupy")[0] == "cupy"
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import fails
+    with pytest.raises(cli.DeviceUnavailable, match="CuPy is not installed"):
+        _bench_cuda.probe()
+
+
+def test_is_oom():
+    assert _bench_cuda.is_oom(torch.cuda.OutOfMemoryError("x"), torch)
+    assert _bench_cuda.is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not _bench_cuda.is_oom(RuntimeError("illegal memory access"), torch)
+    assert not _bench_cuda.is_oom(ValueError("out of memory"))
+
+
+def test_event_timer_median_warmup_and_setup():
+    """Scripted event times: warm-up runs are dropped, the median / best are of the timed runs,
+    setup runs before every call, the first result is kept and peak memory is read once."""
+    script = iter([5.0, 9.0, 3.0, 1.0, 2.0, 4.0])  # ms: first (warm-up), warm-up, then 4 timed
+
+    class Ev:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Events:
+        syncs = 0
+
+        def event_pair(self):
+            return Ev(), Ev()
+
+        def elapsed_ms(self, a, b):
+            return next(script)
+
+        def sync(self):
+            Events.syncs += 1
+
+    class Mem:
+        resets = peaks = 0
+
+        def reset(self):
+            Mem.resets += 1
+
+        def peak_growth(self):
+            Mem.peaks += 1
+            return 123
+
+    calls = []
+    timer = _bench_cuda.EventTimer(Events(), Mem())
+    t, first = timer.time(lambda: calls.append("f") or len(calls), repeat=4, warmup=2,
+                          setup=lambda: calls.append("s"), keep=lambda r: r * 10)
+    assert t.times_s == pytest.approx([3e-3, 1e-3, 2e-3, 4e-3])
+    assert t.median_s == pytest.approx(2.5e-3) and t.best_s == pytest.approx(1e-3)
+    assert t.warmup == 2 and t.peak_rss_bytes == 123 and first == 20
+    assert calls == ["s", "f"] * 6 and Mem.resets == Mem.peaks == 1
+    script = iter([7.0, 8.0])
+    t, _ = timer.time(lambda: None, repeat=2, warmup=0)
+    assert t.times_s == pytest.approx([7e-3, 8e-3]) and t.warmup == 0
+
+
+def test_reference_check():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((4, 50))
+    y = np.array([0, 7, 49, 3])
+    m = z.max(-1, keepdims=True)
+    p = np.exp(z - m) / np.exp(z - m).sum(-1, keepdims=True)
+    loss = -np.log(p[np.arange(4), y])
+    grad = p / 10
+    grad[np.arange(4), y] -= 0.1
+    ok = _bench_cuda.reference_check(z, y, 10, loss, grad, "float32")
+    assert ok["ok"] and ok["rows"] == 4 and ok["loss_max_err"] < 1e-12 and ok["grad_max_rel_err"] < 1e-12
+    bad = _bench_cuda.reference_check(z, y, 10, loss, grad * 1.02, "bfloat16")
+    assert not bad["ok"] and bad["grad_max_rel_err"] == pytest.approx(0.02, rel=1e-6)
+    assert not _bench_cuda.reference_check(z, y, 10, loss + 1e-3, grad, "float32")["ok"]
+
+
+def test_fake_cuda_records(fake_cuda_results):
+    r = fake_cuda_results
+    assert r["schema"] == cli.SCHEMA and r["config"]["device"] == "cuda"
+    assert r["config"]["repeat"] == 2 and r["config"]["compile"] is True
+    m = r["machine"]
+    assert m["gpu"] == "FakeGPU 9000" and m["device"] == "cuda:0" and m["cpu_model"]
+    assert [(c["shape"], c["dtype"]) for c in r["cases"]] == [
+        ([64, 1000], "float32"), ([64, 1000], "bfloat16"), ([2, 8, 300], "float32"), ([2, 8, 300], "bfloat16")]
+    for c in r["cases"]:
+        assert c["bytes"] == c["rows"] * c["classes"] * (4 if c["dtype"] == "float32" else 2)
+        read, copy = c["yardsticks"]["read"], c["yardsticks"]["copy"]
+        assert read["bytes"] == c["bytes"] and copy["bytes"] == 2 * c["bytes"]
+        assert "read_pass" in read["what"] and "copy_" in copy["what"]
+        assert set(c["ops"]) == set(cli.OPS)
+        for op, rec in c["ops"].items():
+            n = c["bytes"] * (1 if op == "fwd" else 2)
+            for impl in ("ce_fast", "torch", "torch_compile"):
+                t = rec[impl]
+                assert t["bytes"] == n and len(t["times_s"]) == 2 and _positive(t["median_s"]), (op, impl)
+                assert t["gbps"] == pytest.approx(n / t["median_s"] / 1e9)
+            assert rec["numpy"] is None and rec["speedup_numpy"] is None
+            assert rec["share_of_read"] == pytest.approx(rec["gbps"] / read["gbps"])
+            if op == "fwd":
+                assert rec["share_of_copy"] is None
+            else:
+                assert rec["share_of_copy"] == pytest.approx(rec["gbps"] / copy["gbps"])
+            assert rec["speedup_torch"] == pytest.approx(rec["torch"]["median_s"] / rec["ce_fast"]["median_s"])
+            assert _positive(rec["speedup_torch_compile"])
+            assert rec["loss_ok"], rec["loss_rel_diff"]
+            assert set(rec["loss"]) == {"ce_fast", "torch", "torch_compile"}
+            assert "eager" in rec["torch"]["what"] and "torch.compile" in rec["torch_compile"]["what"]
+        # the fused baselines are measured once and shared by both fused variants
+        assert c["ops"]["fwd+bwd"]["torch"] is c["ops"]["fwd+bwd in-place"]["torch"]
+        assert c["check"]["ok"] and c["check"]["rows"] == min(64, c["rows"])
+    json.dumps(r)  # JSON-ready
+
+
+def test_fake_cuda_table_and_markdown(fake_cuda_results, tmp_path):
+    text = cli.format_table(fake_cuda_results)
+    lines = text.splitlines()
+    assert lines[0].startswith("FakeGPU 9000 (cuda:0, 80 GiB, sm 9.0)")
+    head = next(ln for ln in lines if ln.startswith("size"))
+    for col in ("GB/s", "% read", "% copy", "torch ms", "vs torch", "compile ms", "vs compile", "loss check"):
+        assert col in head
+    assert sum(1 for ln in lines if " read pass " in ln) == 4 and "fwd+bwd in-place" in text
+    assert "CUDA events" in text and "check on 64 rows" in text and "n/a" not in text.split("\n\n")[1]
+    md = cli.format_markdown(fake_cuda_results)
+    assert "- **gpu**: FakeGPU 9000" in md and "- **gpu_memory_bytes**: 80.0 GiB" in md
+    assert "| size | dtype | op | best ms | median ms | GB/s | % read | % copy |" in md
+    assert md.count("\n| 64x1000 |") == 2 and md.count("\n| 2x8x300 |") == 2
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(fake_cuda_results))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benches"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    assert report.main([str(src), "-o", str(tmp_path / "R.md")]) == 0
+    assert "compile ms" in (tmp_path / "R.md").read_text()
+
+
+def test_fake_cuda_compile_failure_and_oom():
+    """A failing torch.compile reads n/a with its reason; an allocation that runs out of device
+    memory reads OOM; neither stops the bench."""
+    be = FakeCudaBackend(compile_error="triton is not installed", oom_on={"empty_like"})
+    cfg = _cuda_cfg("--sizes", "16x500", "--dtype", "f32", "--repeat", "1", "--warmup", "0")
+    r = cli.run_bench(cfg, quiet=True, backend=be)
+    (c,) = r["cases"]
+    assert c["yardsticks"]["copy"]["error"] == "out of memory" and c["yardsticks"]["copy"]["oom"]
+    assert c["ops"]["fwd+bwd in-place"]["ce_fast"]["oom"] and c["ops"]["fwd+bwd in-place"]["gbps"] is None
+    assert _positive(c["ops"]["fwd+bwd"]["gbps"]) and c["ops"]["fwd+bwd"]["share_of_copy"] is None
+    for rec in c["ops"].values():
+        assert "triton is not installed" in rec["torch_compile"]["error"]
+        assert rec["speedup_torch_compile"] is None and _positive(rec["torch"]["median_s"])
+    assert _positive(c["ops"]["fwd"]["speedup_torch"]) and c["ops"]["fwd+bwd in-place"]["speedup_torch"] is None
+    assert any("torch.compile n/a (torch.compile failed: RuntimeError: triton is not installed)" in n
+               for n in c["notes"])
+    head, rows = cli.table_rows(r)
+    cells = {row[2]: dict(zip(head, row)) for row in rows}
+    assert cells["copy"]["median ms"] == "OOM" and cells["copy"]["GB/s"] == "OOM"
+    assert cells["fwd+bwd in-place"]["median ms"] == "OOM" and cells["fwd+bwd in-place"]["% copy"] == "-"
+    for op in cli.OPS:
+        assert cells[op]["compile ms"] == "n/a" and cells[op]["vs compile"] == "-"
+        assert cells[op]["torch ms"] not in ("OOM", "n/a", "-")
+    assert "triton is not installed" in cli.format_table(r)
+    assert be.arrays.freed > 0
+
+
+def test_fake_cuda_inputs_oom_and_no_torch():
+    be = FakeCudaBackend(oom_on={"make_inputs"})
+    cfg = _cuda_cfg("--sizes", "16x500", "--dtype", "bf16", "--repeat", "1", "--no-torch")
+    r = cli.run_bench(cfg, quiet=True, backend=be)
+    (c,) = r["cases"]
+    assert c["oom"] and c["ops"] == {} and "do not fit" in c["notes"][0]
+    assert "(not run)" in cli.format_table(r) and "OOM" in cli.format_table(r)
+    r = cli.run_bench(cfg, quiet=True, backend=FakeCudaBackend())
+    for rec in r["cases"][0]["ops"].values():
+        assert rec["torch"] is None and rec["torch_compile"] is None and rec["speedup_torch"] is None
+    assert " - " in cli.format_table(r)
+
+
+def test_bench_gpu_script_is_a_wrapper(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benches"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    assert bench_gpu.cli_args(["--sizes", "8x100", "--iters", "5", "--no-check", "--dtypes", "bf16"]) == [
+        "bench", "--device", "cuda", "--sizes", "8x100", "--repeat", "5", "--dtypes", "bf16"]
+    assert bench_gpu.cli_args(["--iters=7", "--device", "cpu"]) == ["bench", "--device", "cuda", "--repeat=7"]
+    assert bench_gpu.main(["--help"]) == 0 and "--arrays" in capsys.readouterr().out
+    if not _gpu_available():
+        assert bench_gpu.main(["-q"]) == 3
+        assert "needs CuPy" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- --device cuda on a GPU
+
+
+def _need_gpu():
+    cp = pytest.importorskip("cupy")
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception:
+        n = 0
+    if n < 1:
+        pytest.skip("no CUDA device")
+    return cp
+
+
+def _check_gpu_results(data, dtypes):
+    assert data["machine"]["gpu"] and data["machine"]["device"].startswith("cuda:")
+    assert [c["dtype"] for c in data["cases"]] == dtypes
+    for c in data["cases"]:
+        assert "error" not in c, c["notes"]
+        assert _positive(c["yardsticks"]["read"]["gbps"]) and _positive(c["yardsticks"]["copy"]["gbps"])
+        assert c["check"]["ok"], c["check"]
+        for op, rec in c["ops"].items():
+            assert _positive(rec["ce_fast"]["median_s"]) and _positive(rec["gbps"]), op
+            assert rec["loss_ok"], (op, rec["loss_rel_diff"])
+            assert rec["torch_compile"] is None or rec["torch_compile"].get("error") or _positive(
+                rec["torch_compile"]["median_s"])
+
+
+@pytest.mark.gpu
+def test_gpu_bench_tiny(tmp_path, capsys):
+    _need_gpu()
+    path = tmp_path / "gpu.json"
+    args = ["bench", "--device", "cuda", "--sizes", "256x1000", "--dtype", "float32,bfloat16", "--repeat", "3",
+            "--warmup", "1", "--no-compile", "-q", "--json", str(path), "--markdown", str(tmp_path / "gpu.md")]
+    if not torch.cuda.is_available():
+        args[args.index("float32,bfloat16")] = "float32"
+    rc = cli.main(args)
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    data = json.loads(path.read_text())
+    _check_gpu_results(data, ["float32", "bfloat16"] if torch.cuda.is_available() else ["float32"])
+    assert data["machine"]["gpu"] in out.out and "read pass" in out.out
+    assert "| size | dtype | op |" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.gpu
+def test_gpu_bench_cupy_arrays_and_compile(tmp_path, capsys):
+    """CuPy inputs, and torch.compile (timed, or n/a with a reason: never a crash)."""
+    _need_gpu()
+    path = tmp_path / "gpu.json"
+    rc = cli.main(["bench", "--device", "cuda", "--arrays", "cupy", "--sizes", "128x2000", "--dtype", "float32",
+                   "--repeat", "2", "--warmup", "1", "-q", "--json", str(path)])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads(path.read_text())
+    assert data["machine"]["arrays"] == "cupy"
+    _check_gpu_results(data, ["float32"])
+
+
+def test_device_memory_counts_torch_and_cupy_pool_peaks():
+    """DeviceMemory with stand-ins for torch.cuda's counters and CuPy's MemoryHook registry."""
+    hooks = {}
+
+    class MemoryHook:
+        def __enter__(self):
+            hooks[self.name] = self
+            return self
+
+        def __exit__(self, *exc):
+            del hooks[self.name]
+
+    fake_cp = types.SimpleNamespace(cuda=types.SimpleNamespace(MemoryHook=MemoryHook))
+    state = {"alloc": 1000, "peak": 1000}
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        reset_peak_memory_stats=lambda i: state.update(peak=state["alloc"]),
+        memory_allocated=lambda i: state["alloc"],
+        max_memory_allocated=lambda i: state["peak"],
+    ))
+    mem = _bench_cuda.DeviceMemory(fake_torch, fake_cp, 0)
+    assert "torch.cuda.max_memory_allocated" in mem.description and "CuPy" in mem.description
+    mem.reset()
+    (hook,) = hooks.values()
+    state["peak"] = 1000 + 300  # torch: 300 bytes more at its peak
+    hook.free_postprocess(mem_ptr=1, mem_size=64)  # allocated before the reset: ignored
+    hook.malloc_postprocess(mem_ptr=10, mem_size=512, size=500)
+    hook.malloc_postprocess(mem_ptr=11, mem_size=512, size=500)
+    hook.free_postprocess(mem_ptr=10, mem_size=512)
+    hook.malloc_postprocess(mem_ptr=12, mem_size=256, size=200)
+    hook.malloc_postprocess(mem_ptr=0, mem_size=1 << 30, size=1 << 30)  # failed allocation
+    assert mem.peak_growth() == 300 + 1024 and not hooks  # the hook is unregistered
+    mem.reset()
+    mem.reset()  # twice in a row (a call that raised): still one hook
+    assert len(hooks) == 1 and mem.peak_growth() == 0 and not hooks

@@ -35,8 +35,18 @@ Peak memory: on Linux the high-water mark is reset by writing ``5`` to
 that, the growth of ``getrusage().ru_maxrss`` is used, which only sees growth above
 the process's earlier peak (a lower bound).
 
+``--device cuda`` (``ce_fast._bench_cuda``, imported only then) benches the CUDA
+engine on logits generated on the GPU (default sizes 16384 x {32000, 128256, 262144},
+``--repeat 20 --warmup 3``), timed with CUDA events (GB/s from the median): a read
+pass (``ce_fast._cuda.read_pass``) and a device copy as yardsticks, ``fwd`` against the
+read pass, the fused loss + gradient (fresh and ``out=`` the logits) against the copy,
+and PyTorch ``F.cross_entropy`` eager (forward; forward + backward) and
+``torch.compile``-d (``--no-compile`` skips it; a failing compile reads ``n/a``). Inputs
+are torch CUDA tensors when PyTorch has CUDA (needed for bfloat16), else CuPy arrays
+(``--arrays`` picks). Without CuPy or a CUDA device it exits with code 3 and a message.
+
 ``main(argv)`` returns the exit code: 0 on success, 2 for bad options, 3 when the
-requested device has no benchmark backend yet.
+requested device cannot be benched here (no CuPy / no CUDA device).
 """
 
 from __future__ import annotations
@@ -59,7 +69,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 DEFAULT_SIZES = "4096x32000,4096x128256,1024x256000"
+GPU_DEFAULT_SIZES = "16384x32000,16384x128256,16384x262144"  # --device cuda (same as _bench_cuda's)
 DEFAULT_DTYPES = "float32,bfloat16"
+DEFAULT_REPEAT = {"cpu": 3, "cuda": 20}
+DEFAULT_WARMUP = {"cpu": 1, "cuda": 3}
+GPU_DTYPES = ("float32", "bfloat16", "float16")
 OPS = ("fwd", "fwd+bwd", "fwd+bwd in-place")
 _OP_ALIASES = {
     "fwd": "fwd",
@@ -391,25 +405,22 @@ class CpuBackend:
         return None
 
 
-class CudaBackend:
-    """Placeholder for the CUDA benchmark backend.
+class DeviceUnavailable(RuntimeError):
+    """The requested device cannot be benched here (``main`` exits with code 3)."""
 
-    To fill in (the bench loop only talks to this protocol, see CpuBackend):
-    ``sync`` (``cupy.cuda.Device().synchronize()`` / ``torch.cuda.synchronize()``),
-    ``inputs`` (move the host logits / targets to the device once, untimed),
-    ``read_pass`` (a device read kernel over the same bytes, e.g. a CuPy sum of the
-    logits viewed as uint32), ``copy_pass``, ``working_copy`` / ``restore``,
-    ``memory`` (peak device memory via ``cupy`` mempool or
-    ``torch.cuda.max_memory_allocated``), ``torch_device`` ("cuda"), ``info``.
+
+def CudaBackend(threads: Optional[int] = None, arrays: Optional[str] = None):
+    """The CUDA benchmark backend, :class:`ce_fast._bench_cuda.CudaBackend` (imported
+    here, on use, so the CLI needs neither CuPy nor a GPU for anything else). Raises
+    :class:`DeviceUnavailable` without CuPy or a CUDA device.
+
+    Besides CpuBackend's ``sync`` / ``info`` / ``memory`` it brings its own ``timer``
+    (CUDA events) and ``bench_case`` (inputs made on the device, torch eager and
+    torch.compile baselines), which :func:`run_bench` uses when a backend has them.
     """
+    from ._bench_cuda import CudaBackend as _CudaBackend
 
-    name = "cuda"
-
-    def __init__(self, threads: Optional[int]):
-        raise NotImplementedError(
-            "ce-fast bench --device cuda is not implemented yet: the CUDA benchmark backend "
-            "(CudaBackend in ce_fast/cli.py) still has to be written; use --device cpu"
-        )
+    return _CudaBackend(threads, arrays=arrays)
 
 
 BACKENDS = {"cpu": CpuBackend, "cuda": CudaBackend}
@@ -435,6 +446,8 @@ class Config:
     baseline_repeat: Optional[int] = None
     seed: int = 0
     argv: List[str] = field(default_factory=list)
+    compile: bool = True  # torch.compile baseline (--device cuda)
+    arrays: Optional[str] = None  # "torch" / "cupy" inputs for --device cuda (None: torch if it has CUDA)
 
 
 def _fmt_size(shape: Sequence[int]) -> str:
@@ -675,14 +688,21 @@ def _bench_case(shape, dtype: str, cfg: Config, backend, timer: Timer, torch_mod
     return case
 
 
-def run_bench(cfg: Config, quiet: bool = False) -> dict:
-    """Runs the benchmark described by ``cfg``; returns the JSON-ready results."""
+def run_bench(cfg: Config, quiet: bool = False, backend=None) -> dict:
+    """Runs the benchmark described by ``cfg``; returns the JSON-ready results.
+
+    ``backend`` (default: ``BACKENDS[cfg.device]``) is for tests that drive the bench
+    loop with a stand-in device."""
     from . import _cpu
 
     prev_threads = _cpu._threads
     prev_torch_threads = None
     try:
-        backend = BACKENDS[cfg.device](cfg.threads)
+        if backend is None:
+            if cfg.device == "cuda":
+                backend = BACKENDS["cuda"](cfg.threads, arrays=cfg.arrays)
+            else:
+                backend = BACKENDS[cfg.device](cfg.threads)
         torch_mod = None
         if cfg.torch:
             try:
@@ -702,7 +722,8 @@ def run_bench(cfg: Config, quiet: bool = False) -> dict:
 
 
 def _run_bench(cfg: Config, backend, torch_mod, quiet: bool) -> dict:
-    timer = Timer(backend.sync, backend.memory)
+    timer = getattr(backend, "timer", None) or Timer(backend.sync, backend.memory)
+    bench_case = getattr(backend, "bench_case", None)
     results = {
         "schema": SCHEMA,
         "command": "ce-fast " + " ".join(cfg.argv),
@@ -720,12 +741,17 @@ def _run_bench(cfg: Config, backend, torch_mod, quiet: bool) -> dict:
             "slow_s": cfg.slow_s,
             "baseline_repeat": cfg.baseline_repeat,
             "seed": cfg.seed,
+            "compile": cfg.compile,
+            "arrays": cfg.arrays,
         },
         "cases": [],
     }
     for shape in cfg.sizes:
         for dtype in cfg.dtypes:
-            results["cases"].append(_bench_case(shape, dtype, cfg, backend, timer, torch_mod, quiet))
+            if bench_case is not None:
+                results["cases"].append(bench_case(shape, dtype, cfg, timer, torch_mod, quiet))
+            else:
+                results["cases"].append(_bench_case(shape, dtype, cfg, backend, timer, torch_mod, quiet))
     return results
 
 
@@ -756,8 +782,16 @@ def _rss(rec: dict) -> str:
     return " / ".join(parts)
 
 
+def _is_cuda(results: dict) -> bool:
+    return results.get("config", {}).get("device") == "cuda"
+
+
 def table_rows(results: dict) -> Tuple[List[str], List[List[str]]]:
     """Header and rows of the summary table (shared by the terminal and Markdown)."""
+    if _is_cuda(results):
+        from . import _bench_cuda
+
+        return _bench_cuda.table_rows(results)
     head = ["size", "dtype", "op", "best ms", "median ms", "GB/s", "% read",
             "NumPy ms", "vs NumPy", "torch ms", "vs torch", "peak RSS +MiB ce/np/torch", "loss check"]
     rows = []
@@ -782,6 +816,10 @@ def table_rows(results: dict) -> Tuple[List[str], List[List[str]]]:
 
 
 def _footnotes(results: dict) -> List[str]:
+    if _is_cuda(results):
+        from . import _bench_cuda
+
+        return _bench_cuda.footnotes(results)
     cfg = results["config"]
     m = results["machine"]
     notes = [
@@ -807,6 +845,10 @@ def _footnotes(results: dict) -> List[str]:
 
 
 def _machine_line(results: dict) -> str:
+    if _is_cuda(results):
+        from . import _bench_cuda
+
+        return _bench_cuda.machine_line(results)
     m = results["machine"]
     parts = [
         f"{m.get('cpu_model')}",
@@ -824,7 +866,7 @@ def _machine_line(results: dict) -> str:
 
 def format_table(results: dict) -> str:
     head, rows = table_rows(results)
-    right = {3, 4, 5, 6, 7, 8, 9, 10, 11}
+    right = set(range(3, len(head) - 1))  # numbers right-aligned; the check column is text
     widths = [max(len(head[i]), *(len(r[i]) for r in rows)) if rows else len(head[i]) for i in range(len(head))]
 
     def line(cells):
@@ -848,11 +890,16 @@ def format_markdown(results: dict) -> str:
     md = ["# ce_fast benchmark results", ""]
     md.append("## Machine")
     md.append("")
-    for k in ("cpu_model", "cores", "cores_usable", "memory_bytes", "simd", "ce_fast_threads", "torch_threads",
-              "platform", "python", "numpy", "ml_dtypes", "torch", "ce_fast", "git_commit", "date",
-              "peak_memory_method"):
+    keys: Sequence[str] = ("cpu_model", "cores", "cores_usable", "memory_bytes", "simd", "ce_fast_threads",
+                           "torch_threads", "platform", "python", "numpy", "ml_dtypes", "torch", "ce_fast",
+                           "git_commit", "date", "peak_memory_method")
+    if _is_cuda(results):
+        from . import _bench_cuda
+
+        keys = _bench_cuda.MARKDOWN_KEYS
+    for k in keys:
         if k in m and m[k] is not None:
-            v = f"{m[k] / 2**30:.1f} GiB" if k == "memory_bytes" else m[k]
+            v = f"{m[k] / 2**30:.1f} GiB" if k in ("memory_bytes", "gpu_memory_bytes") else m[k]
             md.append(f"- **{k}**: {v}")
     md += ["", "## Command", "", "```", results.get("command", ""), "```", "", "## Results", ""]
     md.append("| " + " | ".join(head) + " |")
@@ -939,18 +986,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time ce_fast.cross_entropy (fwd) and cross_entropy_and_grad (fwd+bwd, fresh gradient and "
         "in place) against NumPy and PyTorch on random logits; report time, GB/s, share of a plain read pass "
         "of the same bytes, speed-ups and peak memory growth. With no options: sizes "
-        f"{DEFAULT_SIZES}, dtypes {DEFAULT_DTYPES} (a few minutes). Progress goes to stderr, the table to stdout.",
+        f"{DEFAULT_SIZES}, dtypes {DEFAULT_DTYPES} (a few minutes). With --device cuda: logits made on the "
+        f"GPU (sizes {GPU_DEFAULT_SIZES}), CUDA-event timing, a read pass and a device copy as yardsticks, "
+        "PyTorch F.cross_entropy eager and torch.compile as baselines. Progress goes to stderr, the table to stdout.",
     )
-    b.add_argument("--sizes", type=_parse_sizes, default=DEFAULT_SIZES,
-                   help="comma-separated logits shapes ROWSxCLASSES (or AxBxCLASSES) (default: %(default)s)")
+    b.add_argument("--sizes", type=_parse_sizes, default=None,
+                   help=f"comma-separated logits shapes ROWSxCLASSES (or AxBxCLASSES) (default: {DEFAULT_SIZES}; "
+                        f"with --device cuda: {GPU_DEFAULT_SIZES})")
     b.add_argument("--dtype", "--dtypes", dest="dtypes", type=_parse_list(_DTYPE_ALIASES, "dtype"),
                    default=DEFAULT_DTYPES, help="comma-separated: float32, bfloat16, float16, float64 (default: %(default)s)")
     b.add_argument("--ops", type=_parse_list(_OP_ALIASES, "op"), default="fwd,fwd+bwd,inplace",
                    help="comma-separated: fwd, fwd+bwd, inplace (default: %(default)s)")
     b.add_argument("--threads", type=_nonneg, default=None,
                    help="threads for ce_fast, its read pass and PyTorch (default: each library's default)")
-    b.add_argument("--repeat", type=_positive, default=3, help="timed runs per measurement (after --warmup) (default: %(default)s)")
-    b.add_argument("--warmup", type=_nonneg, default=1, help="untimed warm-up runs (default: %(default)s)")
+    b.add_argument("--repeat", type=_positive, default=None,
+                   help="timed runs per measurement (after --warmup) (default: 3; with --device cuda: 20)")
+    b.add_argument("--warmup", type=_nonneg, default=None,
+                   help="untimed warm-up runs (default: 1; with --device cuda: 3)")
     b.add_argument("--baseline-repeat", type=_positive, default=None,
                    help="timed runs of the NumPy / PyTorch baselines (default: --repeat, but once when slow)")
     b.add_argument("--slow", type=float, default=1.0,
@@ -958,7 +1010,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-numpy", dest="numpy", action="store_false", help="skip the NumPy baseline")
     b.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch baseline")
     b.add_argument("--no-copy", dest="copy", action="store_false", help="skip the copy yardstick")
+    b.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile baseline (--device cuda)")
     b.add_argument("--device", choices=sorted(BACKENDS), default="cpu", help="where the logits live (default: %(default)s)")
+    b.add_argument("--arrays", choices=["torch", "cupy"], default=None,
+                   help="--device cuda inputs: torch CUDA tensors or CuPy arrays (default: torch when PyTorch has "
+                        "CUDA, else cupy; bfloat16 needs torch)")
     b.add_argument("--seed", type=int, default=0, help="random seed of the logits and targets (default: %(default)s)")
     b.add_argument("--json", metavar="PATH", default=None, help="also write machine-readable results here")
     b.add_argument("--markdown", metavar="PATH", default=None, help="also write the table as Markdown here")
@@ -967,13 +1024,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _to_config(ns: argparse.Namespace, argv: List[str]) -> Config:
+    """The options with their device-dependent defaults filled in."""
+    dev = ns.device
+    if ns.sizes is None:
+        ns.sizes = GPU_DEFAULT_SIZES if dev == "cuda" else DEFAULT_SIZES
     sizes = ns.sizes if isinstance(ns.sizes, list) else _parse_sizes(ns.sizes)
     dtypes = ns.dtypes if isinstance(ns.dtypes, list) else _parse_list(_DTYPE_ALIASES, "dtype")(ns.dtypes)
     ops = ns.ops if isinstance(ns.ops, list) else _parse_list(_OP_ALIASES, "op")(ns.ops)
     return Config(
-        sizes=sizes, dtypes=dtypes, ops=[o for o in OPS if o in ops], repeat=ns.repeat, warmup=ns.warmup,
-        threads=ns.threads, numpy=ns.numpy, torch=ns.torch, copy=ns.copy, device=ns.device,
+        sizes=sizes, dtypes=dtypes, ops=[o for o in OPS if o in ops],
+        repeat=ns.repeat if ns.repeat is not None else DEFAULT_REPEAT.get(dev, 3),
+        warmup=ns.warmup if ns.warmup is not None else DEFAULT_WARMUP.get(dev, 1),
+        threads=ns.threads, numpy=ns.numpy, torch=ns.torch, copy=ns.copy, device=dev,
         slow_s=ns.slow, baseline_repeat=ns.baseline_repeat, seed=ns.seed, argv=list(argv),
+        compile=ns.compile, arrays=ns.arrays,
     )
 
 
@@ -990,9 +1054,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if ns.command == "bench":
         cfg = _to_config(ns, argv)
+        bad = None
+        if cfg.device == "cuda" and any(d not in GPU_DTYPES for d in cfg.dtypes):
+            bad = (f"--device cuda benches {', '.join(GPU_DTYPES)}; the CUDA engine has no "
+                   f"{', '.join(d for d in cfg.dtypes if d not in GPU_DTYPES)}")
+        elif cfg.arrays is not None and cfg.device != "cuda":
+            bad = "--arrays applies to --device cuda only"
+        if bad:
+            print(f"ce-fast bench: error: {bad}", file=sys.stderr)
+            return 2
         try:
             results = run_bench(cfg, quiet=ns.quiet)
-        except NotImplementedError as e:
+        except DeviceUnavailable as e:
             print(f"ce-fast: {e}", file=sys.stderr)
             return 3
         print(format_table(results))

@@ -1,0 +1,992 @@
+"""The CUDA backend of ``ce-fast bench`` (``--device cuda``), imported only when asked for.
+
+Per logits shape and dtype (default 16384 x {32000, 128256, 262144}, float32 and bfloat16)
+it times, with CUDA events on the current stream (median of ``--repeat`` runs after
+``--warmup`` runs):
+
+yardsticks
+    ``read pass``: :func:`ce_fast._cuda.read_pass` (one 16-byte-load read of the array);
+    ``copy``: ``Tensor.copy_`` (torch arrays) or ``cupy.copyto`` into a second buffer,
+    counted as read + write bytes.
+``fwd``
+    ``ce_fast.cross_entropy(x, y)`` (mean: target check, statistics kernel, reduction),
+    GB/s of the logits read once and its share of the read pass; against
+    ``F.cross_entropy`` eager (under ``no_grad``) and ``torch.compile``-d.
+``fwd+bwd`` / ``fwd+bwd in-place``
+    ``ce_fast.cross_entropy_and_grad(x, y)`` into a fresh gradient, and with ``out=``
+    the logits (a working copy restored before every run, stream-ordered before the
+    start event, so untimed); GB/s of one read and one write of the logits and the
+    share of the copy; against ``F.cross_entropy`` + ``torch.autograd.grad`` eager and
+    ``torch.compile``-d.
+
+A measurement that runs out of device memory reads ``OOM``; a ``torch.compile`` that
+fails reads ``n/a`` with the reason in the notes; neither stops the run. A 64-row
+check of ce_fast's losses and gradient against a float64 NumPy reference is run per
+case (untimed).
+
+Inputs are generated on the device (torch's or CuPy's generator, seeded), never on
+the host. With PyTorch (CUDA build) installed the arrays are torch tensors, which is
+the only way to bench bfloat16 (CuPy has no bfloat16); ``--arrays cupy`` benches
+CuPy arrays (the torch baselines then see them through DLPack).
+
+Everything that needs CuPy or torch is imported lazily, so this module (the table
+and the default sizes included) imports on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import cli as _cli
+
+GPU_DEFAULT_SIZES = _cli.GPU_DEFAULT_SIZES  # 16384 x {32000, 128256, 262144}
+GPU_DEFAULT_REPEAT = _cli.DEFAULT_REPEAT["cuda"]
+GPU_DEFAULT_WARMUP = _cli.DEFAULT_WARMUP["cuda"]
+GPU_DTYPES = _cli.GPU_DTYPES  # what the CUDA kernels take
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+CHECK_ROWS = 64
+# The 64-row check: per-row loss error relative to 1 + |loss|, and max |gradient error|
+# relative to max |gradient| (the gradient is rounded to the logits' dtype).
+CHECK_LOSS_TOL = 1e-5
+CHECK_GRAD_TOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
+_INPUT_CHUNK_BYTES = 1 << 28  # float32 temporaries of the input generator
+
+
+class UnsupportedCase(Exception):
+    """A shape / dtype this array library cannot bench (reported, not fatal)."""
+
+
+# ---------------------------------------------------------------------------
+# defaults and availability
+
+
+def default_sizes() -> List[Tuple[int, ...]]:
+    return _cli._parse_sizes(GPU_DEFAULT_SIZES)
+
+
+def probe(arrays: Optional[str] = None) -> Tuple[str, Any, Any]:
+    """(array library, cupy, torch-or-None) for a CUDA bench, or DeviceUnavailable with
+    a message saying what is missing. ``torch`` is returned only for a CUDA build that
+    sees a device."""
+    what = "ce-fast bench --device cuda needs CuPy (the GPU engine) and a CUDA device"
+    try:
+        import cupy
+    except ImportError:
+        raise _cli.DeviceUnavailable(
+            f"{what}: CuPy is not installed (pip install 'ce_fast[cuda]' for CUDA 13, "
+            "'ce_fast[cuda12]' for CUDA 12); use --device cpu"
+        ) from None
+    except Exception as exc:  # a broken CUDA installation can fail inside the import
+        raise _cli.DeviceUnavailable(f"{what}: importing CuPy failed: {type(exc).__name__}: {exc}") from None
+    try:
+        n = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # no driver, no device
+        raise _cli.DeviceUnavailable(f"{what}: no usable CUDA device ({type(exc).__name__}: {exc})") from None
+    if n < 1:
+        raise _cli.DeviceUnavailable(f"{what}: no CUDA device found")
+    torch = None
+    try:
+        import torch as _torch
+
+        if _torch.cuda.is_available():
+            torch = _torch
+    except ImportError:
+        pass
+    if arrays == "torch" and torch is None:
+        raise _cli.DeviceUnavailable("--arrays torch needs PyTorch built with CUDA that sees the device")
+    lib = arrays or ("torch" if torch is not None else "cupy")
+    return lib, cupy, torch
+
+
+def is_oom(exc: BaseException, torch: Any = None, cupy: Any = None) -> bool:
+    """Whether ``exc`` is a device out-of-memory error (torch's, CuPy's, or a CUDA
+    runtime error saying so)."""
+    t_oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch is not None else None
+    if t_oom is not None and isinstance(exc, t_oom):
+        return True
+    c_oom = None
+    if cupy is not None:
+        c_oom = getattr(getattr(getattr(cupy, "cuda", None), "memory", None), "OutOfMemoryError", None)
+    if c_oom is not None and isinstance(exc, c_oom):
+        return True
+    return isinstance(exc, (MemoryError, RuntimeError)) and "out of memory" in str(exc).lower()
+
+
+def _reason(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _version(v: Any) -> Optional[str]:
+    """12040 -> '12.4' (CUDA's encoding of versions)."""
+    try:
+        v = int(v)
+    except (TypeError, ValueError):
+        return None
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+# ---------------------------------------------------------------------------
+# timing and device memory
+
+
+class EventTimer:
+    """Times callables with CUDA events: an event recorded on the current stream
+    before and after each call, the end event waited for, elapsed time read off the
+    pair. Same interface as :class:`ce_fast.cli.Timer`: ``time(fn, repeat, warmup,
+    setup, slow_s, keep) -> (Timing, keep(first result))``.
+
+    ``events`` gives ``event_pair()`` (two objects with ``record()`` and
+    ``synchronize()``), ``elapsed_ms(start, end)`` and ``sync()``. ``setup`` runs
+    before the start event is recorded: work it enqueues on the same stream finishes
+    before the clock starts and is not timed. Host work inside ``fn`` (e.g. reading a
+    flag back) is inside the interval. The first call is the peak-memory one; it is a
+    timed sample only with ``warmup=0``.
+    """
+
+    def __init__(self, events: Any, memory: Any):
+        self.events = events
+        self.memory = memory
+
+    def sync(self) -> None:
+        self.events.sync()
+
+    def _once(self, fn: Callable[[], Any], setup: Optional[Callable[[], None]]) -> Tuple[float, Any]:
+        if setup is not None:
+            setup()
+        start, end = self.events.event_pair()
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return float(self.events.elapsed_ms(start, end)) * 1e-3, out
+
+    def time(
+        self,
+        fn: Callable[[], Any],
+        repeat: int,
+        warmup: int = 1,
+        setup: Optional[Callable[[], None]] = None,
+        slow_s: Optional[float] = None,
+        keep: Callable[[Any], Any] = lambda r: r,
+    ) -> Tuple["_cli.Timing", Any]:
+        if setup is not None:
+            setup()
+        self.events.sync()
+        self.memory.reset()
+        try:
+            t_first, first = self._once(fn, None)
+        finally:
+            peak = self.memory.peak_growth()
+        first = keep(first)
+        if slow_s is not None and t_first > slow_s:
+            return _cli.Timing([t_first], warmup=0, single_run=True, peak_rss_bytes=peak), first
+        times: List[float] = []
+        if warmup <= 0:
+            times.append(t_first)
+        for _ in range(max(warmup - 1, 0)):
+            self._once(fn, setup)
+        while len(times) < repeat:
+            times.append(self._once(fn, setup)[0])  # the result is dropped after the clock stops
+        return _cli.Timing(times, warmup=max(warmup, 0), peak_rss_bytes=peak), first
+
+
+def _cupy_peak_hook(cupy: Any):
+    """A CuPy MemoryHook tracking the bytes taken from the memory pool while it is
+    registered (current and peak; frees of earlier allocations are ignored)."""
+
+    class _PeakHook(cupy.cuda.MemoryHook):
+        name = "ce_fast.bench.peak"
+
+        def __init__(self):
+            self.live: Dict[int, int] = {}
+            self.cur = 0
+            self.peak = 0
+
+        def malloc_postprocess(self, **kw):
+            ptr = int(kw.get("mem_ptr") or 0)
+            if ptr:
+                size = int(kw.get("mem_size") or 0)
+                self.live[ptr] = size
+                self.cur += size
+                self.peak = max(self.peak, self.cur)
+
+        def free_postprocess(self, **kw):
+            size = self.live.pop(int(kw.get("mem_ptr") or 0), None)
+            if size is not None:
+                self.cur -= size
+
+    return _PeakHook()
+
+
+class DeviceMemory:
+    """Peak device-memory growth of a call: torch's caching allocator
+    (``max_memory_allocated`` after ``reset_peak_memory_stats``, over the allocated
+    bytes before) plus the peak of CuPy's memory pool (a MemoryHook registered for the
+    call). The sum bounds the combined peak from above (the two peaks need not
+    coincide); memory taken outside both allocators does not show."""
+
+    method = "cuda"
+
+    def __init__(self, torch: Any = None, cupy: Any = None, device_index: int = 0):
+        self.torch, self.cupy, self.index = torch, cupy, device_index
+        self._t_base = 0
+        self._hook = None
+
+    @property
+    def description(self) -> str:
+        parts = []
+        if self.torch is not None:
+            parts.append("torch.cuda.max_memory_allocated growth")
+        if self.cupy is not None:
+            parts.append("CuPy memory-pool peak (MemoryHook)")
+        return " + ".join(parts) + " during the first call" if parts else "not measured"
+
+    def _stop_hook(self) -> None:
+        if self._hook is not None:
+            try:
+                self._hook.__exit__(None, None, None)
+            except Exception:
+                pass
+
+    def reset(self) -> None:
+        if self.torch is not None:
+            try:
+                self.torch.cuda.reset_peak_memory_stats(self.index)
+                self._t_base = int(self.torch.cuda.memory_allocated(self.index))
+            except Exception:
+                self.torch = None
+        self._stop_hook()
+        self._hook = None
+        if self.cupy is not None:
+            try:
+                hook = _cupy_peak_hook(self.cupy)
+                hook.__enter__()
+                self._hook = hook
+            except Exception:
+                self.cupy = None
+
+    def peak_growth(self) -> Optional[int]:
+        total: Optional[int] = None
+        if self.torch is not None:
+            try:
+                total = max(0, int(self.torch.cuda.max_memory_allocated(self.index)) - self._t_base)
+            except Exception:
+                pass
+        if self._hook is not None:
+            self._stop_hook()
+            total = (total or 0) + int(self._hook.peak)
+            self._hook = None
+        return total
+
+
+# ---------------------------------------------------------------------------
+# array libraries
+
+
+def _rows_classes(shape: Sequence[int]) -> Tuple[int, int]:
+    return int(np.prod(shape[:-1], dtype=np.int64)), int(shape[-1])
+
+
+def _chunk_rows(C: int) -> int:
+    return max(1, _INPUT_CHUNK_BYTES // (4 * C))
+
+
+class TorchArrays:
+    """Inputs as torch tensors on ``device``; events on torch's current stream (which
+    is also the stream ce_fast runs on for torch tensors)."""
+
+    lib = "torch"
+
+    def __init__(self, torch: Any, device: Any, cupy: Any = None):
+        self.torch, self.device, self.cupy = torch, device, cupy
+
+    @property
+    def copy_what(self) -> str:
+        return "torch Tensor.copy_ into a second buffer"
+
+    def make_inputs(self, shape: Sequence[int], dtype: str, seed: int) -> Tuple[Any, Any]:
+        """Normal logits (std 2), made in float32 row blocks and cast; uniform targets."""
+        torch = self.torch
+        rows, C = _rows_classes(shape)
+        x = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=self.device)
+        x2 = x.view(rows, C)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(int(seed))
+        step = _chunk_rows(C)
+        for r in range(0, rows, step):
+            k = min(step, rows - r)
+            blk = torch.randn(k, C, generator=g, device=self.device, dtype=torch.float32)
+            x2[r : r + k].copy_(blk.mul_(2.0))
+            del blk
+        y = torch.randint(0, C, tuple(shape[:-1]), generator=g, device=self.device, dtype=torch.int64)
+        return x, y
+
+    def as_torch(self, a: Any) -> Any:
+        return a
+
+    def rows2d(self, a: Any, C: int) -> Any:
+        return a.reshape(-1, C)
+
+    def flat(self, a: Any) -> Any:
+        return a.reshape(-1)
+
+    def empty_like(self, a: Any) -> Any:
+        return self.torch.empty_like(a)
+
+    def copy(self, dst: Any, src: Any) -> None:
+        dst.copy_(src)
+
+    def to_host64(self, a: Any) -> np.ndarray:
+        return a.detach().to(self.torch.float64).cpu().numpy()
+
+    def to_host(self, a: Any) -> np.ndarray:
+        return a.detach().cpu().numpy()
+
+    def event_pair(self) -> Tuple[Any, Any]:
+        ev = self.torch.cuda.Event
+        return ev(enable_timing=True), ev(enable_timing=True)
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end)
+
+    def sync(self) -> None:
+        self.torch.cuda.synchronize(self.device)
+
+    def free(self) -> None:
+        gc.collect()
+        try:
+            self.torch.cuda.synchronize(self.device)
+            self.torch.cuda.empty_cache()
+        except Exception:
+            pass
+        if self.cupy is not None:
+            try:
+                self.cupy.get_default_memory_pool().free_all_blocks()
+            except Exception:
+                pass
+
+    def is_oom(self, exc: BaseException) -> bool:
+        return is_oom(exc, self.torch, self.cupy)
+
+
+class CupyArrays:
+    """Inputs as CuPy arrays on the current device; events on CuPy's current stream
+    (the stream ce_fast runs on for CuPy arrays). The torch baselines, when torch is
+    there, see the same memory through DLPack (torch's default stream is also the
+    legacy default stream)."""
+
+    lib = "cupy"
+
+    def __init__(self, cupy: Any, torch: Any = None):
+        self.cp, self.torch = cupy, torch
+
+    @property
+    def copy_what(self) -> str:
+        return "cupy.copyto into a second buffer"
+
+    def _dtype(self, dtype: str) -> np.dtype:
+        if dtype != "bfloat16":
+            return np.dtype(dtype)
+        import ml_dtypes
+
+        dt = np.dtype(ml_dtypes.bfloat16)
+        try:
+            self.cp.empty(1, dtype=dt)
+        except Exception:
+            raise UnsupportedCase("this CuPy has no bfloat16: bench it as torch tensors (--arrays torch)") from None
+        return dt
+
+    def make_inputs(self, shape: Sequence[int], dtype: str, seed: int) -> Tuple[Any, Any]:
+        cp = self.cp
+        dt = self._dtype(dtype)
+        rows, C = _rows_classes(shape)
+        x = cp.empty(tuple(shape), dtype=dt)
+        x2 = x.reshape(rows, C)
+        rs = cp.random.RandomState(int(seed))
+        step = _chunk_rows(C)
+        for r in range(0, rows, step):
+            k = min(step, rows - r)
+            blk = rs.standard_normal((k, C), dtype=cp.float32)
+            blk *= 2.0
+            x2[r : r + k] = blk.astype(dt)
+            del blk
+        y = rs.randint(0, C, size=tuple(shape[:-1])).astype(cp.int64)
+        return x, y
+
+    def as_torch(self, a: Any) -> Any:
+        return None if self.torch is None else self.torch.from_dlpack(a)
+
+    def rows2d(self, a: Any, C: int) -> Any:
+        return a.reshape(-1, C)
+
+    def flat(self, a: Any) -> Any:
+        return a.reshape(-1)
+
+    def empty_like(self, a: Any) -> Any:
+        return self.cp.empty_like(a)
+
+    def copy(self, dst: Any, src: Any) -> None:
+        self.cp.copyto(dst, src)
+
+    def to_host64(self, a: Any) -> np.ndarray:
+        return self.cp.asnumpy(a.astype(self.cp.float64))
+
+    def to_host(self, a: Any) -> np.ndarray:
+        return self.cp.asnumpy(a)
+
+    def event_pair(self) -> Tuple[Any, Any]:
+        stream = self.cp.cuda.get_current_stream()
+
+        class _Ev:
+            def __init__(self, cp):
+                self.e = cp.cuda.Event()
+
+            def record(self):
+                self.e.record(stream)
+
+            def synchronize(self):
+                self.e.synchronize()
+
+        return _Ev(self.cp), _Ev(self.cp)
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        return self.cp.cuda.get_elapsed_time(start.e, end.e)
+
+    def sync(self) -> None:
+        self.cp.cuda.Device().synchronize()  # CuPy's stream and torch's (baselines) alike
+
+    def free(self) -> None:
+        gc.collect()
+        try:
+            self.cp.cuda.Device().synchronize()
+            self.cp.get_default_memory_pool().free_all_blocks()
+        except Exception:
+            pass
+        if self.torch is not None:
+            try:
+                self.torch.cuda.empty_cache()
+            except Exception:
+                pass
+
+    def is_oom(self, exc: BaseException) -> bool:
+        return is_oom(exc, self.torch, self.cp)
+
+
+def torch_ce(torch: Any) -> Callable:
+    """What torch.compile compiles: the mean cross-entropy of (N, C) logits."""
+    F = torch.nn.functional
+
+    def cross_entropy(x, y):
+        return F.cross_entropy(x, y)
+
+    return cross_entropy
+
+
+def reference_check(z: np.ndarray, y: np.ndarray, total_rows: int, loss_rows: np.ndarray, grad: np.ndarray,
+                    dtype: str) -> dict:
+    """ce_fast's per-row losses and its gradient of sum(loss) / total_rows on a few rows
+    against float64 NumPy on the same (rounded) logits."""
+    z = np.asarray(z, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64).reshape(-1)
+    r = np.arange(z.shape[0])
+    m = z.max(-1, keepdims=True)
+    e = np.exp(z - m)
+    s = e.sum(-1, keepdims=True)
+    ref_loss = m[:, 0] + np.log(s[:, 0]) - z[r, y]
+    ref_grad = e / s / total_rows
+    ref_grad[r, y] -= 1.0 / total_rows
+    loss_err = float(np.max(np.abs(np.asarray(loss_rows, np.float64) - ref_loss) / (1.0 + np.abs(ref_loss))))
+    scale = float(np.max(np.abs(ref_grad))) or 1.0
+    grad_err = float(np.max(np.abs(np.asarray(grad, np.float64) - ref_grad))) / scale
+    gtol = CHECK_GRAD_TOL.get(dtype, 1e-2)
+    return {
+        "rows": int(z.shape[0]),
+        "loss_max_err": loss_err,
+        "loss_tol": CHECK_LOSS_TOL,
+        "grad_max_rel_err": grad_err,
+        "grad_tol": gtol,
+        "ok": bool(loss_err <= CHECK_LOSS_TOL and grad_err <= gtol),
+    }
+
+
+# ---------------------------------------------------------------------------
+# the backend
+
+
+class CudaBackend:
+    """``ce-fast bench --device cuda``: inputs on the device, CUDA-event timing, read-pass
+    and copy yardsticks, torch eager and torch.compile baselines (see the module doc)."""
+
+    name = "cuda"
+
+    def __init__(self, threads: Optional[int] = None, arrays: Optional[str] = None):
+        lib, cupy, torch = probe(arrays)
+        import ce_fast
+        from . import _cuda
+
+        self.ce = ce_fast
+        self._cuda = _cuda
+        self.threads = threads
+        self.cupy = cupy
+        self.torch = torch  # a CUDA-capable torch, or None
+        if lib == "torch":
+            self.device_index = int(torch.cuda.current_device())
+            self.arrays: Any = TorchArrays(torch, torch.device("cuda", self.device_index), cupy)
+        else:
+            self.device_index = int(cupy.cuda.Device().id)
+            self.arrays = CupyArrays(cupy, torch)
+        self.memory: Any = DeviceMemory(torch, cupy, self.device_index)
+        self.timer = EventTimer(self.arrays, self.memory)
+
+    # -- protocol used by ce_fast.cli.run_bench
+
+    def sync(self) -> None:
+        self.arrays.sync()
+
+    def device_name(self) -> str:
+        if self.torch is not None:
+            return str(self.torch.cuda.get_device_name(self.device_index))
+        name = self.cupy.cuda.runtime.getDeviceProperties(self.device_index).get("name", b"?")
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def info(self) -> dict:
+        cp = self.cupy
+        d: Dict[str, Any] = {"device": f"cuda:{self.device_index}"}
+        try:
+            d["gpu"] = self.device_name()
+        except Exception:
+            d["gpu"] = None
+        try:
+            p = cp.cuda.runtime.getDeviceProperties(self.device_index)
+            d["gpu_memory_bytes"] = int(p.get("totalGlobalMem", 0)) or None
+            d["compute_capability"] = f"{p.get('major')}.{p.get('minor')}"
+            d["multiprocessors"] = int(p.get("multiProcessorCount", 0)) or None
+        except Exception:
+            pass
+        for key, fn in (("cuda_driver", "driverGetVersion"), ("cuda_runtime", "runtimeGetVersion")):
+            try:
+                d[key] = _version(getattr(cp.cuda.runtime, fn)())
+            except Exception:
+                pass
+        d["cupy"] = getattr(cp, "__version__", None)
+        if self.torch is not None:
+            d["torch_cuda"] = getattr(self.torch.version, "cuda", None)
+        d["arrays"] = self.arrays.lib
+        d["timing"] = "CUDA events on the current stream; median of the runs"
+        d["peak_memory_method"] = self.memory.description
+        return d
+
+    def read_pass(self, a: Any) -> Callable[[], Any]:
+        read = self._cuda.read_pass
+        return lambda: read(a)
+
+    @property
+    def read_what(self) -> str:
+        return "ce_fast._cuda.read_pass, 16-byte loads"
+
+    def compile(self, fn: Callable, torch: Any) -> Callable:
+        """torch.compile of ``fn`` with a fresh dynamo cache (so the per-shape graphs of
+        earlier cases do not hit the recompile limit), static shapes."""
+        try:
+            torch._dynamo.reset()
+        except Exception:
+            pass
+        return torch.compile(fn, dynamic=False)
+
+    # -- one case
+
+    def bench_case(self, shape, dtype: str, cfg: "_cli.Config", timer: Any, torch_mod: Any, quiet: bool) -> dict:
+        A, ce = self.arrays, self.ce
+        rows, C = _rows_classes(shape)
+        label = f"{_cli._fmt_size(shape)} {dtype}"
+        nbytes = rows * C * ITEMSIZE[dtype]
+        case: Dict[str, Any] = {
+            "shape": list(shape), "dtype": dtype, "rows": rows, "classes": C, "bytes": nbytes,
+            "arrays": A.lib, "yardsticks": {}, "ops": {}, "notes": [],
+        }
+        rep, warm = cfg.repeat, cfg.warmup
+        base_rep = cfg.baseline_repeat if cfg.baseline_repeat is not None else rep
+        say = lambda *m: _cli._say(quiet, f"[{label}]", *m)  # noqa: E731
+
+        def measure(what: str, fn, n_bytes: int, *, repeat: int = rep, setup=None, keep=lambda r: r):
+            try:
+                t, first = timer.time(fn, repeat=repeat, warmup=warm, setup=setup, keep=keep)
+            except Exception as exc:
+                if not A.is_oom(exc):
+                    raise
+                A.free()
+                return {"error": "out of memory", "oom": True, "bytes": n_bytes, "what": what}, None
+            d = t.to_json()
+            d["peak_device_bytes"] = d.pop("peak_rss_bytes")
+            d["bytes"] = n_bytes
+            d["gbps"] = n_bytes / t.median_s / 1e9 if t.median_s > 0 else None
+            d["what"] = what
+            return d, first
+
+        def alloc(fn, *args):
+            try:
+                return fn(*args), None
+            except Exception as exc:
+                if not A.is_oom(exc):
+                    raise
+                A.free()
+                return None, {"error": "out of memory", "oom": True}
+
+        say("generating inputs on the device")
+        try:
+            x, y = A.make_inputs(shape, dtype, cfg.seed)
+        except UnsupportedCase as exc:
+            case["error"] = str(exc)
+            case["notes"].append(f"not run: {exc}")
+            return case
+        except Exception as exc:
+            if not A.is_oom(exc):
+                raise
+            A.free()
+            case["error"] = "out of memory"
+            case["oom"] = True
+            case["notes"].append(f"not run: the inputs ({nbytes / 2**30:.1f} GiB of logits) do not fit")
+            return case
+
+        # Yardsticks: a read of the same bytes, and a copy of them.
+        say("read pass")
+        n_read = (nbytes // 16) * 16
+        if n_read:
+            xr = A.flat(x)
+            if n_read != nbytes:
+                xr = xr[: n_read // ITEMSIZE[dtype]]
+                case["notes"].append(f"read pass over the first {n_read} bytes (16-byte multiple)")
+            case["yardsticks"]["read"], _ = measure(self.read_what, self.read_pass(xr), n_read)
+            del xr
+        if cfg.copy:
+            say("copy")
+            dst, err = alloc(A.empty_like, x)
+            if err is not None:
+                case["yardsticks"]["copy"] = dict(err, bytes=2 * nbytes, what=A.copy_what)
+            else:
+                case["yardsticks"]["copy"], _ = measure(A.copy_what, lambda: A.copy(dst, x), 2 * nbytes)
+            del dst
+            A.free()
+
+        # The same memory as torch (N, C) / (N,) tensors for the baselines.
+        xt = yt = None
+        if torch_mod is not None:
+            xt = A.as_torch(x)
+            if xt is not None:
+                xt = xt.reshape(-1, C)
+                yt = A.as_torch(y).reshape(-1)
+            else:
+                case["notes"].append("no PyTorch baselines: PyTorch has no CUDA here")
+        compiled = None
+        compile_error: Optional[str] = None
+        if xt is not None and cfg.compile:
+            try:
+                compiled = self.compile(torch_ce(torch_mod), torch_mod)
+            except Exception as exc:
+                compile_error = f"torch.compile failed: {_reason(exc)}"
+
+        def compiled_measure(op: str, what: str, fn, n_bytes: int, keep):
+            if compiled is None:
+                case["notes"].append(f"{op}: torch.compile n/a ({compile_error})")
+                return {"error": compile_error, "bytes": n_bytes, "what": what}, None
+            try:
+                fn()  # compiles, untimed
+                A.sync()
+            except Exception as exc:
+                A.free()
+                if A.is_oom(exc):
+                    return {"error": "out of memory", "oom": True, "bytes": n_bytes, "what": what}, None
+                reason = f"torch.compile failed: {_reason(exc)}"
+                case["notes"].append(f"{op}: torch.compile n/a ({reason})")
+                return {"error": reason, "bytes": n_bytes, "what": what}, None
+            try:
+                return measure(what, fn, n_bytes, repeat=base_rep, keep=keep)
+            except Exception as exc:  # a compiled graph failing after compiling: reported, not fatal
+                A.free()
+                reason = f"torch.compile run failed: {_reason(exc)}"
+                case["notes"].append(f"{op}: torch.compile n/a ({reason})")
+                return {"error": reason, "bytes": n_bytes, "what": what}, None
+
+        def finish(op: str, ce_res: dict, t_res: Optional[dict], c_res: Optional[dict], losses: dict):
+            read = case["yardsticks"].get("read") or {}
+            copy = case["yardsticks"].get("copy") or {}
+            rec: Dict[str, Any] = {"ce_fast": ce_res, "numpy": None, "torch": t_res, "torch_compile": c_res}
+            rec["gbps"] = ce_res.get("gbps")
+            rec["share_of_read"] = _ratio(rec["gbps"], read.get("gbps"))
+            rec["share_of_copy"] = None if op == "fwd" else _ratio(rec["gbps"], copy.get("gbps"))
+            rec["speedup_numpy"] = None
+            rec["speedup_torch"] = _ratio((t_res or {}).get("median_s"), ce_res.get("median_s"))
+            rec["speedup_torch_compile"] = _ratio((c_res or {}).get("median_s"), ce_res.get("median_s"))
+            rec["peak_device_bytes"] = ce_res.get("peak_device_bytes")
+            rec["loss"] = losses
+            rec["loss_rel_diff"] = {
+                "torch": _cli._rel(losses.get("ce_fast"), losses.get("torch")),
+                "torch_compile": _cli._rel(losses.get("ce_fast"), losses.get("torch_compile")),
+            }
+            tol = _cli.LOSS_RTOL_TORCH.get(dtype, 1e-2)
+            ok = all(v is None or v <= tol for v in rec["loss_rel_diff"].values())
+            ok = ok and (losses.get("ce_fast") is None or math.isfinite(losses["ce_fast"]))
+            rec["loss_ok"] = ok
+            if not ok:
+                case["notes"].append(f"{op}: loss mismatch {rec['loss_rel_diff']}")
+            case["ops"][op] = rec
+
+        F = torch_mod.nn.functional if torch_mod is not None else None
+        leaf = None
+        t_fb = c_fb = None  # the fwd+bwd baselines, shared by both fused variants
+        t_fb_loss = c_fb_loss = None
+
+        def fb_of(f):
+            def run():
+                loss = f(leaf, yt)
+                (g,) = torch_mod.autograd.grad(loss, leaf)
+                del g
+                return loss.detach()
+
+            return run
+
+        for op in cfg.ops:
+            gc.collect()
+            losses: Dict[str, Optional[float]] = {}
+            t_res = c_res = None
+            if op == "fwd":
+                say("fwd: ce_fast")
+                ce_res, losses["ce_fast"] = measure("ce_fast.cross_entropy (mean)", lambda: ce.cross_entropy(x, y),
+                                                    nbytes, keep=float)
+                if xt is not None:
+                    def t_fwd():
+                        with torch_mod.no_grad():
+                            return F.cross_entropy(xt, yt)
+
+                    say("fwd: torch eager")
+                    t_res, losses["torch"] = measure("torch F.cross_entropy, eager, no_grad", t_fwd, nbytes,
+                                                     repeat=base_rep, keep=float)
+                    A.free()
+                    if cfg.compile:
+                        def c_fwd():
+                            with torch_mod.no_grad():
+                                return compiled(xt, yt)
+
+                        say("fwd: torch.compile")
+                        c_res, losses["torch_compile"] = compiled_measure(
+                            op, "torch.compile(F.cross_entropy), no_grad", c_fwd, nbytes, keep=float)
+                        A.free()
+                finish(op, ce_res, t_res, c_res, losses)
+                continue
+
+            if op == "fwd+bwd":
+                say("fwd+bwd: ce_fast (fresh gradient)")
+                ce_res, losses["ce_fast"] = measure(
+                    "ce_fast.cross_entropy_and_grad, fresh gradient", lambda: ce.cross_entropy_and_grad(x, y),
+                    2 * nbytes, keep=lambda r: float(r[0]))
+            else:
+                say("fwd+bwd in-place: ce_fast (out=logits)")
+                work, err = alloc(A.empty_like, x)
+                what = "ce_fast.cross_entropy_and_grad, out=logits (working copy restored untimed)"
+                if err is not None:
+                    ce_res = dict(err, bytes=2 * nbytes, what=what)
+                else:
+                    ce_res, losses["ce_fast"] = measure(
+                        what, lambda: ce.cross_entropy_and_grad(work, y, out=work), 2 * nbytes,
+                        setup=lambda: A.copy(work, x), keep=lambda r: float(r[0]))
+                del work
+            A.free()
+            if xt is not None:
+                if leaf is None:
+                    leaf = xt.detach().requires_grad_(True)
+                if t_fb is None:
+                    say("fwd+bwd: torch eager")
+                    t_fb, t_fb_loss = measure("torch F.cross_entropy + autograd.grad, eager",
+                                              fb_of(F.cross_entropy), 2 * nbytes, repeat=base_rep, keep=float)
+                    A.free()
+                    if cfg.compile:
+                        say("fwd+bwd: torch.compile")
+                        c_fb, c_fb_loss = compiled_measure(
+                            op, "torch.compile(F.cross_entropy) + autograd.grad",
+                            fb_of(compiled) if compiled is not None else None, 2 * nbytes, keep=float)
+                        A.free()
+                t_res, c_res = t_fb, c_fb
+                if t_fb_loss is not None:
+                    losses["torch"] = t_fb_loss
+                if c_fb_loss is not None:
+                    losses["torch_compile"] = c_fb_loss
+            finish(op, ce_res, t_res, c_res, losses)
+
+        # Untimed check of a few rows against float64 NumPy.
+        try:
+            k = min(CHECK_ROWS, rows)
+            xs, ys = A.rows2d(x, C)[:k], A.flat(y)[:k]
+            loss_rows = ce.cross_entropy(xs, ys, reduction="none")
+            _, g = ce.cross_entropy_and_grad(xs, ys, reduction="sum", grad_output=1.0 / rows)
+            chk = reference_check(A.to_host64(xs), A.to_host(ys), rows, A.to_host64(loss_rows), A.to_host64(g),
+                                  dtype)
+            case["check"] = chk
+            case["notes"].append(
+                f"check on {chk['rows']} rows vs float64 NumPy: loss err {chk['loss_max_err']:.1e} "
+                f"(tol {chk['loss_tol']:g}), gradient err {chk['grad_max_rel_err']:.1e} of max |grad| "
+                f"(tol {chk['grad_tol']:g}): {'ok' if chk['ok'] else 'BAD'}")
+            del xs, ys, loss_rows, g
+        except Exception as exc:
+            if not A.is_oom(exc):
+                raise
+            case["notes"].append("check skipped: out of memory")
+
+        del x, y, xt, yt, leaf, compiled
+        A.free()
+        return case
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+        return None
+    return a / b
+
+
+# ---------------------------------------------------------------------------
+# reports (used by ce_fast.cli.format_table / format_markdown for device "cuda")
+
+
+def _ms(t: Optional[dict], key: str = "median_s") -> str:
+    if not t:
+        return "-"
+    if t.get("error"):
+        return "OOM" if t.get("oom") else "n/a"
+    v = t[key] * 1e3
+    return f"{v:.4g}" if v < 1e4 else f"{v:.0f}"
+
+
+def _gb(t: Optional[dict]) -> str:
+    if not t:
+        return "-"
+    if t.get("error"):
+        return "OOM" if t.get("oom") else "n/a"
+    return "-" if t.get("gbps") is None else f"{t['gbps']:.0f}" if t["gbps"] >= 100 else f"{t['gbps']:.1f}"
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.0%}"
+
+
+def _x(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _mb(t: Optional[dict]) -> str:
+    if not t or t.get("error") or t.get("peak_device_bytes") is None:
+        return "-"
+    return f"{t['peak_device_bytes'] / 2**20:.0f}"
+
+
+def _g(d: Optional[dict], key: str) -> Optional[float]:
+    return None if not d or d.get("error") else d.get(key)
+
+
+HEAD = ["size", "dtype", "op", "best ms", "median ms", "GB/s", "% read", "% copy", "torch ms", "vs torch",
+        "compile ms", "vs compile", "peak dev +MiB ce/torch/compile", "loss check"]
+
+
+def table_rows(results: dict) -> Tuple[List[str], List[List[str]]]:
+    """Header and rows of the CUDA summary table (terminal and Markdown)."""
+    rows: List[List[str]] = []
+
+    def pad(cells: List[str]) -> List[str]:
+        return cells + [""] * (len(HEAD) - len(cells))
+
+    for c in results["cases"]:
+        size, dt = _cli._fmt_size(c["shape"]), c["dtype"]
+        if c.get("error"):
+            rows.append(pad([size, dt, "(not run)", "OOM" if c.get("oom") else "n/a"]))
+            continue
+        y = c["yardsticks"]
+        read, copy = y.get("read"), y.get("copy")
+        lead = [[size, dt]]
+
+        def first_cells() -> List[str]:
+            return lead.pop() if lead else ["", ""]
+
+        if read is not None:
+            rows.append(pad(first_cells() + [
+                "read pass", _ms(read, "best_s"), _ms(read), _gb(read), "-" if read.get("error") else "100%",
+                _pct(_ratio(_g(read, "gbps"), _g(copy, "gbps")))]))
+        if copy is not None:
+            rows.append(pad(first_cells() + [
+                "copy", _ms(copy, "best_s"), _ms(copy), _gb(copy), _pct(_ratio(_g(copy, "gbps"), _g(read, "gbps"))),
+                "-" if copy.get("error") else "100%"]))
+        for op, rec in c["ops"].items():
+            t = rec["ce_fast"]
+            diffs = [v for v in rec["loss_rel_diff"].values() if v is not None]
+            if diffs:
+                check = ("ok " if rec["loss_ok"] else "BAD ") + f"{max(diffs):.0e}"
+            else:
+                check = "-" if rec["loss_ok"] else "BAD"
+            peak = " / ".join(_mb(rec.get(k)) for k in ("ce_fast", "torch", "torch_compile"))
+            rows.append(first_cells() + [
+                op, _ms(t, "best_s"), _ms(t), _gb(t), _pct(rec.get("share_of_read")), _pct(rec.get("share_of_copy")),
+                _ms(rec.get("torch")), _x(rec.get("speedup_torch")), _ms(rec.get("torch_compile")),
+                _x(rec.get("speedup_torch_compile")), peak, check])
+    return list(HEAD), rows
+
+
+def footnotes(results: dict) -> List[str]:
+    cfg = results["config"]
+    m = results["machine"]
+    def what(key: str, default: str) -> str:
+        return next((c["yardsticks"][key].get("what") for c in results["cases"]
+                     if key in c.get("yardsticks", {})), default)
+
+    notes = [
+        f"times: CUDA events on the current stream around each call (host work inside the call, such as "
+        f"the target check's flag read and the loss reduction's read-back, included); best and median of "
+        f"{cfg['repeat']} runs after {cfg['warmup']} warm-up runs; arrays: {m.get('arrays', '-')}",
+        "GB/s = bytes / median time, GB = 1e9 B; bytes = the logits once (fwd, read pass) or read + write "
+        "(fwd+bwd, in-place, copy)",
+        f"% read = GB/s / read-pass GB/s ({what('read', 'ce_fast._cuda.read_pass')}); % copy = GB/s / "
+        f"copy GB/s ({what('copy', 'a device copy')}), for the fused loss + gradient",
+        "fwd: ce_fast.cross_entropy (mean); fwd+bwd: ce_fast.cross_entropy_and_grad into a fresh gradient; "
+        "in-place: out=logits on a working copy restored before every run (untimed)",
+        "torch: F.cross_entropy eager (fwd under no_grad; fwd+bwd: the mean loss and torch.autograd.grad "
+        "w.r.t. the logits); compile: torch.compile(F.cross_entropy, dynamic=False), compiled before timing; "
+        "vs = baseline median / ce_fast median; OOM = out of device memory, n/a = failed (see below)",
+        f"peak dev: {m.get('peak_memory_method', '-')}",
+        "loss check: max relative difference of ce_fast's loss to torch eager / torch.compile's "
+        "(torch bf16 / f16 returns a loss rounded to that dtype)",
+    ]
+    for c in results["cases"]:
+        for n in c["notes"]:
+            notes.append(f"{_cli._fmt_size(c['shape'])} {c['dtype']}: {n}")
+    return notes
+
+
+def machine_line(results: dict) -> str:
+    m = results["machine"]
+    gpu = f"{m.get('gpu') or '?'} ({m.get('device', 'cuda')}"
+    if m.get("gpu_memory_bytes"):
+        gpu += f", {m['gpu_memory_bytes'] / 2**30:.0f} GiB"
+    if m.get("compute_capability"):
+        gpu += f", sm {m['compute_capability']}"
+    if m.get("multiprocessors"):
+        gpu += f", {m['multiprocessors']} SMs"
+    gpu += ")"
+    parts = [gpu]
+    if m.get("cuda_driver") or m.get("cuda_runtime"):
+        parts.append(f"CUDA driver {m.get('cuda_driver', '-')} / runtime {m.get('cuda_runtime', '-')}")
+    parts.append(f"ce_fast {m.get('ce_fast')} (git {m.get('git_commit')})")
+    parts.append(f"cupy {m.get('cupy', '-')}")
+    if m.get("torch"):
+        parts.append(f"torch {m['torch']}")
+    parts.append(f"host {m.get('cpu_model')}")
+    parts.append(m.get("date", ""))
+    return ", ".join(parts)
+
+
+MARKDOWN_KEYS = ("device", "gpu", "gpu_memory_bytes", "compute_capability", "multiprocessors", "cuda_driver",
+                 "cuda_runtime", "cupy", "torch", "torch_cuda", "arrays", "timing", "cpu_model", "platform",
+                 "python", "numpy", "ml_dtypes", "ce_fast", "git_commit", "date", "peak_memory_method")
