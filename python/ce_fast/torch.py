@@ -1,0 +1,410 @@
+"""Autograd-aware cross-entropy for PyTorch tensors, class axis LAST.
+
+``ce_fast.torch.cross_entropy`` and ``ce_fast.torch.CrossEntropyLoss`` are drop-in
+replacements for ``torch.nn.functional.cross_entropy`` / ``torch.nn.CrossEntropyLoss``
+(same options, same numbers) with two differences:
+
+- **The class axis is the last axis.** ``input`` has shape ``(*batch, C)`` and an
+  integer ``target`` has shape ``batch``; ``(B, T, V)`` language-model logits need no
+  transpose. PyTorch puts C at dim 1 for k-dimensional input: ``cross_entropy(z, y)``
+  here equals ``F.cross_entropy(z.movedim(-1, 1), y)``. For ``(N, C)`` or ``(C,)`` input
+  the two agree as they are.
+- Three more keyword options of the ce_fast engine: ``z_loss``, ``softcap`` and
+  ``logit_scale`` (see :func:`ce_fast.cross_entropy`), and ``inplace_backward``.
+
+Tensors may be float32, float16, bfloat16 or float64 (CPU), of any layout (non-contiguous
+views work without a copy of the logits) and any number of leading dims. The work is done
+by the public ce_fast functions, which pick the engine from the tensor's device (the Rust
+engine for CPU tensors, the CUDA kernels for CUDA tensors); nothing here is CPU-specific.
+
+Memory. The forward pass saves, besides references to ``input``/``target``/``weight``,
+only O(rows) statistics: the per-row log-sum-exp as (row max, log-sum relative to it),
+float64, plus the per-row sum of the weighted soft target for soft targets. The backward
+pass recomputes the softmax from the logits and those statistics: one read and one write
+of ``rows x C``. No softmax or log-softmax is ever materialised.
+
+``inplace_backward=True`` computes the gradient already in the forward pass and writes
+it into the logits' own buffer (no ``rows x C`` allocation at all; the backward only
+scales it by the incoming gradient). This is only safe when **nothing else needs the
+values of the logits after the loss is computed**: e.g. ``logits = hidden @ W.T`` feeding
+only the loss (a matmul's backward needs its inputs, not its output). After the call the
+tensor ``input`` holds the gradient, not the logits. PyTorch's version counter of
+``input`` is bumped, so if another autograd node saved the logits (``torch.tanh``,
+``softmax``, ...), backward fails with PyTorch's "modified by an inplace operation" error
+instead of giving wrong gradients. The in-place path is taken only when a gradient will
+be computed (grad mode on and ``input.requires_grad``); otherwise the ordinary forward
+runs and ``input`` is left alone. The backward of the in-place path can run once
+(``retain_graph`` reruns raise). With an incoming gradient other than 1 the gradient is
+rounded twice for float16/bfloat16 logits (once at the forward's store, once after the
+scaling); with the default path it is rounded once.
+
+Gradients. ``input`` gets its gradient; a floating (soft) ``target`` that requires grad
+gets ``d loss / d target`` too (computed with ordinary torch ops: materialises one
+``rows x C`` temporary, only when asked for; not with ``inplace_backward``). ``weight``
+gets none (as in PyTorch). Double backward is not supported.
+
+torch.compile. The work runs in three custom operators, ``ce_fast::cross_entropy``
+(returns the loss and the saved statistics), ``ce_fast::cross_entropy_backward`` and
+``ce_fast::cross_entropy_inplace`` (mutates ``input``), each with a fake (meta)
+implementation. The default path's autograd formula is registered with
+``torch.library.register_autograd``; PyTorch refuses that for a mutating op, so the
+in-place path's formula is a ``torch.autograd.Function`` around its op, which Dynamo
+traces too. ``torch.compile(model, fullgraph=True)`` therefore traces a model that calls
+:func:`cross_entropy` (either path, static or dynamic shapes) without graph breaks,
+forward and backward. Under compilation the options are validated when the ops run
+rather than at trace time (Dynamo cannot trace the validation on symbolic floats).
+Functionalization may give the compiled in-place path a copy where eager has none.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _api, _arrays
+from ._rules import Stats
+from ._spec import LossSpec
+
+__all__ = ["cross_entropy", "CrossEntropyLoss"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _as_tensor(a, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A fresh contiguous torch tensor on ``like``'s device from an engine result
+    (torch tensor, NumPy array for CPU, CuPy array for CUDA)."""
+    t = a if isinstance(a, Tensor) else torch.as_tensor(a, device=like.device)
+    return t.to(dtype=dtype).contiguous()
+
+
+def _engine_array(t: Tensor):
+    """A saved statistic, as the array type of the engine that reads it back."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.numpy()
+    return _arrays._to_cupy(t)  # the CUDA engine works on CuPy views (zero copy, DLPack)
+
+
+def _rows(x: Tensor):
+    return math.prod(x.shape[:-1])
+
+
+def _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale) -> dict:
+    return dict(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+    )
+
+
+# ------------------------------------------------------------------ the custom ops
+
+
+@torch.library.custom_op("ce_fast::cross_entropy", mutates_args=())
+def _ce_forward(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    logit_scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, lse, swt): the loss as ce_fast.cross_entropy returns it, the per-row
+    (max, log-sum-exp relative to the max) as a float64 (2, rows) tensor (lse = sum of
+    the two, kept apart for precision at huge magnitudes) and, for soft targets, the
+    per-row sum_c w_c t_c (else empty)."""
+    spec = LossSpec.make(**_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale))
+    loss, s = _api._loss_and_stats(input, target, spec, weight)
+    lse = torch.stack([_as_tensor(a, input, torch.float64).reshape(-1) for a in (s.mx, s.ls)])
+    if target.is_floating_point():
+        swt = _as_tensor(s.swt, input, torch.float64).reshape(-1)
+    else:
+        swt = input.new_empty((0,), dtype=torch.float64)
+    return _as_tensor(loss, input, _out_dtype(input)), lse, swt
+
+
+@_ce_forward.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
+    batch = input.shape[:-1]
+    rows = _rows(input)
+    loss = input.new_empty(batch if reduction == "none" else (), dtype=_out_dtype(input))
+    lse = input.new_empty((2, rows), dtype=torch.float64)
+    swt = input.new_empty((rows,) if target.is_floating_point() else (0,), dtype=torch.float64)
+    return loss, lse, swt
+
+
+@torch.library.custom_op("ce_fast::cross_entropy_backward", mutates_args=())
+def _ce_backward(
+    grad: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    swt: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    logit_scale: float,
+) -> Tensor:
+    """d(grad * loss)/d input from the saved statistics: one read and one write of the
+    logits. ``grad`` is 0-d (mean/sum) or of the loss's shape (none)."""
+    saved = Stats(
+        mx=_engine_array(lse[0]),
+        ls=_engine_array(lse[1]),
+        swt=_engine_array(swt) if target.is_floating_point() else None,
+    )
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
+    g = _api._grad_with_saved(input, target, saved, weight=weight, grad_output=grad, **opts)
+    return _as_tensor(g, input, input.dtype)
+
+
+@_ce_backward.register_fake
+def _(grad, input, target, weight, lse, swt, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      logit_scale):
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device)
+
+
+@torch.library.custom_op("ce_fast::cross_entropy_inplace", mutates_args=("input",))
+def _ce_inplace(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    logit_scale: float,
+) -> Tensor:
+    """The loss; ``input`` is overwritten with d loss / d input (grad_output 1)."""
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
+    loss, _ = _api.cross_entropy_and_grad(input, target, weight=weight, grad_output=1.0, out=input, **opts)
+    return _as_tensor(loss, input, _out_dtype(input))
+
+
+@_ce_inplace.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
+    return input.new_empty(input.shape[:-1] if reduction == "none" else (), dtype=_out_dtype(input))
+
+
+# ------------------------------------------------------------- autograd formulas
+
+_N_OPTIONS = 6  # ignore_index .. logit_scale: no gradients
+
+
+def _setup_forward(ctx, inputs, output):
+    input, target, weight = inputs[:3]
+    _, lse, swt = output
+    ctx.options = inputs[3:]
+    ctx.save_for_backward(input, target, weight, lse, swt)
+
+
+def _soft_target_grad(ctx, grad, input, target, weight, lse):
+    """d(grad * loss)/d target for soft targets: (1 - eps) w_c (lse - z_c) per row, times
+    the row's incoming gradient (1/rows of it for mean). Plain torch ops."""
+    ignore_index, reduction, eps, z_loss, softcap, scale = ctx.options
+    z = input.to(_out_dtype(input)) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    batch = input.shape[:-1]
+    # lse - z as (mx - z) + ls: keeps ls when |mx| is huge
+    d = (lse[0].reshape(batch).unsqueeze(-1) - z) + lse[1].reshape(batch).unsqueeze(-1)
+    if weight is not None:
+        d = d * weight.to(d.dtype)
+    if reduction == "none":
+        g = grad.to(d.dtype).unsqueeze(-1)
+    elif reduction == "mean":
+        g = grad.to(d.dtype) / _rows(input)
+    else:
+        g = grad.to(d.dtype)
+    return (d * ((1.0 - eps) * g)).to(target.dtype)
+
+
+def _backward(ctx, grad, _grad_lse, _grad_swt):
+    input, target, weight, lse, swt = ctx.saved_tensors
+    grad_input = grad_target = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ce_backward(grad, input, target, weight, lse, swt, *ctx.options)
+    if ctx.needs_input_grad[1] and target.is_floating_point():
+        grad_target = _soft_target_grad(ctx, grad, input, target, weight, lse)
+    return (grad_input, grad_target, None) + (None,) * _N_OPTIONS
+
+
+_ce_forward.register_autograd(_backward, setup_context=_setup_forward)
+
+
+class _InplaceCrossEntropy(torch.autograd.Function):
+    """The in-place path. PyTorch registers no autograd formula on a mutating custom op,
+    so the formula lives in an autograd.Function around it (torch.compile traces both)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, *options):
+        loss = _ce_inplace(input, target, weight, *options)
+        ctx.reduction = options[1]
+        ctx.save_for_backward(input)  # after the op, the logits' buffer holds the gradient
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        # Scale in place. A 0-d grad is given dims so that the product is formed in the
+        # grad's (wider) dtype and rounded once into float16/bfloat16, not the other way round.
+        if ctx.reduction == "none":
+            scale = grad.unsqueeze(-1)
+        else:
+            scale = grad.reshape((1,) * g.dim())
+        return (g.mul_(scale), None, None) + (None,) * _N_OPTIONS
+
+
+# ------------------------------------------------------------------ public API
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Cross-entropy of ``input`` logits (class axis **last**) against ``target``, with autograd.
+
+    ``torch.nn.functional.cross_entropy`` semantics with the class axis moved last:
+    equals ``F.cross_entropy(input.movedim(-1, 1), target, weight, ...)`` for k-dim input.
+
+    Parameters
+    ----------
+    input : ``(*batch, C)`` float32 / float16 / bfloat16 / float64 tensor (any strides).
+    target : integer tensor of shape ``batch`` (class indices), or a floating tensor of
+        ``input``'s shape holding class probabilities (soft targets).
+    weight : ``(C,)`` non-negative class weights, optional.
+    ignore_index : rows whose target equals it get loss 0, gradient 0 and leave the mean
+        (integer targets only).
+    reduction : ``"mean"`` (weighted mean over counted rows), ``"sum"`` or ``"none"``.
+    label_smoothing : in ``[0, 1]``.
+    z_loss : coefficient of ``z_loss * lse**2`` added per counted row.
+    softcap : ``c``: logits become ``c * tanh(logits / c)`` (after ``logit_scale``). None: off.
+    logit_scale : logits are multiplied by it first.
+    inplace_backward : compute the gradient during the forward pass into ``input``'s own
+        buffer (see the module docstring for when this is safe: the logits must not be
+        needed by anything else afterwards).
+
+    Returns
+    -------
+    0-d tensor for mean / sum, the per-row losses of shape ``batch`` for none; float32
+    (float64 for float64 input), on ``input``'s device.
+    """
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(
+            f"input and target must be torch tensors, got {type(input).__name__} and {type(target).__name__}"
+        )
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch tensor or None, got {type(weight).__name__}")
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the validation's math.isfinite on symbolic floats (dynamic=True);
+        # the ops validate the same options when they run (LossSpec.make in the kernels).
+        options = (int(ignore_index), reduction, float(label_smoothing), float(z_loss),
+                   None if softcap is None else float(softcap), float(logit_scale))
+    else:
+        spec = LossSpec.make(**_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale))
+        options = (spec.ignore_index, spec.reduction, spec.label_smoothing, spec.z_loss, spec.softcap,
+                   spec.logit_scale)
+    args = (input, target, weight) + options
+    if inplace_backward and torch.is_grad_enabled() and input.requires_grad:
+        if target.requires_grad:
+            raise ValueError("inplace_backward=True does not give a gradient for the target; detach it")
+        return _InplaceCrossEntropy.apply(*args)
+    return _ce_forward(*args)[0]
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """``torch.nn.CrossEntropyLoss`` with the class axis **last**, on the ce_fast engines.
+
+    Same signature and semantics as PyTorch's module (``size_average`` / ``reduce`` are
+    the deprecated legacy arguments, mapped the same way), plus the keyword-only
+    ``z_loss``, ``softcap``, ``logit_scale`` and ``inplace_backward`` of
+    :func:`cross_entropy`. ``weight`` is registered as a buffer, as in PyTorch.
+    """
+
+    __constants__ = ["ignore_index", "reduction", "label_smoothing"]
+
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        logit_scale: float = 1.0,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        spec = LossSpec.make(
+            **_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
+        )  # bad options fail here, not at the first call
+        self.register_buffer("weight", weight)
+        self.weight: Optional[Tensor]
+        self.ignore_index = spec.ignore_index
+        self.reduction = spec.reduction
+        self.label_smoothing = spec.label_smoothing
+        self.z_loss = spec.z_loss
+        self.softcap = spec.softcap
+        self.logit_scale = spec.logit_scale
+        self.inplace_backward = bool(inplace_backward)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        parts = [f"reduction={self.reduction!r}"]
+        if self.ignore_index != -100:
+            parts.append(f"ignore_index={self.ignore_index}")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.z_loss:
+            parts.append(f"z_loss={self.z_loss}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap}")
+        if self.logit_scale != 1.0:
+            parts.append(f"logit_scale={self.logit_scale}")
+        if self.inplace_backward:
+            parts.append("inplace_backward=True")
+        return ", ".join(parts)
