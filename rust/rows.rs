@@ -70,20 +70,24 @@ impl StatsOut {
 struct Bufs<F> {
     x: Vec<F>,
     t: Vec<F>,
+    /// Derivative of the softcap transform, per element of the chunk.
+    c: Vec<F>,
 }
 
 impl<F: Float> Bufs<F> {
     fn new() -> Self {
-        Bufs { x: vec![F::ZERO; CHUNK], t: vec![F::ZERO; CHUNK] }
+        Bufs { x: vec![F::ZERO; CHUNK], t: vec![F::ZERO; CHUNK], c: vec![F::ZERO; CHUNK] }
     }
 }
 
-fn transform_scalar(z: f64, scale: f64, softcap: f64) -> f64 {
+/// The transformed logit and d(transformed)/d(logit), in f64.
+fn transform_scalar(z: f64, scale: f64, softcap: f64) -> (f64, f64) {
     let z = z * scale;
     if softcap > 0.0 {
-        softcap * (z / softcap).tanh()
+        let (v, dt) = crate::simd::scalar::softcap_scalar(z, softcap);
+        (v, scale * dt)
     } else {
-        z
+        (z, scale)
     }
 }
 
@@ -116,15 +120,15 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         let soff = p.soft.map(|s| s.row_offset(r));
         let y = p.target.map_or(-1, |t| t[r]);
         // Read before any gradient is written, so `out` may alias the logits.
-        let zy = if y >= 0 {
+        let (zy, chain_y) = if y >= 0 {
             transform_scalar(x.get(off, y as usize), p.scale, p.softcap)
         } else {
-            0.0
+            (0.0, 0.0)
         };
 
         if let (Some(gs), Some((mx, ls, swt))) = (self.grad, p.given) {
             let swt = swt.map_or(0.0, |s| s[r]);
-            self.grad_row(bufs, gs, r, off, soff, y, zy, mx[r], ls[r], swt);
+            self.grad_row(bufs, gs, r, off, soff, y, (zy, chain_y), mx[r], ls[r], swt);
             return;
         }
         let (mut m, mut s, mut nan) = (f64::NEG_INFINITY, 0.0f64, false);
@@ -144,7 +148,7 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                     let buf = &mut bufs.x[..n];
                     F::load(x, off, start, buf, level);
                     if self.transform {
-                        self.k.transform(buf, scale, softcap);
+                        self.k.transform(buf, scale, softcap, None);
                     }
                     buf
                 }
@@ -205,7 +209,7 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         self.out.put(self.out.swt, r, swt);
 
         if let Some(gs) = self.grad {
-            self.grad_row(bufs, gs, r, off, soff, y, zy, mx, ls, swt);
+            self.grad_row(bufs, gs, r, off, soff, y, (zy, chain_y), mx, ls, swt);
         }
     }
 
@@ -218,7 +222,7 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         off: isize,
         soff: Option<isize>,
         y: i64,
-        zy: f64,
+        (zy, chain_y): (f64, f64),
         mx: f64,
         ls: f64,
         swt: f64,
@@ -237,8 +241,8 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
             d: F::from_f64(gs.d),
             e: F::from_f64(gs.e),
             scale: F::from_f64(p.scale),
-            softcap: F::from_f64(p.softcap),
         };
+        let softcap = p.softcap > 0.0;
         let mut start = 0;
         while start < cols {
             let n = CHUNK.min(cols - start);
@@ -248,8 +252,10 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                 buf.fill(F::ZERO);
             } else {
                 F::load(p.x, off, start, buf, level);
+                let chain = &mut bufs.c[..n];
                 if self.transform {
-                    self.k.transform(buf, params.scale, params.softcap);
+                    let ch = if softcap { Some(&mut *chain) } else { None };
+                    self.k.transform(buf, params.scale, F::from_f64(p.softcap), ch);
                 }
                 let w = self.w.as_ref().map(|w| &w[start..start + n]);
                 let t = match (p.soft, soff) {
@@ -260,7 +266,7 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                     }
                     _ => None,
                 };
-                self.k.grad(buf, &params, w, t);
+                self.k.grad(buf, &params, w, t, softcap.then_some(&*chain));
             }
             F::store(gs.out, ooff, start, buf, level);
             start += n;
@@ -269,15 +275,9 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         let b = gs.b[r];
         if y >= 0 && b != 0.0 && g != 0.0 {
             let yi = y as usize;
-            let chain = if p.softcap > 0.0 {
-                let u = zy / p.softcap;
-                p.scale * (1.0 - u * u)
-            } else {
-                p.scale
-            };
             let wy = p.weight.map_or(1.0, |w| w[yi]);
             let py = ((zy - mx) - ls).exp();
-            gs.out.set(ooff, yi, g * chain * (a * py - gs.d * wy - b));
+            gs.out.set(ooff, yi, g * chain_y * (a * py - gs.d * wy - b));
         }
     }
 }

@@ -259,3 +259,14 @@ def test_logsumexp_input_not_modified_and_bfloat16_numpy():
     check_lse(z, BF16)
     check_lse(z[::-2, 3:], BF16)
     assert z.tobytes() == c.tobytes()
+
+
+def test_out_torch_zero_d():
+    """A 1-D torch row writes its 0-d log-sum-exp into a 0-d torch `out`."""
+    import torch
+
+    z = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0])
+    out = torch.empty(())
+    res = ce_fast.logsumexp(z, out=out)
+    assert res is out
+    assert float(out) == pytest.approx(float(torch.logsumexp(z.double(), 0)), rel=1e-6)

@@ -106,7 +106,7 @@ def wrap(value: np.ndarray, like: Operand):
 
 def copy_into(o: Operand, value: np.ndarray) -> None:
     if o.lib == "torch":
-        o.array.copy_(_arrays._torch().from_numpy(np.ascontiguousarray(value)))
+        o.array.copy_(_arrays.wrap(value, o))
     else:
         np.copyto(o.array, value, casting="same_kind")
 

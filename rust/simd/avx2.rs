@@ -62,16 +62,19 @@ mod imp {
         _mm256_and_ps(exp2_core(_mm256_max_ps(_mm256_set1_ps(-126.0), t)), keep)
     }
 
-    /// c * tanh(u) with u = x / c, via exp(-2|u|) (no overflow) and a series near 0.
+    /// (c * tanh(u), 1 - tanh(u)^2) with u = x / c, via e = exp(-2|u|) (no overflow):
+    /// tanh = (1 - e)/(1 + e), 1 - tanh^2 = 4e/(1 + e)^2 (no cancellation when tanh
+    /// saturates), and a series for tanh near 0, where 1 - e cancels.
     #[inline(always)]
-    unsafe fn softcap_ps(x: __m256, c: __m256, inv_c: __m256) -> __m256 {
+    unsafe fn softcap_ps(x: __m256, c: __m256, inv_c: __m256) -> (__m256, __m256) {
         let u = _mm256_mul_ps(x, inv_c);
         let sign = _mm256_set1_ps(-0.0);
         let a = _mm256_andnot_ps(sign, u);
         let e = exp_le0(_mm256_mul_ps(a, _mm256_set1_ps(-2.0)));
         let one = _mm256_set1_ps(1.0);
-        let t_big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-        // tanh(a) = a - a^3/3 + 2a^5/15 - 17a^7/315 for small a, where 1 - e cancels.
+        let q = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        let t_big = _mm256_mul_ps(_mm256_sub_ps(one, e), q);
+        let dt = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(4.0), e), _mm256_mul_ps(q, q));
         let a2 = _mm256_mul_ps(a, a);
         let mut p = _mm256_set1_ps(-17.0 / 315.0);
         p = _mm256_fmadd_ps(p, a2, _mm256_set1_ps(2.0 / 15.0));
@@ -80,7 +83,7 @@ mod imp {
         let small = _mm256_cmp_ps(a, _mm256_set1_ps(0.0625), _CMP_LT_OQ);
         let t = _mm256_blendv_ps(t_big, t_small, small);
         let t = _mm256_or_ps(t, _mm256_and_ps(u, sign));
-        _mm256_mul_ps(c, t)
+        (_mm256_mul_ps(c, t), dt)
     }
 
     #[inline(always)]
@@ -101,25 +104,26 @@ mod imp {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn transform(buf: &mut [f32], scale: f32, softcap: f32) {
-        let n8 = buf.len() / 8 * 8;
-        let p = buf.as_mut_ptr();
-        let s = _mm256_set1_ps(scale);
+    pub unsafe fn transform(buf: &mut [f32], scale: f32, softcap: f32, mut chain: Option<&mut [f32]>) {
         if softcap > 0.0 {
+            let s = _mm256_set1_ps(scale);
             let c = _mm256_set1_ps(softcap);
             let inv_c = _mm256_set1_ps(1.0 / softcap);
+            let n = buf.len();
             let mut i = 0;
-            while i < n8 {
-                let x = _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), s);
-                _mm256_storeu_ps(p.add(i), softcap_ps(x, c, inv_c));
+            let mut tmp = [0.0f32; 16];
+            while i < n {
+                // The tail (< 8 elements) is padded; every vector goes through `tmp`.
+                let x = lanes(buf, i, 0.0);
+                let (v, dt) = softcap_ps(_mm256_mul_ps(x, s), c, inv_c);
+                let len = (n - i).min(8);
+                _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), _mm256_mul_ps(dt, s));
+                buf[i..i + len].copy_from_slice(&tmp[..len]);
+                if let Some(ch) = chain.as_deref_mut() {
+                    ch[i..i + len].copy_from_slice(&tmp[8..8 + len]);
+                }
                 i += 8;
-            }
-            if n8 < buf.len() {
-                let x = _mm256_mul_ps(tail(buf, n8, 0.0), s);
-                let mut t = [0.0f32; 8];
-                _mm256_storeu_ps(t.as_mut_ptr(), softcap_ps(x, c, inv_c));
-                let len = buf.len();
-                buf[n8..].copy_from_slice(&t[..len - n8]);
             }
         } else {
             for x in buf.iter_mut() {
@@ -284,10 +288,16 @@ mod imp {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn grad(buf: &mut [f32], p: &GradParams<f32>, w: Option<&[f32]>, t: Option<&[f32]>) {
+    pub unsafe fn grad(
+        buf: &mut [f32],
+        p: &GradParams<f32>,
+        w: Option<&[f32]>,
+        t: Option<&[f32]>,
+        chain: Option<&[f32]>,
+    ) {
         let vlse = _mm256_set1_ps(p.m);
-        // g * scale folded into the coefficients: g*chain*(a p - d w - e w t).
-        let gs = p.g * p.scale;
+        // g (and scale, without softcap) folded into the coefficients: g*chain*(a p - d w - e w t).
+        let gs = if chain.is_some() { p.g } else { p.g * p.scale };
         let ga = _mm256_set1_ps(gs * p.a);
         let gd = _mm256_set1_ps(gs * p.d);
         let ge = _mm256_set1_ps(gs * p.e);
@@ -303,13 +313,8 @@ mod imp {
                 }
             }
         };
-        if p.softcap > 0.0 {
-            let inv_c = _mm256_set1_ps(1.0 / p.softcap);
-            map8(buf, |x, i| {
-                // d/dx of c*tanh(s x / c) is s (1 - tanh^2) = s (1 - (x'/c)^2), x' the capped value.
-                let u = _mm256_mul_ps(x, inv_c);
-                _mm256_mul_ps(_mm256_fnmadd_ps(u, u, _mm256_set1_ps(1.0)), core(x, i))
-            });
+        if let Some(ch) = chain {
+            map8(buf, |x, i| _mm256_mul_ps(lanes(ch, i, 0.0), core(x, i)));
         } else if w.is_none() && t.is_none() {
             // The common case gets its own loop: one FMA after the exponential.
             map8(buf, |x, _| _mm256_fmsub_ps(ga, exp_le0(_mm256_sub_ps(x, vlse)), gd));
@@ -373,8 +378,8 @@ impl Kernels<f32> for Avx2 {
     fn level(self) -> Level {
         Level::Avx2
     }
-    fn transform(self, buf: &mut [f32], scale: f32, softcap: f32) {
-        unsafe { imp::transform(buf, scale, softcap) }
+    fn transform(self, buf: &mut [f32], scale: f32, softcap: f32, chain: Option<&mut [f32]>) {
+        unsafe { imp::transform(buf, scale, softcap, chain) }
     }
     fn max_nan(self, buf: &[f32]) -> (f32, bool) {
         unsafe { imp::max_nan(buf) }
@@ -388,8 +393,15 @@ impl Kernels<f32> for Avx2 {
     fn dot_shift(self, x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
         unsafe { imp::dot_shift(x, w, m) }
     }
-    fn grad(self, buf: &mut [f32], p: &GradParams<f32>, w: Option<&[f32]>, t: Option<&[f32]>) {
-        unsafe { imp::grad(buf, p, w, t) }
+    fn grad(
+        self,
+        buf: &mut [f32],
+        p: &GradParams<f32>,
+        w: Option<&[f32]>,
+        t: Option<&[f32]>,
+        chain: Option<&[f32]>,
+    ) {
+        unsafe { imp::grad(buf, p, w, t, chain) }
     }
 }
 
@@ -398,8 +410,8 @@ impl Kernels<f32> for Avx2 {
     fn level(self) -> Level {
         Level::Scalar
     }
-    fn transform(self, buf: &mut [f32], scale: f32, softcap: f32) {
-        super::scalar::Scalar.transform(buf, scale, softcap)
+    fn transform(self, buf: &mut [f32], scale: f32, softcap: f32, chain: Option<&mut [f32]>) {
+        super::scalar::Scalar.transform(buf, scale, softcap, chain)
     }
     fn max_nan(self, buf: &[f32]) -> (f32, bool) {
         super::scalar::Scalar.max_nan(buf)
@@ -413,7 +425,14 @@ impl Kernels<f32> for Avx2 {
     fn dot_shift(self, x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
         super::scalar::Scalar.dot_shift(x, w, m)
     }
-    fn grad(self, buf: &mut [f32], p: &GradParams<f32>, w: Option<&[f32]>, t: Option<&[f32]>) {
-        super::scalar::Scalar.grad(buf, p, w, t)
+    fn grad(
+        self,
+        buf: &mut [f32],
+        p: &GradParams<f32>,
+        w: Option<&[f32]>,
+        t: Option<&[f32]>,
+        chain: Option<&[f32]>,
+    ) {
+        super::scalar::Scalar.grad(buf, p, w, t, chain)
     }
 }

@@ -68,8 +68,9 @@ pub fn set(name: &str) -> bool {
 /// Per-chunk kernels over a buffer of the compute type (the chunk is in L1).
 pub trait Kernels<F: Float>: Copy + Send + Sync {
     fn level(self) -> Level;
-    /// `x -> scale * x`, then `softcap * tanh(x / softcap)` when `softcap > 0`.
-    fn transform(self, buf: &mut [F], scale: F, softcap: F);
+    /// `x -> scale * x`, then `softcap * tanh(x / softcap)` when `softcap > 0`; `chain`
+    /// (softcap only) receives the derivative `scale * (1 - tanh^2)`.
+    fn transform(self, buf: &mut [F], scale: F, softcap: F, chain: Option<&mut [F]>);
     /// Largest value ignoring NaN, and whether a NaN was seen.
     fn max_nan(self, buf: &[F]) -> (F, bool);
     /// sum(exp(x - m)) for finite `m`.
@@ -77,9 +78,9 @@ pub trait Kernels<F: Float>: Copy + Send + Sync {
     fn sum(self, buf: &[F]) -> f64;
     /// sum(w * (x - m)), w = 1 when `None`.
     fn dot_shift(self, x: &[F], w: Option<&[F]>, m: F) -> f64;
-    /// In place: `g * chain(x) * (a * exp(x - m) - d * w - e * w * t)`, where `w`
-    /// is 1 without weights and `chain` the derivative of the transform.
-    fn grad(self, buf: &mut [F], p: &GradParams<F>, w: Option<&[F]>, t: Option<&[F]>);
+    /// In place: `g * chain * (a * exp(x - m) - d * w - e * w * t)`, where `w` is 1
+    /// without weights and `chain` the derivative of the transform (`scale` when None).
+    fn grad(self, buf: &mut [F], p: &GradParams<F>, w: Option<&[F]>, t: Option<&[F]>, chain: Option<&[F]>);
 }
 
 #[derive(Clone, Copy)]
@@ -90,6 +91,4 @@ pub struct GradParams<F> {
     pub d: F,
     pub e: F,
     pub scale: F,
-    /// 0 when softcap is off.
-    pub softcap: F,
 }

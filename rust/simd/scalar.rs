@@ -31,10 +31,14 @@ impl<F: Float> Kernels<F> for Scalar {
         Level::Scalar
     }
 
-    fn transform(self, buf: &mut [F], scale: F, softcap: F) {
+    fn transform(self, buf: &mut [F], scale: F, softcap: F, mut chain: Option<&mut [F]>) {
         if softcap > F::ZERO {
-            for x in buf.iter_mut() {
-                *x = softcap * ((scale * *x) / softcap).tanh();
+            for (i, x) in buf.iter_mut().enumerate() {
+                let (v, dt) = softcap_scalar(scale * *x, softcap);
+                *x = v;
+                if let Some(ch) = chain.as_deref_mut() {
+                    ch[i] = scale * dt;
+                }
             }
         } else {
             for x in buf.iter_mut() {
@@ -70,18 +74,24 @@ impl<F: Float> Kernels<F> for Scalar {
         }
     }
 
-    fn grad(self, buf: &mut [F], p: &GradParams<F>, w: Option<&[F]>, t: Option<&[F]>) {
+    fn grad(self, buf: &mut [F], p: &GradParams<F>, w: Option<&[F]>, t: Option<&[F]>, chain: Option<&[F]>) {
         for (i, x) in buf.iter_mut().enumerate() {
             let wi = w.map_or(F::ONE, |w| w[i]);
             let ti = t.map_or(F::ZERO, |t| t[i]);
-            let chain = if p.softcap > F::ZERO {
-                let u = *x / p.softcap;
-                p.scale * (F::ONE - u * u)
-            } else {
-                p.scale
-            };
+            let ch = chain.map_or(p.scale, |c| c[i]);
             let prob = (*x - p.m).exp();
-            *x = p.g * chain * (p.a * prob - p.d * wi - p.e * wi * ti);
+            *x = p.g * ch * (p.a * prob - p.d * wi - p.e * wi * ti);
         }
     }
+}
+
+/// (c * tanh(x / c), 1 - tanh^2), the latter as 4e/(1+e)^2 with e = exp(-2|x/c|):
+/// exact where tanh saturates and 1 - tanh^2 would cancel.
+pub fn softcap_scalar<F: Float>(x: F, c: F) -> (F, F) {
+    let u = x / c;
+    let a = if u < F::ZERO { F::ZERO - u } else { u };
+    let e = (F::ZERO - (a + a)).exp();
+    let q = F::ONE / (F::ONE + e);
+    let four = F::from_f64(4.0);
+    (c * u.tanh(), four * e * q * q)
 }
