@@ -216,11 +216,13 @@ __device__ __forceinline__ double ce_tf_d(double x, double scale, double cap) {
     if (cap > 0.0) z = cap * tanh(z / cap);
     return z;
 }
-// d z / d x of the transform, from the transformed z.
-__device__ __forceinline__ float ce_chain(float z, float scale, float cap) {
+// d z / d x of the transform, from the raw x: 1 - tanh(a)^2 = 4e / (1 + e)^2 with
+// e = exp(-2|a|), which stays exact where tanh saturates (1 - tanh^2 would cancel).
+__device__ __forceinline__ float ce_chain(float x, float scale, float cap) {
     if (cap > 0.0f) {
-        const float u = z / cap;
-        return scale * (1.0f - u * u);
+        const float e = __expf(-2.0f * fabsf(scale * x / cap));
+        const float q = 1.0f / (1.0f + e);
+        return scale * 4.0f * e * q * q;
     }
     return scale;
 }
@@ -233,7 +235,7 @@ struct GradF {
 __device__ __forceinline__ float ce_grad_f(float x, float w, float t, const GradF& P) {
     const float z = ce_tf(x, P.scale, P.cap);
     const float p = __expf(z - P.m);
-    return P.g * ce_chain(z, P.scale, P.cap) * (P.a * p - P.d * w - P.e * w * t);
+    return P.g * ce_chain(x, P.scale, P.cap) * (P.a * p - P.d * w - P.e * w * t);
 }
 // The true-class element in f64: g * chain * (a p_y - d w_y - b), p_y = exp((z_y - mx) - ls)
 // (rust/rows.rs grad_row).
@@ -244,8 +246,8 @@ __device__ __noinline__ double ce_grad_y(float x, GradY Q) {
     const double z = ce_tf_d((double)x, Q.scale, Q.cap);
     double chain = Q.scale;
     if (Q.cap > 0.0) {
-        const double u = z / Q.cap;
-        chain = Q.scale * (1.0 - u * u);
+        const double e = exp(-2.0 * fabs(Q.scale * (double)x / Q.cap));
+        chain = Q.scale * 4.0 * e / ((1.0 + e) * (1.0 + e));
     }
     return Q.g * chain * (Q.a * exp((z - Q.mx) - Q.ls) - Q.d * Q.wy - Q.b);
 }
