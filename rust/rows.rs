@@ -13,6 +13,8 @@ use rayon::prelude::*;
 pub const CHUNK: usize = 2048;
 /// Below this many elements a call stays on the calling thread (thread start-up dominates).
 pub const PAR_MIN_ELEMS: usize = 1 << 17;
+/// A fused chunk's terms reach exp(this) at most: far inside f32's range.
+const FUSED_MAX_JUMP: f64 = 64.0;
 /// Rows handed to a worker at a time hold at least this many elements.
 const TASK_ELEMS: usize = 1 << 16;
 
@@ -153,21 +155,40 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                     buf
                 }
             };
-            let (cm, cn) = self.k.max_nan(buf);
-            nan |= cn;
-            let cm = cm.to_f64();
-            if cm > m {
-                if m.is_finite() {
-                    s *= (m - cm).exp();
+            // With a max from earlier chunks, one fused pass gives the sum and the chunk's
+            // max; only a chunk whose max jumps far above it takes the two-pass route.
+            let fused = if m.is_finite() { self.k.sum_exp_max(buf, F::from_f64(m)) } else { None };
+            match fused {
+                Some((se, cm)) if cm.to_f64() <= m + FUSED_MAX_JUMP => {
+                    let cm = cm.to_f64();
+                    nan |= se.is_nan();
+                    if cm > m {
+                        s = (s + se) * (m - cm).exp();
+                        swz = shift(swz, cm - m, wdone);
+                        swtz = shift(swtz, cm - m, swt);
+                        m = cm;
+                    } else {
+                        s += se;
+                    }
                 }
-                swz = shift(swz, cm - m, wdone);
-                swtz = shift(swtz, cm - m, swt);
-                m = cm;
+                _ => {
+                    let (cm, cn) = self.k.max_nan(buf);
+                    nan |= cn;
+                    let cm = cm.to_f64();
+                    if cm > m {
+                        if m.is_finite() {
+                            s *= (m - cm).exp();
+                        }
+                        swz = shift(swz, cm - m, wdone);
+                        swtz = shift(swtz, cm - m, swt);
+                        m = cm;
+                    }
+                    if m.is_finite() {
+                        s += self.k.sum_exp(buf, F::from_f64(m));
+                    }
+                }
             }
             let fm = F::from_f64(m);
-            if m.is_finite() {
-                s += self.k.sum_exp(buf, fm);
-            }
             let w = self.w.as_ref().map(|w| &w[start..start + n]);
             if p.want_wz {
                 if m.is_finite() {

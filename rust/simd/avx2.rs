@@ -164,10 +164,26 @@ mod imp {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn sum_exp(buf: &[f32], m: f32) -> f64 {
+        match sum_exp_impl::<false>(buf, m) {
+            Some((s, _)) => s,
+            None => sum_exp_sub(buf, m),
+        }
+    }
+
+    /// sum(exp(x - m)) and max(x) (NaN skipped) in one pass; None when m*log2e is
+    /// out of range. Terms above exp(88) are garbage: callers check the max.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn sum_exp_max(buf: &[f32], m: f32) -> Option<(f64, f32)> {
+        sum_exp_impl::<true>(buf, m)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sum_exp_impl<const MAX: bool>(buf: &[f32], m: f32) -> Option<(f64, f32)> {
         let log2e = std::f32::consts::LOG2_E;
         let ml = m * log2e;
         if !ml.is_finite() || m.abs() > 1e30 {
-            return sum_exp_sub(buf, m);
+            return None;
         }
         // t = x*log2e - fl(m*log2e) in one FMA; the rounding of fl(m*log2e) is the same
         // for every term, so it is a factor 2^-rho on the sum, undone exactly in f64.
@@ -182,21 +198,44 @@ mod imp {
         let mut a1 = a0;
         let mut a2 = a0;
         let mut a3 = a0;
+        let mut mx0 = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut mx1 = mx0;
         let mut i = 0;
         while i < n32 {
-            a0 = _mm256_add_ps(a0, term(_mm256_loadu_ps(p.add(i))));
-            a1 = _mm256_add_ps(a1, term(_mm256_loadu_ps(p.add(i + 8))));
-            a2 = _mm256_add_ps(a2, term(_mm256_loadu_ps(p.add(i + 16))));
-            a3 = _mm256_add_ps(a3, term(_mm256_loadu_ps(p.add(i + 24))));
+            let x0 = _mm256_loadu_ps(p.add(i));
+            let x1 = _mm256_loadu_ps(p.add(i + 8));
+            let x2 = _mm256_loadu_ps(p.add(i + 16));
+            let x3 = _mm256_loadu_ps(p.add(i + 24));
+            if MAX {
+                // max(x, acc) returns acc when x is NaN: NaN shows in the sum instead.
+                mx0 = _mm256_max_ps(x0, mx0);
+                mx1 = _mm256_max_ps(x1, mx1);
+                mx0 = _mm256_max_ps(x2, mx0);
+                mx1 = _mm256_max_ps(x3, mx1);
+            }
+            a0 = _mm256_add_ps(a0, term(x0));
+            a1 = _mm256_add_ps(a1, term(x1));
+            a2 = _mm256_add_ps(a2, term(x2));
+            a3 = _mm256_add_ps(a3, term(x3));
             i += 32;
         }
         while i + 8 <= buf.len() {
-            a0 = _mm256_add_ps(a0, term(_mm256_loadu_ps(p.add(i))));
+            let x0 = _mm256_loadu_ps(p.add(i));
+            if MAX {
+                mx0 = _mm256_max_ps(x0, mx0);
+            }
+            a0 = _mm256_add_ps(a0, term(x0));
             i += 8;
         }
         let mut s = hsum_f64(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
         s *= (rho * std::f64::consts::LN_2).exp();
-        s + tail_sum_exp(buf, i, m)
+        let mut best = f32::NEG_INFINITY;
+        if MAX {
+            let mut v = [0.0f32; 8];
+            _mm256_storeu_ps(v.as_mut_ptr(), _mm256_max_ps(mx0, mx1));
+            best = v.iter().chain(&buf[i..]).copied().fold(best, |a, b| if b > a { b } else { a });
+        }
+        Some((s + tail_sum_exp(buf, i, m), best))
     }
 
     /// The last < 8 terms, padded with -inf, through the exact-zero exp.
@@ -386,6 +425,9 @@ impl Kernels<f32> for Avx2 {
     }
     fn sum_exp(self, buf: &[f32], m: f32) -> f64 {
         unsafe { imp::sum_exp(buf, m) }
+    }
+    fn sum_exp_max(self, buf: &[f32], m: f32) -> Option<(f64, f32)> {
+        unsafe { imp::sum_exp_max(buf, m) }
     }
     fn sum(self, buf: &[f32]) -> f64 {
         unsafe { imp::dot_shift(buf, None, 0.0) }

@@ -75,6 +75,12 @@ pub trait Kernels<F: Float>: Copy + Send + Sync {
     fn max_nan(self, buf: &[F]) -> (F, bool);
     /// sum(exp(x - m)) for finite `m`.
     fn sum_exp(self, buf: &[F], m: F) -> f64;
+    /// One pass for sum(exp(x - m)) against a stale maximum `m` and the chunk's
+    /// own maximum (NaN skipped; a NaN makes the sum NaN). The sum is only
+    /// meaningful when the returned maximum is below m + 88. None: not offered.
+    fn sum_exp_max(self, _buf: &[F], _m: F) -> Option<(f64, F)> {
+        None
+    }
     fn sum(self, buf: &[F]) -> f64;
     /// sum(w * (x - m)), w = 1 when `None`.
     fn dot_shift(self, x: &[F], w: Option<&[F]>, m: F) -> f64;
