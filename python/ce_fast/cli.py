@@ -102,7 +102,9 @@ _DTYPE_ALIASES = {
 SCHEMA = "ce_fast.bench/1"
 LOSS_RTOL_NUMPY = 1e-5
 # torch returns a bfloat16 / float16 loss for such input: its rounding alone is ~4e-3.
-LOSS_RTOL_TORCH = {"float32": 1e-5, "float64": 1e-9, "bfloat16": 1e-2, "float16": 2e-3}
+# torch's CPU bfloat16 loss is itself rounded and accumulated coarsely: 1.2e-2 off the
+# float64 value was seen at 4096x32000 (ce_fast matched NumPy's float32 loss exactly).
+LOSS_RTOL_TORCH = {"float32": 1e-5, "float64": 1e-9, "bfloat16": 3e-2, "float16": 2e-3}
 
 
 # ---------------------------------------------------------------------------
