@@ -164,13 +164,7 @@ impl Compute for f32 {
                     }
                     DType::F16 => {
                         let s = std::slice::from_raw_parts(base as *const u16, n);
-                        if level == Level::Avx2 {
-                            crate::simd::avx2::f16_to_f32(s, dst);
-                        } else {
-                            for (d, &x) in dst.iter_mut().zip(s) {
-                                *d = half::f16::from_bits(x).to_f32();
-                            }
-                        }
+                        crate::simd::f16_to_f32(level, s, dst);
                     }
                 }
             } else {
@@ -203,13 +197,7 @@ impl Compute for f32 {
                     }
                     DType::F16 => {
                         let d = std::slice::from_raw_parts_mut(base as *mut u16, n);
-                        if level == Level::Avx2 {
-                            crate::simd::avx2::f32_to_f16(src, d);
-                        } else {
-                            for (d, &x) in d.iter_mut().zip(src) {
-                                *d = half::f16::from_f32(x).to_bits();
-                            }
-                        }
+                        crate::simd::f32_to_f16(level, src, d);
                     }
                 }
             } else {

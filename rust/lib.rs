@@ -11,7 +11,7 @@ use elem::{DType, Matrix};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rows::{GradSpec, Problem, StatsOut};
-use simd::{avx2::Avx2, scalar::Scalar, Level};
+use simd::scalar::Scalar;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -147,14 +147,14 @@ fn run(
             }
         });
         let pool = pool.as_deref();
-        let level = simd::current();
         if x_ref.dtype == DType::F64 {
-            rows::run::<f64, _>(Scalar, &p, gspec.as_ref(), out, pool);
-        } else if let (Level::Avx2, Some(k)) = (level, Avx2::new()) {
-            rows::run::<f32, _>(k, &p, gspec.as_ref(), out, pool);
-        } else {
-            rows::run::<f32, _>(Scalar, &p, gspec.as_ref(), out, pool);
+            return rows::run::<f64, _>(Scalar, &p, gspec.as_ref(), out, pool);
         }
+        #[cfg(target_arch = "x86_64")]
+        if let (simd::Level::Avx2, Some(k)) = (simd::current(), simd::avx2::Avx2::new()) {
+            return rows::run::<f32, _>(k, &p, gspec.as_ref(), out, pool);
+        }
+        rows::run::<f32, _>(Scalar, &p, gspec.as_ref(), out, pool);
     });
     Ok(())
 }

@@ -5,7 +5,6 @@
 
 use super::{GradParams, Kernels, Level};
 
-#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 #[derive(Clone, Copy)]
@@ -20,7 +19,6 @@ impl Avx2 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 mod imp {
     use super::*;
 
@@ -395,24 +393,9 @@ mod imp {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 pub use imp::{f16_to_f32, f32_to_f16};
 
-#[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = half::f16::from_bits(x).to_f32();
-    }
-}
-#[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn f32_to_f16(src: &[f32], dst: &mut [u16]) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = half::f16::from_f32(x).to_bits();
-    }
-}
-
 // Every method is safe to call: an `Avx2` value exists only on CPUs that have the features.
-#[cfg(target_arch = "x86_64")]
 impl Kernels<f32> for Avx2 {
     fn level(self) -> Level {
         Level::Avx2
@@ -444,37 +427,5 @@ impl Kernels<f32> for Avx2 {
         chain: Option<&[f32]>,
     ) {
         unsafe { imp::grad(buf, p, w, t, chain) }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-impl Kernels<f32> for Avx2 {
-    fn level(self) -> Level {
-        Level::Scalar
-    }
-    fn transform(self, buf: &mut [f32], scale: f32, softcap: f32, chain: Option<&mut [f32]>) {
-        super::scalar::Scalar.transform(buf, scale, softcap, chain)
-    }
-    fn max_nan(self, buf: &[f32]) -> (f32, bool) {
-        super::scalar::Scalar.max_nan(buf)
-    }
-    fn sum_exp(self, buf: &[f32], m: f32) -> f64 {
-        super::scalar::Scalar.sum_exp(buf, m)
-    }
-    fn sum(self, buf: &[f32]) -> f64 {
-        super::scalar::Scalar.sum(buf)
-    }
-    fn dot_shift(self, x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
-        super::scalar::Scalar.dot_shift(x, w, m)
-    }
-    fn grad(
-        self,
-        buf: &mut [f32],
-        p: &GradParams<f32>,
-        w: Option<&[f32]>,
-        t: Option<&[f32]>,
-        chain: Option<&[f32]>,
-    ) {
-        super::scalar::Scalar.grad(buf, p, w, t, chain)
     }
 }

@@ -2,6 +2,7 @@
 //! at run time. The scalar path is always available and forced with
 //! `CE_FAST_SIMD=scalar` (or `ce_fast._core.set_simd("scalar")`) so CI tests both.
 
+#[cfg(target_arch = "x86_64")]
 pub mod avx2;
 pub mod scalar;
 
@@ -51,6 +52,31 @@ pub fn current() -> Level {
         Level::Scalar
     } else {
         detected()
+    }
+}
+
+/// f16 bits -> f32, with F16C when the level allows.
+pub fn f16_to_f32(level: Level, src: &[u16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 {
+        // Level::Avx2 is only reported after detection found F16C.
+        return unsafe { avx2::f16_to_f32(src, dst) };
+    }
+    let _ = level;
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_bits(x).to_f32();
+    }
+}
+
+/// f32 -> f16 bits (round to nearest even), with F16C when the level allows.
+pub fn f32_to_f16(level: Level, src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 {
+        return unsafe { avx2::f32_to_f16(src, dst) };
+    }
+    let _ = level;
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_f32(x).to_bits();
     }
 }
 
