@@ -137,11 +137,10 @@ def _version(v: Any) -> Optional[str]:
 # timing and device memory
 
 
-class EventTimer:
+class EventTimer(_cli.Timer):
     """Times callables with CUDA events: an event recorded on the current stream
     before and after each call, the end event waited for, elapsed time read off the
-    pair. Same interface as :class:`ce_fast.cli.Timer`: ``time(fn, repeat, warmup,
-    setup, slow_s, keep) -> (Timing, keep(first result))``.
+    pair. Only the single measurement differs from :class:`ce_fast.cli.Timer`.
 
     ``events`` gives ``event_pair()`` (two objects with ``record()`` and
     ``synchronize()``), ``elapsed_ms(start, end)`` and ``sync()``. ``setup`` runs
@@ -152,11 +151,8 @@ class EventTimer:
     """
 
     def __init__(self, events: Any, memory: Any):
+        super().__init__(events.sync, memory)
         self.events = events
-        self.memory = memory
-
-    def sync(self) -> None:
-        self.events.sync()
 
     def _once(self, fn: Callable[[], Any], setup: Optional[Callable[[], None]]) -> Tuple[float, Any]:
         if setup is not None:
@@ -167,35 +163,6 @@ class EventTimer:
         end.record()
         end.synchronize()
         return float(self.events.elapsed_ms(start, end)) * 1e-3, out
-
-    def time(
-        self,
-        fn: Callable[[], Any],
-        repeat: int,
-        warmup: int = 1,
-        setup: Optional[Callable[[], None]] = None,
-        slow_s: Optional[float] = None,
-        keep: Callable[[Any], Any] = lambda r: r,
-    ) -> Tuple["_cli.Timing", Any]:
-        if setup is not None:
-            setup()
-        self.events.sync()
-        self.memory.reset()
-        try:
-            t_first, first = self._once(fn, None)
-        finally:
-            peak = self.memory.peak_growth()
-        first = keep(first)
-        if slow_s is not None and t_first > slow_s:
-            return _cli.Timing([t_first], warmup=0, single_run=True, peak_rss_bytes=peak), first
-        times: List[float] = []
-        if warmup <= 0:
-            times.append(t_first)
-        for _ in range(max(warmup - 1, 0)):
-            self._once(fn, setup)
-        while len(times) < repeat:
-            times.append(self._once(fn, setup)[0])  # the result is dropped after the clock stops
-        return _cli.Timing(times, warmup=max(warmup, 0), peak_rss_bytes=peak), first
 
 
 def _cupy_peak_hook(cupy: Any):

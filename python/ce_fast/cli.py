@@ -177,11 +177,10 @@ class Timer:
             setup()
         self.sync()
         self.memory.reset()
-        t0 = time.perf_counter()
-        first = fn()
-        self.sync()
-        t_first = time.perf_counter() - t0
-        peak = self.memory.peak_growth()
+        try:
+            t_first, first = self._once(fn, None)
+        finally:
+            peak = self.memory.peak_growth()
         first = keep(first)
         if slow_s is not None and t_first > slow_s:
             return Timing([t_first], warmup=0, single_run=True, peak_rss_bytes=peak), first
