@@ -8,8 +8,6 @@ import functools
 import math
 from typing import Any, Optional, Tuple
 
-import numpy as np
-
 from . import _arrays, _batch, _rules
 from ._arrays import Operand
 from ._spec import LossSpec
@@ -68,12 +66,9 @@ def logsumexp(logits: ArrayLike, *, out: Optional[ArrayLike] = None):
     res = s.lse.astype(b.out_dtype).reshape(x.batch_shape)
     if out is None:
         return _result(res, x)
-    o = _arrays.operand(out, "out")
-    _batch.same_device(x, o, "out")
-    if o.shape != x.batch_shape:
-        raise ValueError(f"out must have shape {x.batch_shape} (logits shape {x.shape} without its last axis), got {o.shape}")
-    if o.code not in (_arrays.F32, _arrays.F64):
-        raise TypeError(f"out must be float32 or float64, got {o.dtype_name}")
+    o = _batch.out_operand(
+        out, x, x.batch_shape, (_arrays.F32, _arrays.F64), f"logits shape {x.shape} without its last axis"
+    )
     b.engine.copy_into(o, res)
     return out
 
@@ -143,40 +138,10 @@ def _loss_and_stats(logits, target, spec: LossSpec, weight=None) -> Tuple[Any, _
 
 def _grad_out(b: _batch.Batch, out: Optional[ArrayLike]) -> Tuple[Operand, Any]:
     """The operand the gradient is written to, and what is returned for it."""
-    x = b.x
     if out is None:
-        arr = b.engine.empty_like(x)
+        arr = b.engine.empty_like(b.x)
         return _arrays.operand(arr, "out"), arr
-    o = _arrays.operand(out, "out")
-    _batch.same_device(x, o, "out")
-    if o.shape != x.shape:
-        raise ValueError(f"out must have the logits' shape {x.shape}, got {o.shape}")
-    if o.code != x.code:
-        raise TypeError(f"out must have the logits' dtype {x.dtype_name}, got {o.dtype_name}")
-    if not (o.ptr == x.ptr and o.strides == x.strides) and _overlap(o, x):
-        raise ValueError("out overlaps logits without being the same array; pass out=logits for in place")
-    if b.soft is not None and _overlap(o, b.soft):
-        raise ValueError("out overlaps the soft target")
-    if not b.engine.writable(o):
-        raise ValueError("out is read-only")
-    return o, out
-
-
-def _extent(op: Operand) -> Tuple[int, int]:
-    item = np.dtype(np.float64).itemsize if op.code == _arrays.F64 else (4 if op.code == _arrays.F32 else 2)
-    lo = hi = op.ptr
-    for n, s in zip(op.shape, op.strides):
-        if n == 0:
-            return op.ptr, op.ptr
-        span = (n - 1) * s * item
-        lo, hi = (lo + span, hi) if span < 0 else (lo, hi + span)
-    return lo, hi + item
-
-
-def _overlap(a: Operand, b: Operand) -> bool:
-    a0, a1 = _extent(a)
-    b0, b1 = _extent(b)
-    return a0 < b1 and b0 < a1 and a0 != a1 and b0 != b1
+    return _batch.grad_out_operand(b, out), out
 
 
 @_on_device
@@ -214,10 +179,12 @@ def cross_entropy_and_grad(
         logit_scale=logit_scale,
     )
     b = _batch.make_batch(logits, target, spec, weight)
+    _batch.check_grad_output(grad_output)
     go = b.engine.grad_output(grad_output, spec.reduction, b.x)
     o, ret = _grad_out(b, out)
     coef = _rules.grad_coef(b, spec, go)
     s = _run(b, spec, grad=coef, out=o)
+    _arrays.mark_written(o)
     loss = _result(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x)
     return loss, ret
 
@@ -229,9 +196,11 @@ def _grad_with_saved(logits, target, saved: _rules.Stats, *, weight=None, grad_o
     soft targets): one read and one write of the logits. For ce_fast.torch's backward."""
     spec = LossSpec.make(**options)
     b = _batch.make_batch(logits, target, spec, weight)
+    _batch.check_grad_output(grad_output)
     go = b.engine.grad_output(grad_output, spec.reduction, b.x)
     o, ret = _grad_out(b, out)
     _run(b, spec, grad=_rules.grad_coef(b, spec, go), out=o, given=saved)
+    _arrays.mark_written(o)
     return ret
 
 

@@ -95,12 +95,37 @@ def _device_of_dlpack(obj: Any) -> str | None:
     return f"dlpack-device-{int(dev_type)}"
 
 
-def operand(obj: Any, name: str) -> Operand:
-    """Describes `obj` without copying it. Raises TypeError for what is not an array."""
+def _check_torch_layout(t: Any, name: str) -> None:
+    torch = _torch()
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor; ce_fast needs a dense (strided) tensor")
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"{name} is a {str(t.layout).replace('torch.', '')} tensor; ce_fast needs a dense (strided) "
+            "tensor: call .to_dense() first"
+        )
+
+
+def operand(obj: Any, name: str, *, out: bool = False) -> Operand:
+    """Describes `obj` without copying it. Raises TypeError for what is not an array.
+
+    With ``out=True`` the operand is a destination: it must be an array object
+    (NumPy, torch or CuPy) whose memory can be written as it is, so nothing is ever
+    written into a temporary copy that the caller never sees.
+    """
     if is_torch(obj):
+        _check_torch_layout(obj, name)
         t = obj.detach()
         if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{name} is on device {t.device}; ce_fast runs on CPU and CUDA")
+        if t.is_neg():
+            if out:
+                raise ValueError(
+                    f"{name} has its negative bit set (a lazily negated view such as z.conj().imag); "
+                    "it cannot be written in place: pass a tensor without it (.resolve_neg())"
+                )
+            # A lazily negated view: its memory holds -value, so it is materialised once.
+            t = t.resolve_neg()
         # CUDA tensors are described from torch's own metadata (no CuPy view): bfloat16
         # works although CuPy has no such dtype, and CuPy is needed only by the engine.
         code = _torch_codes().get(t.dtype)
@@ -119,18 +144,34 @@ def operand(obj: Any, name: str) -> Operand:
         return _cupy_operand(obj, name, lib="cupy")
     if hasattr(obj, "__cuda_array_interface__"):
         return _cupy_operand(_require_cupy(name).asarray(obj), name, lib="cupy")
+    if out and not isinstance(obj, np.ndarray):
+        raise TypeError(
+            f"{name} must be a NumPy array, torch tensor or CuPy array to write into, got {type(obj).__name__}"
+        )
     if not isinstance(obj, np.ndarray) and hasattr(obj, "__dlpack_device__"):
         dev = _device_of_dlpack(obj)
         if dev is not None and dev.startswith("cuda"):
             return _cupy_operand(_require_cupy(name).from_dlpack(obj), name, lib="cupy")
+        if dev == "cpu" and hasattr(obj, "__dlpack__"):
+            try:
+                obj = np.from_dlpack(obj)
+            except (TypeError, ValueError, BufferError, RuntimeError) as exc:
+                raise TypeError(f"{name} is a DLPack CPU array NumPy cannot read: {exc}") from exc
+        elif dev is not None and dev != "cpu":
+            raise ValueError(f"{name} is on {dev}; ce_fast runs on CPU and CUDA")
     try:
         a = np.asarray(obj)
-    except Exception as exc:  # pragma: no cover - numpy's own message is kept
+    except Exception as exc:  # numpy's own message is kept as the cause
         raise TypeError(f"{name} must be an array, got {type(obj).__name__}") from exc
     if a.dtype == object:
         raise TypeError(f"{name} must be a numeric array, got {type(obj).__name__} of objects")
     item = a.dtype.itemsize
     if any(s % item for s in a.strides):
+        if out:
+            raise ValueError(
+                f"{name} has byte strides {a.strides} that are not whole {a.dtype} elements; "
+                "it cannot be written in place (pass a regular array)"
+            )
         # Byte strides that are not whole elements (views of packed records) are copied once.
         a = np.ascontiguousarray(a)
     return Operand(
@@ -172,6 +213,13 @@ def _cupy_operand(a, name: str, lib: str, keep: Any = None) -> Operand:
         code=code,
         ptr=int(a.data.ptr),
     )
+
+
+def mark_written(op: Operand) -> None:
+    """Tells torch that the engine wrote into `op` behind its back: bumps the tensor's
+    version counter, so autograd refuses values saved before the write."""
+    if op.lib == "torch":
+        _torch().autograd.graph.increment_version(op.array)
 
 
 def numpy_of(op: Operand) -> np.ndarray:

@@ -101,8 +101,49 @@ def _kind(op: Operand) -> str:
         return "?"
 
 
+_F32 = np.finfo(np.float32)
+
+
+def check_options_for(x: Operand, spec: LossSpec) -> None:
+    """Options the engines apply in float32 lanes (all logits but float64) must be
+    float32 numbers: refused, never silently rounded to inf or to 0 (softcap 0 = off)."""
+    if x.code == _arrays.F64:
+        return
+    for name, v in (("softcap", spec.softcap), ("logit_scale", spec.logit_scale)):
+        if v is not None and v != 0.0 and not float(_F32.tiny) <= abs(v) <= float(_F32.max):
+            raise ValueError(
+                f"{name}={v!r} is outside float32's range [{float(_F32.tiny):.3g}, {float(_F32.max):.4g}]; "
+                f"{x.dtype_name} logits are transformed in float32 (use float64 logits for such values)"
+            )
+
+
+def real_kind(value: Any) -> str:
+    """NumPy's dtype kind letter of a scalar or array of any supported library."""
+    if _arrays.is_torch(value):
+        if value.dtype.is_complex:
+            return "c"
+        return "b" if value.dtype == _arrays._torch().bool else "f" if value.dtype.is_floating_point else "i"
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None:
+        try:
+            return np.dtype(dtype).kind
+        except TypeError:
+            return "?"
+    try:
+        return np.asarray(value).dtype.kind
+    except Exception:
+        return "?"
+
+
+def check_grad_output(value: Any) -> None:
+    """grad_output must be a real number or an array of real numbers."""
+    if value is None or real_kind(value) not in "fiu":
+        raise TypeError(f"grad_output must be a real number or an array of real numbers, got {value!r:.80}")
+
+
 def make_batch(logits: Any, target: Any, spec: LossSpec, weight: Any = None) -> Batch:
     x = logits_operand(logits)
+    check_options_for(x, spec)
     engine = engine_for(x)
     xp = engine.xp()
     C = x.shape[-1]
@@ -113,6 +154,8 @@ def make_batch(logits: Any, target: Any, spec: LossSpec, weight: Any = None) -> 
     if weight is not None:
         w = _arrays.operand(weight, "weight")
         same_device(x, w, "weight")
+        if _kind(w) not in "fiu":
+            raise TypeError(f"weight must hold real numbers (an integer or floating dtype), got {w.dtype_name}")
         if len(w.shape) != 1 or w.shape[0] != C:
             raise ValueError(f"weight must have shape ({C},) (one per class), got {w.shape}")
         wa = engine.to_float64(w)
@@ -173,3 +216,86 @@ def index_error(pos: tuple, value: int, C: int, ignore_index: int) -> IndexError
         f"target value {value} at position {pos} is out of range for {C} classes "
         f"(expected 0 <= target < {C}, or ignore_index={ignore_index})"
     )
+
+
+# ---------------------------------------------------------------- destinations (`out=`)
+
+_ITEMSIZE = {_arrays.F32: 4, _arrays.F64: 8, _arrays.F16: 2, _arrays.BF16: 2}
+
+
+def _address_view(op: Operand) -> np.ndarray:
+    """A NumPy array with `op`'s addresses and layout, for address arithmetic only: it is
+    never read (the memory may be on a GPU)."""
+    item = _ITEMSIZE[op.code]
+
+    class _Layout:
+        __array_interface__ = {
+            "data": (op.ptr, True),
+            "shape": tuple(op.shape),
+            "strides": tuple(s * item for s in op.strides),
+            "typestr": f"|V{item}",
+            "version": 3,
+        }
+
+    return np.asarray(_Layout())
+
+
+def _empty(op: Operand) -> bool:
+    return any(n == 0 for n in op.shape)
+
+
+def shares_memory(a: Operand, b: Operand) -> bool:
+    """Whether two operands on one device have an element in common (exact, so disjoint
+    interleaved views such as ``z[:, ::2]`` and ``z[:, 1::2]`` do not count)."""
+    if _empty(a) or _empty(b):
+        return False
+    too_hard = getattr(np, "exceptions", np).TooHardError
+    try:
+        return bool(np.shares_memory(_address_view(a), _address_view(b), max_work=100_000))
+    except too_hard:
+        return True  # cannot be decided cheaply: refuse rather than risk a race
+
+
+def internal_overlap(op: Operand) -> bool:
+    """Whether two positions of `op` may address the same element (``expand``-ed or
+    ``as_strided`` views): conservative, as PyTorch's check for written tensors."""
+    if _empty(op):
+        return False
+    span = 1  # elements reachable by the smaller strides, plus one
+    for stride, n in sorted((abs(s), n) for n, s in zip(op.shape, op.strides) if n > 1):
+        if stride < span:
+            return True
+        span += stride * (n - 1)
+    return False
+
+
+def out_operand(out: Any, x: Operand, shape: tuple, codes: tuple, what: str) -> Operand:
+    """Checks a destination array: the logits' library and device, `shape`, a dtype
+    code in `codes`, writable, and no two positions on one element."""
+    o = _arrays.operand(out, "out", out=True)
+    same_device(x, o, "out")
+    if o.shape != shape:
+        raise ValueError(f"out must have shape {shape} ({what}), got {o.shape}")
+    if o.code not in codes:
+        names = " or ".join(_arrays.CODE_NAMES[c] for c in codes)
+        raise TypeError(f"out must be {names}, got {o.dtype_name}")
+    if not engine_for(x).writable(o):
+        raise ValueError("out is read-only")
+    if internal_overlap(o):
+        raise ValueError(
+            f"out has strides {o.strides} (in elements) for shape {o.shape}: several of its positions "
+            "share one memory location (an expanded or as_strided view); pass an array with its own memory"
+        )
+    return o
+
+
+def grad_out_operand(b: Batch, out: Any) -> Operand:
+    """The destination of a gradient: the logits' shape and dtype, and either exactly the
+    logits (in place) or memory shared with neither the logits nor the soft target."""
+    x = b.x
+    o = out_operand(out, x, x.shape, (x.code,), "the logits' shape")
+    if not (o.ptr == x.ptr and o.strides == x.strides) and shares_memory(o, x):
+        raise ValueError("out overlaps logits without being the same array; pass out=logits for in place")
+    if b.soft is not None and shares_memory(o, b.soft):
+        raise ValueError("out overlaps the soft target")
+    return o

@@ -1,0 +1,247 @@
+"""Destinations and odd arguments: `out=` arrays that cannot be written as they are,
+aliasing between rows or between arrays, torch's version counter and negative bit,
+options beyond float32's range, and nonsense argument types. Every case either gives
+the float64 answer or raises a clear exception; none writes into a copy the caller
+never sees."""
+
+from __future__ import annotations
+
+import re
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+import ce_fast
+from conftest import assert_rows_close, random_logits
+from oracle import cross_entropy_ref, grad_ref, logsumexp_ref
+
+RNG = np.random.default_rng(11)
+Z = RNG.standard_normal((4, 50)).astype(np.float32)
+Y = RNG.integers(0, 50, 4)
+
+
+# ---------------------------------------------------------------- rows that share memory
+
+
+def test_torch_out_with_rows_sharing_memory_is_refused():
+    z = torch.from_numpy(Z.copy())
+    out = torch.zeros(1, 50).expand(4, 50)
+    with pytest.raises(ValueError, match=r"share one memory location"):
+        ce_fast.cross_entropy_and_grad(z, torch.from_numpy(Y), out=out)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_in_place_on_expanded_logits_is_refused():
+    z = torch.from_numpy(Z[:1].copy()).expand(4, 50)
+    before = z.clone()
+    with pytest.raises(ValueError, match=r"share one memory location"):
+        ce_fast.cross_entropy_and_grad(z, torch.from_numpy(Y), out=z)
+    assert torch.equal(z, before)
+
+
+def test_numpy_as_strided_out_with_overlapping_rows_is_refused():
+    base = np.zeros(60, dtype=np.float32)
+    out = np.lib.stride_tricks.as_strided(base, shape=(4, 50), strides=(4 * 3, 4))
+    with pytest.raises(ValueError, match=r"share one memory location"):
+        ce_fast.cross_entropy_and_grad(Z, Y, out=out)
+    lse_out = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(4,), strides=(0,))
+    with pytest.raises(ValueError, match=r"share one memory location"):
+        ce_fast.logsumexp(Z, out=lse_out)
+
+
+def test_disjoint_interleaved_out_is_accepted():
+    """z[:, ::2] and z[:, 1::2] lie in one address range but share no element."""
+    buf = np.empty((4, 100), dtype=np.float32)
+    buf[:, ::2] = Z
+    buf[:, 1::2] = 7.0
+    loss, grad = ce_fast.cross_entropy_and_grad(buf[:, ::2], Y, out=buf[:, 1::2])
+    assert grad is not None
+    want = grad_ref(Z.astype(np.float64), Y)
+    assert_rows_close(buf[:, 1::2], want, np.float32)
+    np.testing.assert_array_equal(buf[:, ::2], Z)  # the logits are untouched
+    assert abs(float(loss) - cross_entropy_ref(Z.astype(np.float64), Y)) <= 1e-5
+
+
+def test_partially_overlapping_out_is_still_refused():
+    buf = np.zeros((5, 50), dtype=np.float32)
+    buf[:4] = Z
+    with pytest.raises(ValueError, match=r"out overlaps logits"):
+        ce_fast.cross_entropy_and_grad(buf[:4], Y, out=buf[1:])
+
+
+# ---------------------------------------------------------------- torch autograd bookkeeping
+
+
+def test_grad_out_bumps_torch_version_counter():
+    z = torch.from_numpy(Z.copy())
+    out = torch.empty(4, 50)
+    v = out._version
+    ce_fast.cross_entropy_and_grad(z, torch.from_numpy(Y), out=out)
+    assert out._version > v
+
+
+def test_in_place_grad_makes_autograd_refuse_stale_saved_values():
+    w = torch.from_numpy(Z.copy()).requires_grad_(True)
+    z = w * 1.0
+    s = torch.sin(z)  # saves z: writing the gradient into z must be noticed
+    ce_fast.cross_entropy_and_grad(z.detach(), torch.from_numpy(Y), out=z.detach())
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation"):
+        s.sum().backward()
+
+
+def test_logits_with_negative_bit_give_the_right_numbers():
+    c = torch.complex(torch.zeros(4, 50), torch.from_numpy(Z.copy()))
+    z = c.conj().imag  # a lazily negated view: its memory holds +Z, its value is -Z
+    assert z.is_neg()
+    want = cross_entropy_ref(-Z.astype(np.float64), Y, reduction="none")
+    got = ce_fast.cross_entropy(z, torch.from_numpy(Y), reduction="none")
+    assert_rows_close(got, want, np.float32)
+    assert_rows_close(ce_fast.logsumexp(z), logsumexp_ref(-Z.astype(np.float64)), np.float32)
+    _, g = ce_fast.cross_entropy_and_grad(z, torch.from_numpy(Y))
+    assert_rows_close(g, grad_ref(-Z.astype(np.float64), Y), np.float32)
+
+
+def test_out_with_negative_bit_is_refused():
+    c = torch.complex(torch.zeros(4, 50), torch.zeros(4, 50))
+    out = c.conj().imag
+    with pytest.raises(ValueError, match=r"negative bit"):
+        ce_fast.cross_entropy_and_grad(torch.from_numpy(Z), torch.from_numpy(Y), out=out)
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr"])
+def test_sparse_tensors_are_type_errors(kind):
+    z = torch.from_numpy(Z)
+    s = z.to_sparse() if kind == "sparse_coo" else z.to_sparse_csr()
+    with pytest.raises(TypeError, match=r"logits is a sparse_\w+ tensor; ce_fast needs a dense"):
+        ce_fast.cross_entropy(s, torch.from_numpy(Y))
+    with pytest.raises(TypeError, match=r"target is a sparse_\w+ tensor"):
+        ce_fast.cross_entropy(z, torch.from_numpy(Y).to_sparse())
+    with pytest.raises(TypeError, match=r"logits is a sparse_\w+ tensor"):
+        ce_fast.logsumexp(s)
+
+
+def test_nested_tensors_are_type_errors():
+    nt = torch.nested.nested_tensor([torch.zeros(3, 5), torch.zeros(2, 5)])
+    with pytest.raises(TypeError, match=r"logits is a nested tensor"):
+        ce_fast.logsumexp(nt)
+
+
+# ---------------------------------------------------------------- results never thrown away
+
+
+def test_out_with_strides_that_are_not_whole_elements_is_refused():
+    rec = np.zeros((4, 50), dtype=[("a", np.float32), ("b", np.int16)])
+    out = rec["a"]  # a writable view with 6-byte strides
+    assert out.flags.writeable and out.strides[-1] == 6
+    with pytest.raises(ValueError, match=r"byte strides \(300, 6\) that are not whole float32 elements"):
+        ce_fast.cross_entropy_and_grad(Z, Y, out=out)
+    rec["a"] = Z
+    with pytest.raises(ValueError, match=r"not whole float32 elements"):
+        ce_fast.cross_entropy_and_grad(rec["a"], Y, out=rec["a"])
+    lse = np.zeros(4, dtype=[("a", np.float32), ("b", np.int16)])["a"]
+    with pytest.raises(ValueError, match=r"not whole float32 elements"):
+        ce_fast.logsumexp(Z, out=lse)
+
+
+def test_logits_with_strides_that_are_not_whole_elements_still_read_right():
+    rec = np.zeros((4, 50), dtype=[("a", np.float32), ("b", np.int16)])
+    rec["a"] = Z
+    assert_rows_close(ce_fast.logsumexp(rec["a"]), logsumexp_ref(Z.astype(np.float64)), np.float32)
+
+
+@pytest.mark.parametrize("out", [[0.0] * 4, (0.0,) * 4], ids=["list", "tuple"])
+def test_out_that_is_not_an_array_is_type_error(out):
+    with pytest.raises(TypeError, match=r"out must be a NumPy array, torch tensor or CuPy array"):
+        ce_fast.logsumexp(Z, out=out)
+    with pytest.raises(TypeError, match=r"out must be a NumPy array, torch tensor or CuPy array"):
+        ce_fast.cross_entropy_and_grad(Z, Y, out=[[0.0] * 50] * 4)
+
+
+# ---------------------------------------------------------------- options beyond float32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(softcap=1e39), "softcap"),
+        (dict(softcap=1e-50), "softcap"),
+        (dict(logit_scale=1e39), "logit_scale"),
+        (dict(logit_scale=-1e39), "logit_scale"),
+        (dict(logit_scale=1e-45), "logit_scale"),
+    ],
+)
+def test_options_outside_float32_range_are_value_errors(dtype, kw, name):
+    z = Z.astype(dtype)
+    with pytest.raises(ValueError, match=rf"{name}=.* is outside float32's range"):
+        ce_fast.cross_entropy(z, Y, **kw)
+    with pytest.raises(ValueError, match=rf"{name}=.* is outside float32's range"):
+        ce_fast.cross_entropy_and_grad(z, Y, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(softcap=1e39), dict(softcap=1e-50), dict(logit_scale=1e39)])
+def test_options_outside_float32_range_work_for_float64(kw):
+    z = Z.astype(np.float64)
+    want = cross_entropy_ref(z, Y, reduction="none", **kw)
+    got = ce_fast.cross_entropy(z, Y, reduction="none", **kw)
+    assert_rows_close(got, want, np.float64)
+
+
+def test_options_at_float32_edges_are_accepted():
+    z = random_logits(np.random.default_rng(5), (3, 40), np.float32)
+    y = np.array([0, 5, 39])
+    for kw in (dict(softcap=3e38), dict(softcap=1.2e-38), dict(logit_scale=0.0)):
+        want = cross_entropy_ref(z.astype(np.float64), y, reduction="none", **kw)
+        assert_rows_close(ce_fast.cross_entropy(z, y, reduction="none", **kw), want, np.float32)
+
+
+# ---------------------------------------------------------------- nonsense arguments
+
+
+@pytest.mark.parametrize(
+    "go", [None, "2.0", b"1", 1 + 2j, np.array([1 + 1j] * 4), np.array(["a"] * 4), True, torch.tensor(1 + 1j)]
+)
+def test_grad_output_that_is_not_real_is_type_error(go):
+    with pytest.raises(TypeError, match=r"grad_output must be a real number or an array of real numbers"):
+        ce_fast.cross_entropy_and_grad(Z, Y, reduction="none", grad_output=go)
+
+
+@pytest.mark.parametrize(
+    "w", [np.full(50, 1 + 0j), np.array(["1"] * 50), np.ones(50, dtype=bool), torch.ones(50, dtype=torch.complex64)]
+)
+def test_weight_that_is_not_real_is_type_error(w):
+    with pytest.raises(TypeError, match=r"weight must hold real numbers"):
+        ce_fast.cross_entropy(Z if not torch.is_tensor(w) else torch.from_numpy(Z), Y if not torch.is_tensor(w) else torch.from_numpy(Y), weight=w)
+
+
+def test_integer_weight_is_accepted():
+    w = np.arange(50) % 3
+    want = cross_entropy_ref(Z.astype(np.float64), Y, weight=w.astype(np.float64))
+    assert abs(float(ce_fast.cross_entropy(Z, Y, weight=w)) - want) <= 1e-5 * (1 + abs(want))
+
+
+class _CpuDlpack:
+    """A CPU array offered only through DLPack (as JAX or other libraries do)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kw):
+        return self._a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_dlpack_only_cpu_objects_are_read():
+    got = ce_fast.logsumexp(_CpuDlpack(Z))
+    assert_rows_close(got, logsumexp_ref(Z.astype(np.float64)), np.float32)
+    loss = ce_fast.cross_entropy(_CpuDlpack(Z), _CpuDlpack(Y))
+    assert abs(float(loss) - cross_entropy_ref(Z.astype(np.float64), Y)) <= 1e-5
+
+
+def test_error_messages_name_the_argument():
+    with pytest.raises(TypeError, match=re.escape("grad_output must be a real number")):
+        ce_fast.cross_entropy_and_grad(Z, Y, grad_output=None)
