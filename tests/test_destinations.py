@@ -245,3 +245,18 @@ def test_dlpack_only_cpu_objects_are_read():
 def test_error_messages_name_the_argument():
     with pytest.raises(TypeError, match=re.escape("grad_output must be a real number")):
         ce_fast.cross_entropy_and_grad(Z, Y, grad_output=None)
+
+
+class _CudaLike:
+    """Says it lives on CUDA device 0 (DLPack device type 2); never read."""
+
+    dtype = np.dtype(np.float64)
+    shape = (4,)
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+
+def test_grad_output_on_another_device_is_value_error():
+    with pytest.raises(ValueError, match=r"logits are on cpu but grad_output is on cuda:0"):
+        ce_fast.cross_entropy_and_grad(Z, Y, reduction="none", grad_output=_CudaLike())

@@ -509,9 +509,8 @@ def test_grad_output_array_for_none(emu):
     go = np.array([0.5, 0.0, -2.0, 1.0])
     ref = ce_fast.cross_entropy_and_grad(x, y, reduction="none", grad_output=go)
     with kernel_emulator.emulated_engine(emu):
-        # A host array next to device logits is a mixed-device call on a real GPU.
-        with pytest.raises(ValueError, match="grad_output"):
-            ce_fast.cross_entropy_and_grad(x, y, reduction="none", grad_output=go)
+        # (A host array next to device logits is a mixed-device call, refused by the batch
+        # builder from the operands' devices: tests/test_gpu.py checks it on a GPU.)
         for i, g in enumerate(go):
             loss, grad = ce_fast.cross_entropy_and_grad(x[i:i + 1], y[i:i + 1], reduction="none", grad_output=g)
             _grad_close(grad[0], ref[1][i], np.float32)

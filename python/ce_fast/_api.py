@@ -59,9 +59,8 @@ def logsumexp(logits: ArrayLike, *, out: Optional[ArrayLike] = None):
     as ``logits``. A row of only ``-inf`` gives ``-inf``, a row holding ``+inf`` (and
     no NaN) gives ``+inf``, a row holding NaN gives NaN, as ``torch.logsumexp``.
     """
-    x = _batch.logits_operand(logits)
-    engine = _batch.engine_for(x)
-    b = _batch.Batch(x=x, engine=engine, xp=engine.xp(), classes=x.shape[-1])
+    b = _batch.logits_batch(logits)
+    x = b.x
     s = b.engine.run(b, scale=1.0, softcap=0.0, want_wz=False)
     res = s.lse.astype(b.out_dtype).reshape(x.batch_shape)
     if out is None:
@@ -179,8 +178,7 @@ def cross_entropy_and_grad(
         logit_scale=logit_scale,
     )
     b = _batch.make_batch(logits, target, spec, weight)
-    _batch.check_grad_output(grad_output)
-    go = b.engine.grad_output(grad_output, spec.reduction, b.x)
+    go = _batch.grad_output(b, grad_output, spec.reduction)
     o, ret = _grad_out(b, out)
     coef = _rules.grad_coef(b, spec, go)
     s = _run(b, spec, grad=coef, out=o)
@@ -196,8 +194,7 @@ def _grad_with_saved(logits, target, saved: _rules.Stats, *, weight=None, grad_o
     soft targets): one read and one write of the logits. For ce_fast.torch's backward."""
     spec = LossSpec.make(**options)
     b = _batch.make_batch(logits, target, spec, weight)
-    _batch.check_grad_output(grad_output)
-    go = b.engine.grad_output(grad_output, spec.reduction, b.x)
+    go = _batch.grad_output(b, grad_output, spec.reduction)
     o, ret = _grad_out(b, out)
     _run(b, spec, grad=_rules.grad_coef(b, spec, go), out=o, given=saved)
     _arrays.mark_written(o)

@@ -106,6 +106,21 @@ def _check_torch_layout(t: Any, name: str) -> None:
         )
 
 
+def device_of(obj: Any) -> str:
+    """"cpu" or "cuda:N" for an array of any supported library; "cpu" for Python and NumPy scalars."""
+    if is_torch(obj):
+        dev = obj.device
+        return f"cuda:{dev.index}" if dev.type == "cuda" else "cpu" if dev.type == "cpu" else str(dev)
+    cp = _cupy()
+    if cp is not None and isinstance(obj, cp.ndarray):
+        return f"cuda:{obj.device.id}"
+    if hasattr(obj, "__cuda_array_interface__"):
+        return f"cuda:{_require_cupy('array').asarray(obj).device.id}"
+    if not isinstance(obj, np.ndarray) and hasattr(obj, "__dlpack_device__"):
+        return _device_of_dlpack(obj) or "cpu"
+    return "cpu"
+
+
 def operand(obj: Any, name: str, *, out: bool = False) -> Operand:
     """Describes `obj` without copying it. Raises TypeError for what is not an array.
 

@@ -5,39 +5,18 @@ target ranges are checked here, once, for every engine."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ContextManager
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, _errors
 from ._arrays import Operand
 from ._spec import LossSpec
+from ._types import Batch, Engine
 
 
-@dataclass
-class Batch:
-    x: Operand
-    engine: Any  # ce_fast._cpu or ce_fast._cuda
-    xp: Any  # numpy or cupy
-    classes: int
-    target: Any = None  # int64 (rows,), -1 for ignored rows; None for soft targets
-    soft: Optional[Operand] = None
-    weight: Any = None  # float64 (C,) or None
-    valid: Any = None  # bool (rows,): rows that count
-    wy: Any = None  # float64 (rows,): weight of each row's target, 0 for ignored rows
-    weight_total: float = 0.0  # sum of class weights (C without weights)
-
-    @property
-    def rows(self) -> int:
-        return self.x.rows
-
-    @property
-    def out_dtype(self):
-        return self.xp.float64 if self.x.code == _arrays.F64 else self.xp.float32
-
-
-def engine_for(op: Operand):
+def engine_for(op: Operand) -> Engine:
+    """The engine of an operand's device; the CUDA engine is imported only when used."""
     if op.is_cuda:
         from . import _cuda
 
@@ -47,7 +26,7 @@ def engine_for(op: Operand):
     return _cpu
 
 
-def device_scope(logits: Any):
+def device_scope(logits: Any) -> ContextManager[Any]:
     """Context for one public call on `logits`: for CUDA arrays the engine makes their
     device current and, for torch tensors, torch's current stream CuPy's current stream,
     so every kernel and CuPy operation of the call (rules included) is ordered with
@@ -85,10 +64,7 @@ def logits_operand(logits: Any) -> Operand:
 
 def same_device(x: Operand, other: Operand, name: str) -> None:
     if other.device != x.device:
-        raise ValueError(
-            f"logits are on {x.device} but {name} is on {other.device}; "
-            "ce_fast never copies between devices, move one of them first"
-        )
+        raise _errors.device_mismatch(x.device, name, other.device)
 
 
 def _kind(op: Operand) -> str:
@@ -135,10 +111,37 @@ def real_kind(value: Any) -> str:
         return "?"
 
 
-def check_grad_output(value: Any) -> None:
-    """grad_output must be a real number or an array of real numbers."""
+def grad_output(b: Batch, value: Any, reduction: str) -> Any:
+    """grad_output as float64: a 0-d host array, or an array of the loss's shape (reduction
+    "none" only) on the logits' device. Host scalars go with logits on any device."""
     if value is None or real_kind(value) not in "fiu":
         raise TypeError(f"grad_output must be a real number or an array of real numbers, got {value!r:.80}")
+    x = b.x
+    dev = _arrays.device_of(value)
+    if dev != x.device and not (dev == "cpu" and np.ndim(value) == 0):
+        if dev == "cpu":
+            raise ValueError(
+                f"logits are on {x.device} but grad_output is a host array of shape {np.shape(value)}; "
+                "ce_fast never copies between devices, pass a scalar or an array on the logits' device"
+            )
+        raise _errors.device_mismatch(x.device, "grad_output", dev)
+    g = b.engine.grad_output(value, x)
+    if g.ndim == 0:
+        return g
+    if reduction != "none":
+        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {tuple(g.shape)}")
+    if tuple(g.shape) != tuple(x.batch_shape):
+        raise ValueError(
+            f"grad_output must be a scalar or have the loss's shape {x.batch_shape}, got {tuple(g.shape)}"
+        )
+    return g
+
+
+def logits_batch(logits: Any) -> Batch:
+    """The batch of a call that reads only the logits (logsumexp)."""
+    x = logits_operand(logits)
+    engine = engine_for(x)
+    return Batch(x=x, engine=engine, xp=engine.xp(), classes=x.shape[-1])
 
 
 def make_batch(logits: Any, target: Any, spec: LossSpec, weight: Any = None) -> Batch:
@@ -199,23 +202,6 @@ def make_batch(logits: Any, target: Any, spec: LossSpec, weight: Any = None) -> 
     else:
         b.wy = b.valid.astype(xp.float64)
     return b
-
-
-def out_of_range(t, C: int, ignore_index: int, xp):
-    """Index and value of the first target outside [0, C) that is not ignore_index, or None."""
-    bad = (t != ignore_index) & ((t < 0) | (t >= C))
-    if not bool(bad.any()):
-        return None
-    flat = int(xp.argmax(bad.reshape(-1)))
-    pos = tuple(int(i) for i in np.unravel_index(flat, t.shape)) if t.ndim else ()
-    return pos, int(t.reshape(-1)[flat])
-
-
-def index_error(pos: tuple, value: int, C: int, ignore_index: int) -> IndexError:
-    return IndexError(
-        f"target value {value} at position {pos} is out of range for {C} classes "
-        f"(expected 0 <= target < {C}, or ignore_index={ignore_index})"
-    )
 
 
 # ---------------------------------------------------------------- destinations (`out=`)

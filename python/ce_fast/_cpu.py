@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Optional
 
 import numpy as np
 
-from . import _arrays, _batch, _core
+from . import _arrays, _core, _errors
 from ._arrays import Operand
-from ._rules import GradCoef, Stats
+from ._types import Batch, GradCoef, Stats
 
 _threads = 0  # 0 = rayon's default (all cores, or RAYON_NUM_THREADS)
 
@@ -36,9 +38,9 @@ def to_float64(op: Operand) -> np.ndarray:
 def index_targets(t: Operand, C: int, ignore_index: int):
     """int64 class indices with -1 for ignored rows, and the mask of counted rows."""
     a = np.asarray(_arrays.numpy_of(t))
-    bad = _batch.out_of_range(a, C, ignore_index, np)
+    bad = _errors.first_out_of_range(a, C, ignore_index, np)
     if bad is not None:
-        raise _batch.index_error(*bad, C, ignore_index)
+        raise _errors.index_error(*bad, C, ignore_index)
     valid = (a != ignore_index).reshape(-1)
     # int64 before the -1 marker: unsigned targets cannot hold it.
     idx = np.where(valid, a.reshape(-1).astype(np.int64), -1)
@@ -49,7 +51,7 @@ def _ptr(a: Optional[np.ndarray]) -> int:
     return 0 if a is None else a.__array_interface__["data"][0]
 
 
-def run(b, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCoef] = None,
+def run(b: Batch, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCoef] = None,
         out: Optional[Operand] = None, given: Optional[Stats] = None) -> Stats:
     """Per-row statistics of the batch; with `grad`, the gradient is written into `out`.
 
@@ -123,20 +125,13 @@ def writable(o: Operand) -> bool:
     return o.lib == "torch" or bool(o.array.flags.writeable)
 
 
-def grad_output(value: Any, reduction: str, x: Operand) -> np.ndarray:
-    """grad_output as float64: a scalar, or for reduction='none' an array of the loss's shape."""
+def grad_output(value: Any, x: Operand) -> np.ndarray:
+    """A real grad_output on the host (checked by the batch builder) as float64."""
     if _arrays.is_torch(value):
-        if value.device.type != "cpu":
-            raise ValueError(f"logits are on cpu but grad_output is on {value.device}")
         value = value.detach().double().numpy()
-    try:
-        g = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"grad_output must be a number or an array, got {type(value).__name__}") from exc
-    if g.ndim == 0:
-        return g
-    if reduction != "none":
-        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}")
-    if g.shape != x.batch_shape:
-        raise ValueError(f"grad_output must be a scalar or have the loss's shape {x.batch_shape}, got {g.shape}")
-    return g
+    return np.asarray(value, dtype=np.float64)
+
+
+def scope(x: Operand) -> contextlib.AbstractContextManager:
+    """Host arrays need no device or stream."""
+    return contextlib.nullcontext()

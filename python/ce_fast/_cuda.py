@@ -26,9 +26,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _arrays, _batch
+from . import _arrays, _errors
 from ._arrays import BF16, F16, F32, F64, Operand
-from ._rules import GradCoef, Stats
+from ._types import Batch, GradCoef, Stats
 
 KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "ce.cu"
 
@@ -332,11 +332,11 @@ def index_targets(t: Operand, C: int, ignore_index: int):
     flat = int(bad[0])  # the one synchronisation of the check
     if flat != _NO_BAD:
         pos = tuple(int(i) for i in np.unravel_index(flat, t.shape)) if len(t.shape) else ()
-        raise _batch.index_error(pos, _element(t, pos), C, ignore_index)
+        raise _errors.index_error(pos, _element(t, pos), C, ignore_index)
     return idx, valid
 
 
-def run(b, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCoef] = None,
+def run(b: Batch, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCoef] = None,
         out: Optional[Operand] = None, given: Optional[Stats] = None, argmax: Any = None) -> Stats:
     """Per-row statistics of the batch; with `grad`, the gradient is written into `out`.
 
@@ -463,41 +463,15 @@ def writable(o: Operand) -> bool:
     return True
 
 
-def grad_output(value: Any, reduction: str, x: Operand):
-    """grad_output as float64: a host scalar (NumPy 0-d), or a CuPy array on the logits'
-    device (a 0-d one, or for reduction='none' one of the loss's shape)."""
+def grad_output(value: Any, x: Operand):
+    """A real grad_output (checked by the batch builder: a host scalar, or an array on the
+    logits' device) as float64: a NumPy 0-d array or a CuPy array."""
     cp = xp()
     if _arrays.is_torch(value):
-        if value.device.type == "cuda":
-            dev = f"cuda:{value.device.index}"
-            if dev != x.device:
-                raise ValueError(f"logits are on {x.device} but grad_output is on {dev}")
-            torch = _arrays._torch()
-            g = cp.from_dlpack(value.detach().to(torch.float64).contiguous())
-        elif value.dim() == 0:
-            g = np.asarray(value.item(), dtype=np.float64)
-        else:
-            raise ValueError(f"logits are on {x.device} but grad_output is on {value.device}")
-    elif isinstance(value, cp.ndarray) or hasattr(value, "__cuda_array_interface__"):
-        g = cp.asarray(value)
-        dev = f"cuda:{g.device.id}"
-        if dev != x.device:
-            raise ValueError(f"logits are on {x.device} but grad_output is on {dev}")
-        g = g.astype(cp.float64)
-    else:
-        try:
-            g = np.asarray(value, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"grad_output must be a number or an array, got {type(value).__name__}") from exc
-        if g.ndim != 0:
-            raise ValueError(
-                f"logits are on {x.device} but grad_output is a host array of shape {g.shape}; "
-                "ce_fast never copies between devices, pass a scalar or an array on the logits' device"
-            )
-    if g.ndim == 0:
-        return g
-    if reduction != "none":
-        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}")
-    if tuple(g.shape) != tuple(x.batch_shape):
-        raise ValueError(f"grad_output must be a scalar or have the loss's shape {x.batch_shape}, got {tuple(g.shape)}")
-    return g
+        if value.device.type != "cuda":
+            return np.asarray(value.item(), dtype=np.float64)
+        torch = _arrays._torch()
+        return cp.from_dlpack(value.detach().to(torch.float64).contiguous())
+    if isinstance(value, cp.ndarray) or hasattr(value, "__cuda_array_interface__"):
+        return cp.asarray(value).astype(cp.float64)
+    return np.asarray(value, dtype=np.float64)

@@ -24,40 +24,12 @@ sum of the target weights of counted rows (integer targets) or the row count
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-from ._batch import Batch
 from ._spec import LossSpec
+from ._types import Batch, GradCoef, Stats
 
-
-@dataclass
-class Stats:
-    mx: Any
-    ls: Any
-    zy: Optional[Any] = None
-    swz: Optional[Any] = None
-    swtz: Optional[Any] = None
-    swt: Optional[Any] = None
-
-    @property
-    def lse(self):
-        """log-sum-exp of each row (NaN / +inf / -inf as torch.logsumexp)."""
-        return self.mx + self.ls
-
-
-@dataclass
-class GradCoef:
-    """``grad_c = g * chain_c * ((a0 + a_lse*lse + a_swt*swt) p_c - d w_c - e w_c t_c - b [c == y])``
-    with ``p_c = exp(z_c - lse)``: the rules give the coefficients, engines apply them."""
-
-    a0: Any
-    b: Any
-    g: Any
-    a_lse: float
-    a_swt: float
-    d: float
-    e: float
+__all__ = ["GradCoef", "Stats", "denominator", "grad_coef", "per_row", "reduce", "wants_wz"]
 
 
 def wants_wz(spec: LossSpec) -> bool:
