@@ -10,7 +10,7 @@ from typing import Any, Optional, Tuple
 
 from . import _arrays, _batch, _rules
 from ._arrays import Operand
-from ._spec import LossSpec
+from ._spec import LossSpec, document_options
 
 ArrayLike = Any
 
@@ -72,6 +72,7 @@ def logsumexp(logits: ArrayLike, *, out: Optional[ArrayLike] = None):
     return out
 
 
+@document_options()
 def cross_entropy(
     logits: ArrayLike,
     target: ArrayLike,
@@ -95,14 +96,7 @@ def cross_entropy(
     logits : array ``(*batch, C)``, float32 / float64 / float16 / bfloat16.
     target : integer array ``batch`` of class indices, or a floating array of the
         logits' shape holding class probabilities (soft targets).
-    weight : ``(C,)`` non-negative class weights, optional.
-    ignore_index : rows whose target equals it contribute 0 and leave the mean
-        (integer targets only).
-    reduction : ``"mean"`` (weighted mean over counted rows), ``"sum"`` or ``"none"``.
-    label_smoothing : in ``[0, 1]``; mixes the target with the uniform distribution.
-    z_loss : coefficient ``z`` of ``z * lse**2`` added per counted row (PaLM's z-loss).
-    softcap : ``c``; logits become ``c * tanh(logits / c)`` (after ``logit_scale``). None: off.
-    logit_scale : logits are multiplied by it first.
+    {options}
 
     Returns
     -------
@@ -144,6 +138,7 @@ def _grad_out(b: _batch.Batch, out: Optional[ArrayLike]) -> Tuple[Operand, Any]:
 
 
 @_on_device
+@document_options()
 def cross_entropy_and_grad(
     logits: ArrayLike,
     target: ArrayLike,
@@ -164,6 +159,7 @@ def cross_entropy_and_grad(
     ``loss`` is exactly what ``cross_entropy`` returns and
     ``grad = d(grad_output * loss) / d(logits)`` has the logits' shape and dtype.
 
+    {options}
     grad_output : a scalar, or for ``reduction="none"`` an array of the loss's shape.
     out : array to write the gradient into; ``out=logits`` overwrites the logits with
         their gradient (no rows x classes allocation). The true-class term is formed in

@@ -1,13 +1,52 @@
-"""Loss options, validated once into one frozen value."""
+"""Loss options, validated once into one frozen value, and the one text of each
+option that every public docstring uses."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 REDUCTIONS = ("mean", "sum", "none")
+
+#: The one description of each loss option (and its default), shared by the docstrings
+#: of ce_fast and ce_fast.torch.
+OPTION_DOCS = {
+    "weight": "weight : ``(C,)`` non-negative class weights (default None: all 1).",
+    "ignore_index": (
+        "ignore_index : rows whose target equals it (default -100) contribute 0, get a zero\n"
+        "    gradient and leave the mean (integer targets only)."
+    ),
+    "reduction": (
+        'reduction : ``"mean"`` (default; weighted mean over counted rows), ``"sum"`` or ``"none"``\n'
+        "    (per-row losses of shape ``batch``, 0 for ignored rows)."
+    ),
+    "label_smoothing": (
+        "label_smoothing : in ``[0, 1]`` (default 0); mixes the target with the uniform\n"
+        "    distribution, using the class weights."
+    ),
+    "z_loss": "z_loss : coefficient ``z`` of ``z * lse**2`` added per counted row (default 0; PaLM's z-loss).",
+    "softcap": "softcap : ``c``; logits become ``c * tanh(logits / c)`` after ``logit_scale`` (default None: off).",
+    "logit_scale": "logit_scale : logits are multiplied by it first (default 1).",
+}
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def document_options(*names: str) -> Callable[[_F], _F]:
+    """Fills ``{options}`` in the decorated function's docstring with the shared text
+    of `names` (all options when none are given), indented as the placeholder is."""
+
+    def deco(fn: _F) -> _F:
+        doc = fn.__doc__ or ""
+        line = next(ln for ln in doc.splitlines() if "{options}" in ln)
+        indent = line[: len(line) - len(line.lstrip())]
+        text = "\n".join(OPTION_DOCS[n] for n in (names or OPTION_DOCS))
+        fn.__doc__ = doc.replace(line, "\n".join(indent + ln for ln in text.splitlines()))
+        return fn
+
+    return deco
 
 
 def _real(value, name: str) -> float:

@@ -66,7 +66,7 @@ from torch import Tensor
 
 from . import _api, _arrays
 from ._rules import Stats
-from ._spec import LossSpec
+from ._spec import LossSpec, document_options
 
 __all__ = ["cross_entropy", "CrossEntropyLoss"]
 
@@ -275,6 +275,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 # ------------------------------------------------------------------ public API
 
 
+@document_options()
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -298,14 +299,7 @@ def cross_entropy(
     input : ``(*batch, C)`` float32 / float16 / bfloat16 / float64 tensor (any strides).
     target : integer tensor of shape ``batch`` (class indices), or a floating tensor of
         ``input``'s shape holding class probabilities (soft targets).
-    weight : ``(C,)`` non-negative class weights, optional.
-    ignore_index : rows whose target equals it get loss 0, gradient 0 and leave the mean
-        (integer targets only).
-    reduction : ``"mean"`` (weighted mean over counted rows), ``"sum"`` or ``"none"``.
-    label_smoothing : in ``[0, 1]``.
-    z_loss : coefficient of ``z_loss * lse**2`` added per counted row.
-    softcap : ``c``: logits become ``c * tanh(logits / c)`` (after ``logit_scale``). None: off.
-    logit_scale : logits are multiplied by it first.
+    {options}
     inplace_backward : compute the gradient during the forward pass into ``input``'s own
         buffer (see the module docstring for when this is safe: the logits must not be
         needed by anything else afterwards).
