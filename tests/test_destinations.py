@@ -51,7 +51,7 @@ def test_numpy_as_strided_out_with_overlapping_rows_is_refused():
         ce_fast.logsumexp(Z, out=lse_out)
 
 
-def test_disjoint_interleaved_out_is_accepted():
+def test_disjoint_interleaved_out_is_accepted(simd_path):
     """z[:, ::2] and z[:, 1::2] lie in one address range but share no element."""
     buf = np.empty((4, 100), dtype=np.float32)
     buf[:, ::2] = Z
@@ -91,7 +91,7 @@ def test_in_place_grad_makes_autograd_refuse_stale_saved_values():
         s.sum().backward()
 
 
-def test_logits_with_negative_bit_give_the_right_numbers():
+def test_logits_with_negative_bit_give_the_right_numbers(simd_path):
     c = torch.complex(torch.zeros(4, 50), torch.from_numpy(Z.copy()))
     z = c.conj().imag  # a lazily negated view: its memory holds +Z, its value is -Z
     assert z.is_neg()
@@ -145,7 +145,7 @@ def test_out_with_strides_that_are_not_whole_elements_is_refused():
         ce_fast.logsumexp(Z, out=lse)
 
 
-def test_logits_with_strides_that_are_not_whole_elements_still_read_right():
+def test_logits_with_strides_that_are_not_whole_elements_still_read_right(simd_path):
     rec = np.zeros((4, 50), dtype=[("a", np.float32), ("b", np.int16)])
     rec["a"] = Z
     assert_rows_close(ce_fast.logsumexp(rec["a"]), logsumexp_ref(Z.astype(np.float64)), np.float32)
@@ -182,14 +182,14 @@ def test_options_outside_float32_range_are_value_errors(dtype, kw, name):
 
 
 @pytest.mark.parametrize("kw", [dict(softcap=1e39), dict(softcap=1e-50), dict(logit_scale=1e39)])
-def test_options_outside_float32_range_work_for_float64(kw):
+def test_options_outside_float32_range_work_for_float64(kw, simd_path):
     z = Z.astype(np.float64)
     want = cross_entropy_ref(z, Y, reduction="none", **kw)
     got = ce_fast.cross_entropy(z, Y, reduction="none", **kw)
     assert_rows_close(got, want, np.float64)
 
 
-def test_options_at_float32_edges_are_accepted():
+def test_options_at_float32_edges_are_accepted(simd_path):
     z = random_logits(np.random.default_rng(5), (3, 40), np.float32)
     y = np.array([0, 5, 39])
     for kw in (dict(softcap=3e38), dict(softcap=1.2e-38), dict(logit_scale=0.0)):
@@ -235,7 +235,7 @@ class _CpuDlpack:
         return self._a.__dlpack_device__()
 
 
-def test_dlpack_only_cpu_objects_are_read():
+def test_dlpack_only_cpu_objects_are_read(simd_path):
     got = ce_fast.logsumexp(_CpuDlpack(Z))
     assert_rows_close(got, logsumexp_ref(Z.astype(np.float64)), np.float32)
     loss = ce_fast.cross_entropy(_CpuDlpack(Z), _CpuDlpack(Y))
