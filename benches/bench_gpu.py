@@ -4,7 +4,7 @@
     python benches/bench_gpu.py --sizes 16384x128256 --dtypes bfloat16 --iters 50
     python benches/bench_gpu.py --json gpu.json --markdown benches/RESULTS_GPU.md
 
-The benchmark itself lives in the package (ce_fast._bench_cuda, run by ``ce-fast bench
+The benchmark itself lives in the package (ce_fast.bench.cuda, run by ``ce-fast bench
 --device cuda``) so that it ships in the wheel and exists once; this script only
 passes its arguments on. For each ROWS x CLASSES (default 16384 x {32000, 128256,
 262144}) and dtype (default float32 and bfloat16) it measures with CUDA events

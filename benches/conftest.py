@@ -27,10 +27,10 @@ from typing import Any, Optional
 import numpy as np
 import pytest
 
-from ce_fast import cli
+from ce_fast import bench
 
-DEFAULT_SIZES = cli.DEFAULT_SIZES
-DEFAULT_DTYPES = cli.DEFAULT_DTYPES
+DEFAULT_SIZES = bench.DEFAULT_SIZES
+DEFAULT_DTYPES = bench.DEFAULT_DTYPES
 
 
 def pytest_addoption(parser):
@@ -42,8 +42,8 @@ def pytest_addoption(parser):
 def _cases(config):
     sizes = config.getoption("--bench-sizes") or os.environ.get("CE_FAST_BENCH_SIZES") or DEFAULT_SIZES
     dtypes = config.getoption("--bench-dtypes") or os.environ.get("CE_FAST_BENCH_DTYPES") or DEFAULT_DTYPES
-    shapes = cli._parse_sizes(sizes)
-    dts = cli._parse_list(cli._DTYPE_ALIASES, "dtype")(dtypes)
+    shapes = bench.parse_sizes(sizes)
+    dts = bench.parse_dtypes(dtypes)
     return [(s, d) for s in shapes for d in dts]
 
 
@@ -51,7 +51,7 @@ def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         cases = _cases(metafunc.config)
         metafunc.parametrize(
-            "case", cases, ids=[f"{cli._fmt_size(s)}-{d}" for s, d in cases], indirect=True, scope="module"
+            "case", cases, ids=[f"{bench.format_size(s)}-{d}" for s, d in cases], indirect=True, scope="module"
         )
 
 
@@ -78,7 +78,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{cli._fmt_size(self.shape)} {self.dtype}"
+        return f"{bench.format_size(self.shape)} {self.dtype}"
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +88,14 @@ def case(request):
     shape, dtype = request.param
     if THREADS is not None:
         ce_fast.set_threads(THREADS)
-    z, y = cli.make_logits(shape, dtype, seed=0)
+    z, y = bench.make_logits(shape, dtype, seed=0)
     zt = yt = None
     try:
         import torch
 
         if THREADS is not None:
             torch.set_num_threads(THREADS)
-        zt = cli._torch_of(z).reshape(-1, shape[-1])
+        zt = bench.as_torch(z).reshape(-1, shape[-1])
         yt = torch.from_numpy(y.reshape(-1))
     except ImportError:
         pass

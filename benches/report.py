@@ -10,7 +10,7 @@
     python benches/report.py b.json -o benches/RESULTS.md
 
 The ce-fast bench table (machine, command, times, GB/s, share of the read pass,
-ratios to NumPy / PyTorch, peak memory) is rendered by ce_fast.cli.format_markdown,
+ratios to NumPy / PyTorch, peak memory) is rendered by ce_fast.bench.format_markdown,
 so the terminal table and the file agree.
 """
 
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
-from ce_fast import cli
+from ce_fast import bench, cli
 
 
 def pytest_benchmark_markdown(data: dict) -> str:
@@ -61,7 +61,7 @@ def pytest_benchmark_markdown(data: dict) -> str:
 
 def render(data: dict) -> str:
     if data.get("schema", "").startswith("ce_fast.bench/"):
-        return cli.format_markdown(data)
+        return bench.format_markdown(data)
     if "benchmarks" in data:
         return pytest_benchmark_markdown(data)
     raise SystemExit("report.py: not a ce-fast bench or pytest-benchmark JSON file")

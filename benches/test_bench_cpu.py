@@ -14,11 +14,13 @@ bytes (fwd+bwd, copy) over the best round. The in-place variant restores the log
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
 import ce_fast
-from ce_fast import _core, cli
+from ce_fast import bench
 
 
 def _need_torch(case):
@@ -36,13 +38,13 @@ def test_fwd_ce_fast(case, measure):
 
 
 def test_fwd_read_pass(case, measure):
-    ptr, n, threads = case.z.ctypes.data, case.nbytes, ce_fast.get_threads()
-    measure(case, "fwd", lambda: _core.read_pass(ptr, n, threads), n,
+    threads = ce_fast.get_threads()
+    measure(case, "fwd", bench.read_pass_fn(case.z, threads), case.nbytes,
             what=f"read pass of the logits bytes, {threads} threads (yardstick)")
 
 
 def test_fwd_numpy(case, measure):
-    loss = measure(case, "fwd", lambda: cli.numpy_forward(case.z, case.y), case.nbytes, baseline=True,
+    loss = measure(case, "fwd", functools.partial(bench.numpy_forward, case.z, case.y), case.nbytes, baseline=True,
                    what="NumPy max/exp/sum/log in float32")
     ref = float(ce_fast.cross_entropy(case.z, case.y))
     assert abs(loss - ref) <= 1e-5 * abs(ref)
@@ -50,9 +52,7 @@ def test_fwd_numpy(case, measure):
 
 def test_fwd_torch(case, measure):
     _need_torch(case)
-    import torch.nn.functional as F
-
-    measure(case, "fwd", lambda: F.cross_entropy(case.zt, case.yt), case.nbytes, baseline=True,
+    measure(case, "fwd", functools.partial(bench.torch_forward, case.zt, case.yt), case.nbytes, baseline=True,
             what="torch F.cross_entropy (CPU)")
 
 
@@ -68,41 +68,28 @@ def test_fwdbwd_ce_fast(case, measure):
 
 def test_fwdbwd_ce_fast_inplace(case, measure):
     work = case.z.copy()
-
-    def restore():
-        np.copyto(work, case.z)
-
-    measure(case, "fwd+bwd", lambda: ce_fast.cross_entropy_and_grad(work, case.y, out=work),
-            2 * case.nbytes, setup=restore, what="ce_fast.cross_entropy_and_grad(out=logits)")
+    measure(case, "fwd+bwd", functools.partial(ce_fast.cross_entropy_and_grad, work, case.y, out=work),
+            2 * case.nbytes, setup=functools.partial(np.copyto, work, case.z),
+            what="ce_fast.cross_entropy_and_grad(out=logits)")
     del work
 
 
 def test_fwdbwd_numpy(case, measure):
-    measure(case, "fwd+bwd", lambda: cli.numpy_forward_backward(case.z, case.y), 2 * case.nbytes,
+    measure(case, "fwd+bwd", functools.partial(bench.numpy_forward_backward, case.z, case.y), 2 * case.nbytes,
             baseline=True, what="NumPy forward + (softmax - onehot) / N")
 
 
 def test_fwdbwd_torch(case, measure):
     _need_torch(case)
-    import torch.nn.functional as F
-
     leaf = case.zt.detach().requires_grad_(True)
-
-    def clear():
-        leaf.grad = None
-
-    def fb():
-        loss = F.cross_entropy(leaf, case.yt)
-        loss.backward()
-        return loss.detach()
-
-    measure(case, "fwd+bwd", fb, 2 * case.nbytes, baseline=True, setup=clear,
+    measure(case, "fwd+bwd", functools.partial(bench.torch_forward_backward, leaf, case.yt), 2 * case.nbytes,
+            baseline=True, setup=functools.partial(bench.clear_grad, leaf),
             what="torch F.cross_entropy + .backward() (CPU)")
     leaf.grad = None
 
 
 def test_fwdbwd_copy(case, measure):
     dst = np.empty_like(case.z)
-    measure(case, "fwd+bwd", lambda: np.copyto(dst, case.z), 2 * case.nbytes,
+    measure(case, "fwd+bwd", functools.partial(np.copyto, dst, case.z), 2 * case.nbytes,
             what="numpy.copyto, 1 thread (yardstick)")
     del dst

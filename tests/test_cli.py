@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import ce_fast
-from ce_fast import cli
+from ce_fast import bench, cli
 
 TINY = ["--sizes", "64x1000", "--repeat", "1", "--slow", "1e9", "-q"]
 
@@ -73,12 +73,12 @@ def test_bad_options_exit_2(args, capsys):
 
 
 def _gpu_available() -> bool:
-    from ce_fast import _bench_cuda
+    from ce_fast.bench import cuda as bench_cuda
 
     try:
-        _bench_cuda.probe()
+        bench_cuda.probe()
         return True
-    except cli.DeviceUnavailable:
+    except bench.DeviceUnavailable:
         return False
 
 
@@ -109,16 +109,16 @@ def test_python_dash_m_exit_codes():
 
 
 def test_parse_lists():
-    assert cli._parse_sizes("4096x128256, 2x8x1000") == [(4096, 128256), (2, 8, 1000)]
-    assert cli._parse_list(cli._DTYPE_ALIASES, "dtype")("bf16,f32,float32") == ["bfloat16", "float32"]
-    assert cli._parse_list(cli._OP_ALIASES, "op")("inplace,fwd") == ["fwd+bwd in-place", "fwd"]
+    assert bench.parse_sizes("4096x128256, 2x8x1000") == [(4096, 128256), (2, 8, 1000)]
+    assert bench.parse_dtypes("bf16,f32,float32") == ["bfloat16", "float32"]
+    assert bench.parse_ops("inplace,fwd") == ["fwd+bwd in-place", "fwd"]
 
 
 # ----------------------------------------------------------------- the JSON results
 
 
 def test_json_keys_and_positive_numbers(results):
-    assert results["schema"] == cli.SCHEMA
+    assert results["schema"] == bench.SCHEMA
     m = results["machine"]
     for k in ("cpu_model", "cores", "numpy", "torch", "date", "simd", "ce_fast_threads", "peak_memory_method"):
         assert m.get(k), k
@@ -127,7 +127,7 @@ def test_json_keys_and_positive_numbers(results):
     for c in results["cases"]:
         assert c["bytes"] == 64 * 1000 * (4 if c["dtype"] == "float32" else 2)
         assert _positive(c["yardsticks"]["read"]["gbps"]) and _positive(c["yardsticks"]["copy"]["gbps"])
-        assert set(c["ops"]) == set(cli.OPS)
+        assert set(c["ops"]) == set(bench.OPS)
         for op, rec in c["ops"].items():
             for impl in ("ce_fast", "numpy", "torch"):
                 t = rec[impl]
@@ -145,11 +145,11 @@ def test_losses_agree_with_numpy(results):
         for rec in c["ops"].values():
             lc, ln = rec["loss"]["ce_fast"], rec["loss"]["numpy"]
             assert abs(lc - ln) <= 1e-5 * abs(ln)
-            assert abs(lc - rec["loss"]["torch"]) <= cli.LOSS_RTOL_TORCH[c["dtype"]] * abs(ln)
+            assert abs(lc - rec["loss"]["torch"]) <= bench.LOSS_RTOL_TORCH[c["dtype"]] * abs(ln)
 
 
 def test_table_and_markdown(results):
-    text = cli.format_table(results)
+    text = bench.format_table(results)
     for word in ("read pass", "fwd+bwd in-place", "vs NumPy", "vs torch", "AMD" if "AMD" in results["machine"]["cpu_model"] else ""):
         assert word in text
     md = results["_markdown"]
@@ -198,10 +198,10 @@ def test_no_baselines_threads_and_3d(tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_numpy_baseline_matches_ce_fast(dtype):
-    z, y = cli.make_logits((64, 1000), dtype, seed=3)
+    z, y = bench.make_logits((64, 1000), dtype, seed=3)
     ref = float(ce_fast.cross_entropy(z, y))
-    assert abs(cli.numpy_forward(z, y) - ref) <= 1e-5 * abs(ref)
-    loss, grad = cli.numpy_forward_backward(z, y)
+    assert abs(bench.numpy_forward(z, y) - ref) <= 1e-5 * abs(ref)
+    loss, grad = bench.numpy_forward_backward(z, y)
     assert abs(loss - ref) <= 1e-5 * abs(ref)
     _, g = ce_fast.cross_entropy_and_grad(z, y)
     assert grad.dtype == z.dtype
@@ -210,7 +210,7 @@ def test_numpy_baseline_matches_ce_fast(dtype):
 
 
 def test_timer_single_run_for_slow_baselines():
-    timer = cli.Timer(lambda: None, cli._NoMemory())
+    timer = bench.Timer(lambda: None, bench.NoMemory())
     calls = []
     t, first = timer.time(lambda: calls.append(1) or len(calls), repeat=3, warmup=1, slow_s=0.0)
     assert t.single_run and len(t.times_s) == 1 and first == 1 and len(calls) == 1
@@ -220,7 +220,7 @@ def test_timer_single_run_for_slow_baselines():
 
 
 def test_peak_memory_sees_a_large_allocation():
-    pm = cli.PeakMemory()
+    pm = bench.PeakMemory()
     pm.reset()
     a = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched (above glibc's mmap threshold)
     grown = pm.peak_growth()
@@ -244,7 +244,7 @@ import types  # noqa: E402
 
 import torch  # noqa: E402
 
-from ce_fast import _bench_cuda  # noqa: E402
+from ce_fast.bench import cuda as bench_cuda  # noqa: E402
 
 
 class _ClockEvent:
@@ -259,7 +259,7 @@ class _FakeOOM(RuntimeError):
     pass
 
 
-class CpuTorchArrays(_bench_cuda.TorchArrays):
+class CpuTorchArrays(bench_cuda.TorchArrays):
     """TorchArrays on the CPU; ``oom_on`` names methods that raise an out-of-memory error."""
 
     def __init__(self, oom_on=()):
@@ -290,14 +290,14 @@ class CpuTorchArrays(_bench_cuda.TorchArrays):
         self.freed += 1
 
 
-class FakeCudaBackend(_bench_cuda.CudaBackend):
+class FakeCudaBackend(bench_cuda.CudaBackend):
     """The CUDA backend with its device calls replaced (no probe, no CuPy)."""
 
     def __init__(self, compile_error=None, oom_on=()):
         self.ce, self.threads, self.cupy, self.torch, self.device_index = ce_fast, None, None, torch, 0
         self.arrays = CpuTorchArrays(oom_on)
-        self.memory = cli._NoMemory()
-        self.timer = _bench_cuda.EventTimer(self.arrays, self.memory)
+        self.memory = bench.NoMemory()
+        self.timer = bench_cuda.EventTimer(self.arrays, self.memory)
         self.compile_error = compile_error
         self.compiled = []
 
@@ -323,17 +323,17 @@ def _cuda_cfg(*args):
 @pytest.fixture(scope="module")
 def fake_cuda_results():
     cfg = _cuda_cfg("--sizes", "64x1000,2x8x300", "--dtype", "f32,bf16", "--repeat", "2", "--warmup", "1")
-    return cli.run_bench(cfg, quiet=True, backend=FakeCudaBackend())
+    return bench.run_bench(cfg, quiet=True, backend=FakeCudaBackend())
 
 
 def test_gpu_defaults():
     cfg = _cuda_cfg()
     assert cfg.sizes == [(16384, 32000), (16384, 128256), (16384, 262144)]
-    assert cfg.sizes == _bench_cuda.default_sizes()
-    assert cfg.dtypes == ["float32", "bfloat16"] and cfg.ops == list(cli.OPS)
+    assert cfg.sizes == bench_cuda.default_sizes()
+    assert cfg.dtypes == ["float32", "bfloat16"] and cfg.ops == list(bench.OPS)
     assert (cfg.repeat, cfg.warmup, cfg.compile, cfg.arrays) == (20, 3, True, None)
     cpu = cli._to_config(cli.build_parser().parse_args(["bench"]), ["bench"])
-    assert cpu.sizes == cli._parse_sizes(cli.DEFAULT_SIZES) and (cpu.repeat, cpu.warmup) == (3, 1)
+    assert cpu.sizes == bench.parse_sizes(bench.DEFAULT_SIZES) and (cpu.repeat, cpu.warmup) == (3, 1)
     own = _cuda_cfg("--sizes", "8x100", "--repeat", "4", "--warmup", "0", "--no-compile", "--arrays", "cupy")
     assert own.sizes == [(8, 100)] and (own.repeat, own.warmup, own.compile, own.arrays) == (4, 0, False, "cupy")
 
@@ -360,28 +360,28 @@ def test_probe_messages(monkeypatch):
         return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
 
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy(RuntimeError("cudaErrorNoDevice: no CUDA-capable device")))
-    with pytest.raises(cli.DeviceUnavailable, match="no usable CUDA device.*cudaErrorNoDevice"):
-        _bench_cuda.probe()
+    with pytest.raises(bench.DeviceUnavailable, match="no usable CUDA device.*cudaErrorNoDevice"):
+        bench_cuda.probe()
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy(0))
-    with pytest.raises(cli.DeviceUnavailable, match="no CUDA device found"):
-        _bench_cuda.probe()
+    with pytest.raises(bench.DeviceUnavailable, match="no CUDA device found"):
+        bench_cuda.probe()
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy(1))
-    lib, cp, t = _bench_cuda.probe()
+    lib, cp, t = bench_cuda.probe()
     if not torch.cuda.is_available():
         assert (lib, t) == ("cupy", None)
-        with pytest.raises(cli.DeviceUnavailable, match="--arrays torch needs PyTorch"):
-            _bench_cuda.probe("torch")
-    assert _bench_cuda.probe("cupy")[0] == "cupy"
+        with pytest.raises(bench.DeviceUnavailable, match="--arrays torch needs PyTorch"):
+            bench_cuda.probe("torch")
+    assert bench_cuda.probe("cupy")[0] == "cupy"
     monkeypatch.setitem(sys.modules, "cupy", None)  # import fails
-    with pytest.raises(cli.DeviceUnavailable, match="CuPy is not installed"):
-        _bench_cuda.probe()
+    with pytest.raises(bench.DeviceUnavailable, match="CuPy is not installed"):
+        bench_cuda.probe()
 
 
 def test_is_oom():
-    assert _bench_cuda.is_oom(torch.cuda.OutOfMemoryError("x"), torch)
-    assert _bench_cuda.is_oom(RuntimeError("CUDA error: out of memory"))
-    assert not _bench_cuda.is_oom(RuntimeError("illegal memory access"), torch)
-    assert not _bench_cuda.is_oom(ValueError("out of memory"))
+    assert bench_cuda.is_oom(torch.cuda.OutOfMemoryError("x"), torch)
+    assert bench_cuda.is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not bench_cuda.is_oom(RuntimeError("illegal memory access"), torch)
+    assert not bench_cuda.is_oom(ValueError("out of memory"))
 
 
 def test_event_timer_median_warmup_and_setup():
@@ -419,7 +419,7 @@ def test_event_timer_median_warmup_and_setup():
             return 123
 
     calls = []
-    timer = _bench_cuda.EventTimer(Events(), Mem())
+    timer = bench_cuda.EventTimer(Events(), Mem())
     t, first = timer.time(lambda: calls.append("f") or len(calls), repeat=4, warmup=2,
                           setup=lambda: calls.append("s"), keep=lambda r: r * 10)
     assert t.times_s == pytest.approx([3e-3, 1e-3, 2e-3, 4e-3])
@@ -440,16 +440,16 @@ def test_reference_check():
     loss = -np.log(p[np.arange(4), y])
     grad = p / 10
     grad[np.arange(4), y] -= 0.1
-    ok = _bench_cuda.reference_check(z, y, 10, loss, grad, "float32")
+    ok = bench_cuda.reference_check(z, y, 10, loss, grad, "float32")
     assert ok["ok"] and ok["rows"] == 4 and ok["loss_max_err"] < 1e-12 and ok["grad_max_rel_err"] < 1e-12
-    bad = _bench_cuda.reference_check(z, y, 10, loss, grad * 1.02, "bfloat16")
+    bad = bench_cuda.reference_check(z, y, 10, loss, grad * 1.02, "bfloat16")
     assert not bad["ok"] and bad["grad_max_rel_err"] == pytest.approx(0.02, rel=1e-6)
-    assert not _bench_cuda.reference_check(z, y, 10, loss + 1e-3, grad, "float32")["ok"]
+    assert not bench_cuda.reference_check(z, y, 10, loss + 1e-3, grad, "float32")["ok"]
 
 
 def test_fake_cuda_records(fake_cuda_results):
     r = fake_cuda_results
-    assert r["schema"] == cli.SCHEMA and r["config"]["device"] == "cuda"
+    assert r["schema"] == bench.SCHEMA and r["config"]["device"] == "cuda"
     assert r["config"]["repeat"] == 2 and r["config"]["compile"] is True
     m = r["machine"]
     assert m["gpu"] == "FakeGPU 9000" and m["device"] == "cuda:0" and m["cpu_model"]
@@ -460,7 +460,7 @@ def test_fake_cuda_records(fake_cuda_results):
         read, copy = c["yardsticks"]["read"], c["yardsticks"]["copy"]
         assert read["bytes"] == c["bytes"] and copy["bytes"] == 2 * c["bytes"]
         assert "read_pass" in read["what"] and "copy_" in copy["what"]
-        assert set(c["ops"]) == set(cli.OPS)
+        assert set(c["ops"]) == set(bench.OPS)
         for op, rec in c["ops"].items():
             n = c["bytes"] * (1 if op == "fwd" else 2)
             for impl in ("ce_fast", "torch", "torch_compile"):
@@ -485,7 +485,7 @@ def test_fake_cuda_records(fake_cuda_results):
 
 
 def test_fake_cuda_table_and_markdown(fake_cuda_results, tmp_path):
-    text = cli.format_table(fake_cuda_results)
+    text = bench.format_table(fake_cuda_results)
     lines = text.splitlines()
     assert lines[0].startswith("FakeGPU 9000 (cuda:0, 80 GiB, sm 9.0)")
     head = next(ln for ln in lines if ln.startswith("size"))
@@ -493,7 +493,7 @@ def test_fake_cuda_table_and_markdown(fake_cuda_results, tmp_path):
         assert col in head
     assert sum(1 for ln in lines if " read pass " in ln) == 4 and "fwd+bwd in-place" in text
     assert "CUDA events" in text and "check on 64 rows" in text and "n/a" not in text.split("\n\n")[1]
-    md = cli.format_markdown(fake_cuda_results)
+    md = bench.format_markdown(fake_cuda_results)
     assert "- **gpu**: FakeGPU 9000" in md and "- **gpu_memory_bytes**: 80.0 GiB" in md
     assert "| size | dtype | op | best ms | median ms | GB/s | % read | % copy |" in md
     assert md.count("\n| 64x1000 |") == 2 and md.count("\n| 2x8x300 |") == 2
@@ -513,7 +513,7 @@ def test_fake_cuda_compile_failure_and_oom():
     memory reads OOM; neither stops the bench."""
     be = FakeCudaBackend(compile_error="triton is not installed", oom_on={"empty_like"})
     cfg = _cuda_cfg("--sizes", "16x500", "--dtype", "f32", "--repeat", "1", "--warmup", "0")
-    r = cli.run_bench(cfg, quiet=True, backend=be)
+    r = bench.run_bench(cfg, quiet=True, backend=be)
     (c,) = r["cases"]
     assert c["yardsticks"]["copy"]["error"] == "out of memory" and c["yardsticks"]["copy"]["oom"]
     assert c["ops"]["fwd+bwd in-place"]["ce_fast"]["oom"] and c["ops"]["fwd+bwd in-place"]["gbps"] is None
@@ -524,28 +524,28 @@ def test_fake_cuda_compile_failure_and_oom():
     assert _positive(c["ops"]["fwd"]["speedup_torch"]) and c["ops"]["fwd+bwd in-place"]["speedup_torch"] is None
     assert any("torch.compile n/a (torch.compile failed: RuntimeError: triton is not installed)" in n
                for n in c["notes"])
-    head, rows = cli.table_rows(r)
-    cells = {row[2]: dict(zip(head, row)) for row in rows}
+    report = bench.build_report(r)
+    cells = {row[2]: dict(zip(report.head, row)) for row in report.cells}
     assert cells["copy"]["median ms"] == "OOM" and cells["copy"]["GB/s"] == "OOM"
     assert cells["fwd+bwd in-place"]["median ms"] == "OOM" and cells["fwd+bwd in-place"]["% copy"] == "-"
-    for op in cli.OPS:
+    for op in bench.OPS:
         assert cells[op]["compile ms"] == "n/a" and cells[op]["vs compile"] == "-"
         assert cells[op]["torch ms"] not in ("OOM", "n/a", "-")
-    assert "triton is not installed" in cli.format_table(r)
+    assert "triton is not installed" in bench.format_table(r)
     assert be.arrays.freed > 0
 
 
 def test_fake_cuda_inputs_oom_and_no_torch():
     be = FakeCudaBackend(oom_on={"make_inputs"})
     cfg = _cuda_cfg("--sizes", "16x500", "--dtype", "bf16", "--repeat", "1", "--no-torch")
-    r = cli.run_bench(cfg, quiet=True, backend=be)
+    r = bench.run_bench(cfg, quiet=True, backend=be)
     (c,) = r["cases"]
     assert c["oom"] and c["ops"] == {} and "do not fit" in c["notes"][0]
-    assert "(not run)" in cli.format_table(r) and "OOM" in cli.format_table(r)
-    r = cli.run_bench(cfg, quiet=True, backend=FakeCudaBackend())
+    assert "(not run)" in bench.format_table(r) and "OOM" in bench.format_table(r)
+    r = bench.run_bench(cfg, quiet=True, backend=FakeCudaBackend())
     for rec in r["cases"][0]["ops"].values():
         assert rec["torch"] is None and rec["torch_compile"] is None and rec["speedup_torch"] is None
-    assert " - " in cli.format_table(r)
+    assert " - " in bench.format_table(r)
 
 
 def test_bench_gpu_script_is_a_wrapper(capsys):
@@ -640,7 +640,7 @@ def test_device_memory_counts_torch_and_cupy_pool_peaks():
         memory_allocated=lambda i: state["alloc"],
         max_memory_allocated=lambda i: state["peak"],
     ))
-    mem = _bench_cuda.DeviceMemory(fake_torch, fake_cp, 0)
+    mem = bench_cuda.DeviceMemory(fake_torch, fake_cp, 0)
     assert "torch.cuda.max_memory_allocated" in mem.description and "CuPy" in mem.description
     mem.reset()
     (hook,) = hooks.values()

@@ -1,0 +1,164 @@
+"""Running a bench and rendering its results: the entry points ``ce-fast bench`` uses.
+
+Backends are found by device name: ``ce_fast.bench.cpu`` and ``ce_fast.bench.cuda``
+each define ``BACKEND`` (the class) and ``LAYOUT`` (its table). A backend module is
+imported on first use, so the CUDA one (and CuPy) only when ``--device cuda`` is
+asked for or CUDA results are rendered.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import os
+import platform
+import subprocess
+import sys
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .. import __version__, _cpu
+from .base import Backend, say
+from .config import SCHEMA, Config
+from .report import Layout, Report
+
+DEVICES = ("cpu", "cuda")
+
+
+def backend_module(device: str) -> ModuleType:
+    """The module that benches ``device`` (imported now if it was not yet)."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    return importlib.import_module(f"{__package__}.{device}")
+
+
+def layout_for(results: dict) -> Layout:
+    """The table layout of the backend that produced ``results``."""
+    return backend_module(results.get("config", {}).get("device", "cpu")).LAYOUT
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
+def machine_info(backend: Backend, cfg: Config) -> dict:
+    """What the results were measured on: CPU, memory, library versions, date, git
+    commit, and the backend's own facts (:meth:`Backend.info`)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+        "memory_bytes": mem,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "ce_fast": __version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+    }
+    try:
+        import ml_dtypes
+
+        info["ml_dtypes"] = ml_dtypes.__version__
+    except Exception:
+        pass
+    if cfg.torch:
+        try:
+            import torch
+
+            info["torch"] = torch.__version__
+            info["torch_threads"] = torch.get_num_threads()
+        except ImportError:
+            info["torch"] = None
+    info.update(backend.info())
+    return info
+
+
+def run_bench(cfg: Config, quiet: bool = False, backend: Backend | None = None) -> dict:
+    """Runs the benchmark described by ``cfg``; returns the JSON-ready results
+    (``schema``, ``command``, ``machine``, ``config``, ``cases``).
+
+    ``backend`` (default: the one for ``cfg.device``) is for tests that drive the bench
+    loop with a stand-in device. Raises :class:`~ce_fast.bench.DeviceUnavailable` when
+    the device cannot be benched here. The process's thread settings (ce_fast's and
+    PyTorch's) are left as they were.
+    """
+    prev_threads = _cpu._threads
+    prev_torch_threads = None
+    try:
+        if backend is None:
+            backend = backend_module(cfg.device).BACKEND.from_config(cfg)
+        torch_mod = None
+        if cfg.torch:
+            try:
+                import torch as torch_mod
+
+                if cfg.threads is not None:
+                    prev_torch_threads = torch_mod.get_num_threads()
+                    torch_mod.set_num_threads(cfg.threads)
+            except ImportError:
+                say(quiet, "PyTorch is not installed: no PyTorch baseline")
+                cfg.torch = False
+        results: dict[str, Any] = {
+            "schema": SCHEMA,
+            "command": "ce-fast " + " ".join(cfg.argv),
+            "machine": machine_info(backend, cfg),
+            "config": cfg.to_json(),
+            "cases": [],
+        }
+        for shape in cfg.sizes:
+            for dtype in cfg.dtypes:
+                results["cases"].append(backend.bench_case(shape, dtype, cfg, torch_mod, quiet))
+        return results
+    finally:
+        _cpu.set_threads(prev_threads)
+        if prev_torch_threads is not None:
+            sys.modules["torch"].set_num_threads(prev_torch_threads)
+
+
+def build_report(results: dict) -> Report:
+    """``results`` laid out by the table of the backend that produced them."""
+    return Report.of(results, layout_for(results))
+
+
+def format_table(results: dict) -> str:
+    """The results as the terminal table (machine line, command, table, footnotes)."""
+    return build_report(results).text()
+
+
+def format_markdown(results: dict) -> str:
+    """The results as Markdown (for benches/RESULTS.md)."""
+    return build_report(results).markdown()
