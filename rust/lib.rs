@@ -4,6 +4,7 @@
 
 mod elem;
 mod float;
+mod kernels;
 mod rows;
 mod simd;
 
@@ -233,6 +234,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::kernel_source, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::kernel_names, m)?)?;
     m.add("CHUNK", rows::CHUNK)?;
     m.add("PAR_MIN_ELEMS", rows::PAR_MIN_ELEMS)?;
     Ok(())

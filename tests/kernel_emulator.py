@@ -1,4 +1,6 @@
-"""Runs the real CUDA kernel source (python/ce_fast/kernels/ce.cu) on the CPU.
+"""Runs the real CUDA kernel source on the CPU: the text the GPU engine loads
+(``ce_fast._cuda.source()``: kernels/ce.cu as embedded in ``_core``, or the file in
+$CE_FAST_KERNELS_DIR).
 
 ce.cu is compiled with g++ against ``kernel_emulator_prelude.h`` (one OS thread per
 CUDA thread, real barriers and warp shuffles) into a shared library. ``Emulator``
@@ -79,7 +81,7 @@ class Emulator:
 
         names = [n for group in _cuda.modules().values() for n in group]
         src = _cuda.source()
-        body = f'#include "{_cuda.KERNEL_FILE.as_posix()}"\n'
+        body = f'#include "{_cuda.KERNEL_NAME}"\n'  # written beside the unit below
         unit = _registry(names).replace(
             '#include "kernel_emulator_prelude.h"\n', '#include "kernel_emulator_prelude.h"\n' + body
         )
@@ -92,6 +94,7 @@ class Emulator:
             with tempfile.TemporaryDirectory() as d:
                 cpp = Path(d) / "emu.cpp"
                 cpp.write_text(unit)
+                (Path(d) / _cuda.KERNEL_NAME).write_bytes(src.encode("utf-8"))
                 tmp = Path(d) / "emu.so"
                 cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{HERE}", str(cpp), "-o", str(tmp)]
                 res = subprocess.run(cmd, capture_output=True, text=True)

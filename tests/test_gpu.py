@@ -1,8 +1,9 @@
 """The CUDA engine on a real device: CuPy arrays and CUDA torch tensors against a
 float64 NumPy reference computed here from host copies of the inputs.
 
-Skipped cleanly without CuPy or without a CUDA device. (tests/test_kernels_emulated.py
-runs the same kernels on the CPU; tests/test_kernels_compile.py compiles them.)
+Skipped cleanly without CuPy or without a CUDA device. The kernels are those the engine
+loads (kernels/ce.cu as embedded in _core, or $CE_FAST_KERNELS_DIR); tests/test_kernels_emulated.py
+runs the same kernels on the CPU, tests/test_kernels_compile.py compiles them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The GPU engine without a GPU: python/ce_fast/kernels/ce.cu compiled for the CPU
-(tests/kernel_emulator.py: one thread per CUDA thread, real barriers and warp
-shuffles) and driven by ce_fast._cuda itself, with NumPy standing in for CuPy.
+"""The GPU engine without a GPU: the kernel source it loads (kernels/ce.cu as embedded
+in _core) compiled for the CPU (tests/kernel_emulator.py: one thread per CUDA thread,
+real barriers and warp shuffles) and driven by ce_fast._cuda itself, with NumPy
+standing in for CuPy.
 
 Every public call below runs the GPU engine's launch configuration, row layouts,
 argument marshalling, target check (the kernel's error flag) and fused gradient

@@ -6,6 +6,11 @@ Same small protocol as :mod:`ce_fast._cpu` (``xp``, ``to_float64``,
 :mod:`ce_fast._rules`; the kernels only produce per-row statistics and write the
 gradient.
 
+- The kernel source (``kernels/ce.cu`` in the source tree) is embedded in
+  ``ce_fast._core`` when the extension is built, so the wheel ships it and the GPU host
+  needs no CUDA toolkit. For kernel work, ``CE_FAST_KERNELS_DIR=/path/to/kernels`` makes
+  the engine read ``ce.cu`` from that directory instead (no rebuild of ``_core``); the
+  variable is read once, when the first kernel of the process is compiled.
 - Kernels are compiled by NVRTC through ``cupy.RawModule`` on first use, one module
   per (logits dtype, soft-target dtype) and one for the integer-target kernels;
   CuPy keeps one binary per device in the process and caches it on disk
@@ -20,17 +25,19 @@ gradient.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _arrays, _errors
+from . import _arrays, _core, _errors
 from ._arrays import BF16, F16, F32, F64, Operand
 from ._types import Batch, GradCoef, Stats
 
-KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "ce.cu"
+KERNEL_NAME = "ce.cu"  # the engine's kernel file: kernels/ce.cu, embedded in _core
+KERNELS_DIR_ENV = "CE_FAST_KERNELS_DIR"  # a directory whose .cu files replace the embedded ones
 
 # Extra NVRTC options. The source is C++14 and header-free, so CuPy's defaults do.
 OPTIONS: Tuple[str, ...] = ()
@@ -116,10 +123,24 @@ _kernels: Dict[Tuple[Any, str], Any] = {}
 _lock = threading.Lock()
 
 
+def load_source(name: str = KERNEL_NAME) -> str:
+    """The text of the kernel file `name`: read from $CE_FAST_KERNELS_DIR when that is
+    set and not empty, else the copy embedded in ``_core`` at build time (what ships)."""
+    folder = os.environ.get(KERNELS_DIR_ENV)
+    if folder:
+        path = Path(folder) / name
+        try:
+            return path.read_bytes().decode("utf-8")  # bytes as written, like the embedded copy
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{KERNELS_DIR_ENV}={folder!r} has no kernel file {name!r} ({path})") from None
+    return _core.kernel_source(name)
+
+
 def source() -> str:
+    """The engine's kernel source, loaded once per process (see :func:`load_source`)."""
     global _source
     if _source is None:
-        _source = KERNEL_FILE.read_text(encoding="utf-8")
+        _source = load_source()
     return _source
 
 
