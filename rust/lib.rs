@@ -236,6 +236,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::kernel_source, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::kernel_names, m)?)?;
+    // The package's one version number: Cargo.toml's, also pyproject's (dynamic).
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CHUNK", rows::CHUNK)?;
     m.add("PAR_MIN_ELEMS", rows::PAR_MIN_ELEMS)?;
     Ok(())

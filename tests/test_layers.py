@@ -109,3 +109,18 @@ def test_module_imports_alone(name):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "False", f"importing {name} imported cupy"
+
+
+def test_one_version_number():
+    """The version is written once, in Cargo.toml; the package and the extension report it."""
+    import re
+    import tomllib
+
+    from ce_fast import _core
+
+    root = PKG.parent.parent
+    cargo = tomllib.loads((root / "Cargo.toml").read_text())["package"]["version"]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert ce_fast.__version__ == _core.__version__ == cargo
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", cargo)

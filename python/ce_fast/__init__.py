@@ -6,9 +6,8 @@ back as the input's library, on the input's device.
 """
 
 from ._api import bits_per_token, cross_entropy, cross_entropy_and_grad, logsumexp, perplexity
+from ._core import __version__
 from ._cpu import get_threads, set_threads
-
-__version__ = "0.1.0"
 
 __all__ = [
     "logsumexp",
