@@ -245,14 +245,11 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
     }))
 }
 
-/// Forces the scalar kernels ("scalar") or the best the CPU has ("auto").
+/// Forces the scalar kernels ("scalar"), the best the CPU has ("auto"), or the AVX2
+/// kernels ("avx2": an error on a CPU without AVX2, FMA and F16C); any case.
 #[pyfunction]
 fn set_simd(name: &str) -> PyResult<()> {
-    if simd::set(name) {
-        Ok(())
-    } else {
-        Err(PyValueError::new_err(format!("simd must be 'scalar' or 'auto', got {name:?}")))
-    }
+    simd::set(name, "simd").map_err(PyValueError::new_err)
 }
 
 /// The kernel set f32-lane calls use now: "avx2" or "scalar".
@@ -270,6 +267,8 @@ fn default_threads() -> usize {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // A bad CE_FAST_SIMD fails the import rather than silently meaning "auto".
+    simd::init_from_env().map_err(PyValueError::new_err)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;
