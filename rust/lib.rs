@@ -13,7 +13,6 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rows::{GradSpec, Problem, StatsOut};
 use simd::scalar::Scalar;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// (address, dtype code, columns, column stride, batch shape, batch strides)
@@ -35,23 +34,69 @@ fn matrix(d: Desc, what: &str) -> PyResult<Matrix> {
     Ok(Matrix { ptr, dtype, cols, col_stride, batch_shape, batch_strides })
 }
 
-/// Thread pools by size, built once; 0 means rayon's global pool.
-fn pool(threads: usize) -> PyResult<Option<Arc<rayon::ThreadPool>>> {
-    if threads == 0 {
-        return Ok(None);
+/// Largest thread count accepted: above the logical CPU count of today's largest
+/// machines (768), far below what would exhaust memory with thread stacks.
+const MAX_THREADS: usize = 1024;
+
+/// The engine's thread pool: one at a time, of the size last asked for, tagged with
+/// the process that built it. Rayon's global pool is never used: it cannot be
+/// rebuilt, and after `fork` its threads do not exist in the child.
+struct Slot {
+    pid: u32,
+    size: usize,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+static POOL: Mutex<Option<Slot>> = Mutex::new(None);
+
+/// Threads for `threads == 0`: RAYON_NUM_THREADS when a positive integer, else the
+/// CPUs this process may use; read once (available_parallelism reads cgroup files).
+fn default_size() -> usize {
+    static DEFAULT: OnceLock<usize> = OnceLock::new();
+    *DEFAULT.get_or_init(|| {
+        let env = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.trim().parse::<usize>().ok());
+        let n = match env {
+            Some(n @ 1..) => n,
+            _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        n.min(MAX_THREADS)
+    })
+}
+
+/// The pool for a call with `threads` (0 = the default size). Asking for another size
+/// replaces the pool; the old one stops when the last call using it lets go of it.
+/// Taking the GIL token keeps the lock from being held across `fork` (Python forks
+/// with the GIL held), so a child never inherits it locked. The process id check at
+/// each call costs one getpid and, unlike pthread_atfork, needs no unsafe code.
+fn pool(_py: Python<'_>, threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
+    if threads > MAX_THREADS {
+        return Err(PyValueError::new_err(format!(
+            "threads must be at most {MAX_THREADS} (0 = the default), got {threads}"
+        )));
     }
-    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    let mut pools = POOLS.get_or_init(Default::default).lock().unwrap();
-    if let Some(p) = pools.get(&threads) {
-        return Ok(Some(p.clone()));
+    let size = if threads == 0 { default_size() } else { threads };
+    let pid = std::process::id();
+    let mut slot = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = slot.as_ref() {
+        if s.pid == pid && s.size == size {
+            return Ok(s.pool.clone());
+        }
+    }
+    if let Some(old) = slot.take() {
+        if old.pid != pid {
+            // Forked child: the parent's workers were not copied; dropping the pool would
+            // signal threads that do not exist here.
+            std::mem::forget(old);
+        }
     }
     let p = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
+        .num_threads(size)
+        .thread_name(|i| format!("ce_fast-{i}"))
         .build()
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
     let p = Arc::new(p);
-    pools.insert(threads, p.clone());
-    Ok(Some(p))
+    *slot = Some(Slot { pid, size, pool: p.clone() });
+    Ok(p)
 }
 
 unsafe fn slice<'a, T>(ptr: usize, len: usize) -> Option<&'a [T]> {
@@ -116,7 +161,7 @@ fn run(
             return Err(PyValueError::new_err(format!("target index {bad} out of range")));
         }
     }
-    let pool = pool(threads)?;
+    let pool = pool(py, threads)?;
     let x_ref = &x;
     let soft_ref = soft.as_ref();
     let gout_ref = gout.as_ref();
@@ -147,7 +192,7 @@ fn run(
                 out: m,
             }
         });
-        let pool = pool.as_deref();
+        let pool = Some(&*pool);
         if x_ref.dtype == DType::F64 {
             return rows::run::<f64, _>(Scalar, &p, gspec.as_ref(), out, pool);
         }
@@ -169,7 +214,7 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
     if ptr == 0 && nbytes > 0 {
         return Err(PyValueError::new_err("null data pointer"));
     }
-    let pool = pool(threads)?;
+    let pool = pool(py, threads)?;
     Ok(py.detach(move || {
         // Unaligned head bytes are read one by one so the words are aligned.
         let head = ((8 - ptr % 8) % 8).min(nbytes);
@@ -197,22 +242,15 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
                 })
                 .reduce(|| 0, |a, b| a ^ b)
         };
-        let sum = match pool.as_deref() {
-            Some(p) => p.install(body),
-            None => body(),
-        };
-        sum ^ rest
+        pool.install(body) ^ rest
     }))
 }
 
-/// Forces the scalar kernels ("scalar") or the best the CPU has ("auto").
+/// Forces the scalar kernels ("scalar"), the best the CPU has ("auto"), or the AVX2
+/// kernels ("avx2": an error on a CPU without AVX2, FMA and F16C); any case.
 #[pyfunction]
 fn set_simd(name: &str) -> PyResult<()> {
-    if simd::set(name) {
-        Ok(())
-    } else {
-        Err(PyValueError::new_err(format!("simd must be 'scalar' or 'auto', got {name:?}")))
-    }
+    simd::set(name, "simd").map_err(PyValueError::new_err)
 }
 
 /// The kernel set f32-lane calls use now: "avx2" or "scalar".
@@ -221,14 +259,17 @@ fn simd_level() -> &'static str {
     simd::current().name()
 }
 
-/// Threads of rayon's global pool.
+/// Threads used when the count is 0: RAYON_NUM_THREADS if a positive integer, else
+/// the CPUs available to the process (at most MAX_THREADS). Builds no pool.
 #[pyfunction]
 fn default_threads() -> usize {
-    rayon::current_num_threads()
+    default_size()
 }
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // A bad CE_FAST_SIMD fails the import rather than silently meaning "auto".
+    simd::init_from_env().map_err(PyValueError::new_err)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;
@@ -240,5 +281,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CHUNK", rows::CHUNK)?;
     m.add("PAR_MIN_ELEMS", rows::PAR_MIN_ELEMS)?;
+    m.add("MAX_THREADS", MAX_THREADS)?;
     Ok(())
 }

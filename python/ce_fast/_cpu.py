@@ -12,7 +12,7 @@ from . import _arrays, _core, _errors
 from ._arrays import Operand
 from ._types import Batch, GradCoef, Stats
 
-_threads = 0  # 0 = rayon's default (all cores, or RAYON_NUM_THREADS)
+_threads = 0  # 0 = the default: RAYON_NUM_THREADS, or the CPUs this process may use
 
 
 def xp():
@@ -20,10 +20,16 @@ def xp():
 
 
 def set_threads(n: int) -> None:
-    """Threads the CPU engine uses; 0 restores the default."""
+    """Threads the CPU engine uses; 0 restores the default.
+
+    At most ``_core.MAX_THREADS`` (1024): more than any current machine has CPUs, and
+    each thread costs a stack. The engine keeps one pool, rebuilt when the count changes.
+    """
     global _threads
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"threads must be an int >= 0, got {n!r}")
+    if n > _core.MAX_THREADS:
+        raise ValueError(f"threads must be at most {_core.MAX_THREADS} (0 = the default), got {n}")
     _threads = n
 
 

@@ -1,13 +1,15 @@
 //! Instruction-set dispatch: one module per instruction set, chosen once per call
 //! at run time. The scalar path is always available and forced with
 //! `CE_FAST_SIMD=scalar` (or `ce_fast._core.set_simd("scalar")`) so CI tests both.
+//! CE_FAST_SIMD takes "scalar", "auto" or "avx2" in any case; anything else fails
+//! the import, so a typo never silently means "auto".
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 pub mod scalar;
 
 use crate::float::Float;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Level {
@@ -24,8 +26,8 @@ impl Level {
     }
 }
 
-// 0 = not decided yet, 1 = scalar forced, 2 = best available.
-static CHOICE: AtomicU8 = AtomicU8::new(0);
+// false = best available (the default), true = scalar forced.
+static SCALAR: AtomicBool = AtomicBool::new(false);
 
 pub fn detected() -> Level {
     #[cfg(target_arch = "x86_64")]
@@ -42,13 +44,7 @@ pub fn detected() -> Level {
 
 /// The level used for the next call.
 pub fn current() -> Level {
-    let mut c = CHOICE.load(Ordering::Relaxed);
-    if c == 0 {
-        let forced = std::env::var("CE_FAST_SIMD").map(|v| v.eq_ignore_ascii_case("scalar"));
-        c = if forced.unwrap_or(false) { 1 } else { 2 };
-        CHOICE.store(c, Ordering::Relaxed);
-    }
-    if c == 1 {
+    if SCALAR.load(Ordering::Relaxed) {
         Level::Scalar
     } else {
         detected()
@@ -80,15 +76,42 @@ pub fn f32_to_f16(level: Level, src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// Returns false for an unknown name.
-pub fn set(name: &str) -> bool {
-    let c = match name {
-        "scalar" => 1,
-        "auto" | "avx2" => 2,
-        _ => return false,
+/// Chooses the kernels by name: "scalar", "auto" or "avx2", in any case. `what` names
+/// the setting in the error. "avx2" is refused on a CPU without it rather than
+/// quietly running something else.
+pub fn set(name: &str, what: &str) -> Result<(), String> {
+    let scalar = match name.to_ascii_lowercase().as_str() {
+        "scalar" => true,
+        "auto" => false,
+        // AVX2 is the best level there is, so forcing it is "auto" where the CPU has it.
+        "avx2" if detected() == Level::Avx2 => false,
+        "avx2" => {
+            return Err(format!(
+                "{what}='avx2' needs a CPU with AVX2, FMA and F16C, which this one lacks; use 'auto' or 'scalar'"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "{what} must be 'scalar', 'auto' or 'avx2' (any case), got '{}'",
+                name.escape_debug()
+            ))
+        }
     };
-    CHOICE.store(c, Ordering::Relaxed);
-    true
+    SCALAR.store(scalar, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Applies CE_FAST_SIMD once, at import; unset or empty means "auto".
+pub fn init_from_env() -> Result<(), String> {
+    const VAR: &str = "CE_FAST_SIMD";
+    match std::env::var_os(VAR) {
+        None => Ok(()),
+        Some(v) if v.is_empty() => Ok(()),
+        Some(v) => match v.to_str() {
+            Some(name) => set(name, VAR),
+            None => Err(format!("{VAR} must be 'scalar', 'auto' or 'avx2' (any case), got {v:?}")),
+        },
+    }
 }
 
 /// Per-chunk kernels over a buffer of the compute type (the chunk is in L1).
