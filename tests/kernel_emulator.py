@@ -1,14 +1,14 @@
 """Runs the real CUDA kernel source on the CPU: the text the GPU engine loads
-(``ce_fast._cuda.source()``: kernels/ce.cu as embedded in ``_core``, or the file in
+(``ce_fast._engines.cuda.source()``: kernels/ce.cu as embedded in ``_core``, or the file in
 $CE_FAST_KERNELS_DIR).
 
 ce.cu is compiled with g++ against ``kernel_emulator_prelude.h`` (one OS thread per
 CUDA thread, real barriers and warp shuffles) into a shared library. ``Emulator``
 launches its kernels with arguments built exactly as the GPU engine builds them
-(``ce_fast._cuda.kernel_args``: each argument passed as a pointer to a value of the
+(``ce_fast._engines.cuda.kernel_args``: each argument passed as a pointer to a value of the
 parameter's size, as cuLaunchKernel does) on host memory.
 
-``emulated_engine()`` patches ``ce_fast._cuda`` so that NumPy arrays run through the
+``emulated_engine()`` patches ``ce_fast._engines.cuda`` so that NumPy arrays run through the
 whole GPU engine (launch configuration, row layouts, target check, fused gradient)
 with the emulator standing in for CuPy's RawModule and NumPy for CuPy: the public API
 can then be compared against the Rust CPU engine on this machine.
@@ -77,7 +77,7 @@ class Emulator:
     """The kernels of ce.cu compiled for the CPU; build once per session (tens of seconds)."""
 
     def __init__(self):
-        from ce_fast import _cuda
+        from ce_fast._engines import cuda as _cuda
 
         names = [n for group in _cuda.modules().values() for n in group]
         src = _cuda.source()
@@ -172,12 +172,13 @@ def _fake_cupy(sms: int, l2: int):
 
 @contextlib.contextmanager
 def emulated_engine(emu: Emulator, *, sms: int = 3, l2: int = 1 << 16, **knobs):
-    """NumPy inputs run through ce_fast._cuda with the kernels emulated on the CPU.
+    """NumPy inputs run through ce_fast._engines.cuda with the kernels emulated on the CPU.
 
     `sms` / `l2` are the pretend device's multiprocessors and L2 bytes (small values
     make the grids loop over row tiles); `knobs` override _cuda module constants
     (e.g. VECTORS_PER_THREAD=1 for wider row groups on small rows)."""
-    from ce_fast import _batch, _cuda
+    from ce_fast import _batch
+    from ce_fast._engines import cuda as _cuda
 
     fake = _fake_cupy(sms, l2)
     saved = {

@@ -18,7 +18,7 @@ PROBE = """
 import json, sys
 for name in sys.argv[1:]:
     __import__(name)
-watch = ("cupy", "cupyx", "cuda", "ce_fast.bench.cuda", "ce_fast._cuda", "ce_fast.cli")
+watch = ("cupy", "cupyx", "cuda", "ce_fast.bench.cuda", "ce_fast._engines.cuda", "ce_fast.cli")
 print(json.dumps({m: m in sys.modules for m in watch}))
 """
 
@@ -31,7 +31,7 @@ def _fresh_import(*modules: str) -> dict:
 @pytest.mark.parametrize("modules", [["ce_fast.bench"], ["ce_fast.cli"], ["ce_fast.bench.cuda"]])
 def test_fresh_import_loads_no_cuda(modules):
     loaded = _fresh_import(*modules)
-    for m in ("cupy", "cupyx", "cuda", "ce_fast._cuda"):
+    for m in ("cupy", "cupyx", "cuda", "ce_fast._engines.cuda"):
         assert not loaded[m], f"importing {modules} imported {m}"
     if modules != ["ce_fast.bench.cuda"]:
         assert not loaded["ce_fast.bench.cuda"]

@@ -302,7 +302,7 @@ for red in ("none", "mean", "sum"):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_unsigned_targets_with_ignored_rows(tdtype, weighted):
     """PACKAGE BUG (reported): an ignored row (ignore_index inside [0, C)) in an unsigned
-    target array must give 0 and leave the mean. ce_fast._cpu.index_targets builds
+    target array must give 0 and leave the mean. ce_fast._engines.cpu.index_targets builds
     np.where(valid, target, -1) in the target's unsigned dtype, so the -1 placeholder wraps
     to 255 / 65535 / 2**32 - 1: IndexError with weights, and without weights the engine reads
     the logit at that column (uint32: segmentation fault). Run in a subprocess to survive it."""

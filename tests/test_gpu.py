@@ -21,7 +21,7 @@ if _NDEV == 0:
     pytest.skip("no CUDA device", allow_module_level=True)
 
 import ce_fast  # noqa: E402
-from ce_fast import _cuda  # noqa: E402
+from ce_fast._engines import cuda as _cuda  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

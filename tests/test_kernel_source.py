@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from ce_fast import _core, _cuda
+from ce_fast import _core
+from ce_fast._engines import cuda as _cuda
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"
@@ -129,7 +130,7 @@ def test_wheel_built_from_the_sdist_ships_the_kernels(tmp_path):
     assert "ce_fast/_cuda.py" in names
     assert not [n for n in names if n.startswith("ce_fast/kernels")]
     check = (
-        "import sys, ce_fast, ce_fast._core as c; from ce_fast import _cuda; "
+        "import sys, ce_fast, ce_fast._core as c; from ce_fast._engines import cuda as _cuda; "
         "assert ce_fast.__file__.startswith(sys.argv[1]), ce_fast.__file__; "
         "sys.stdout.buffer.write(_cuda.source().encode())"
     )

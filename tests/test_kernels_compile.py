@@ -1,12 +1,12 @@
 """Every CUDA kernel instantiation of the GPU engine compiles, without a GPU.
 
 NVRTC (from the ``cuda-bindings`` and ``nvidia-cuda-nvrtc`` wheels that torch's CUDA
-builds install) compiles the source the engine loads (``ce_fast._cuda.source()``:
+builds install) compiles the source the engine loads (``ce_fast._engines.cuda.source()``:
 kernels/ce.cu as embedded in ``_core``) to real cubins for sm_80 and
 sm_90 (so ptxas checks the inline PTX too), module by module exactly as the engine asks
 CuPy's RawModule for them, with CuPy's default dialect (C++14) and flush-to-zero. Each
 expected name expression must lower to a mangled symbol. The launch-argument lists of
-ce_fast._cuda are checked against the kernels' C++ signatures.
+ce_fast._engines.cuda are checked against the kernels' C++ signatures.
 
 This test must not be skipped on a machine without a GPU: a kernel that does not
 compile fails it. Without cuda-bindings / libnvrtc it fails with a message naming the
@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ce_fast import _cuda
+from ce_fast._engines import cuda as _cuda
 
 ARCHS = ["sm_80", "sm_90"]
 # What CuPy passes besides the architecture (RawModule defaults to -std=c++14 since

@@ -1,6 +1,6 @@
 """The GPU engine without a GPU: the kernel source it loads (kernels/ce.cu as embedded
 in _core) compiled for the CPU (tests/kernel_emulator.py: one thread per CUDA thread,
-real barriers and warp shuffles) and driven by ce_fast._cuda itself, with NumPy
+real barriers and warp shuffles) and driven by ce_fast._engines.cuda itself, with NumPy
 standing in for CuPy.
 
 Every public call below runs the GPU engine's launch configuration, row layouts,
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import ce_fast
-from ce_fast import _batch, _cuda, _rules
+from ce_fast import _batch, _rules
+from ce_fast._engines import cuda as _cuda
 from ce_fast._spec import LossSpec
 
 import kernel_emulator

@@ -7,7 +7,7 @@ back as the input's library, on the input's device.
 
 from ._api import bits_per_token, cross_entropy, cross_entropy_and_grad, logsumexp, perplexity
 from ._core import __version__
-from ._cpu import get_threads, set_threads
+from ._engines.cpu import get_threads, set_threads
 
 __all__ = [
     "logsumexp",

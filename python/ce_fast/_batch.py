@@ -12,18 +12,8 @@ import numpy as np
 from . import _arrays, _errors
 from ._arrays import Operand
 from ._spec import LossSpec
-from ._types import Batch, Engine
-
-
-def engine_for(op: Operand) -> Engine:
-    """The engine of an operand's device; the CUDA engine is imported only when used."""
-    if op.is_cuda:
-        from . import _cuda
-
-        return _cuda
-    from . import _cpu
-
-    return _cpu
+from ._engines import engine_for
+from ._types import Batch
 
 
 def device_scope(logits: Any) -> ContextManager[Any]:
@@ -31,22 +21,10 @@ def device_scope(logits: Any) -> ContextManager[Any]:
     device current and, for torch tensors, torch's current stream CuPy's current stream,
     so every kernel and CuPy operation of the call (rules included) is ordered with
     the caller's torch work. A no-op on the CPU."""
-    if isinstance(logits, np.ndarray):
-        cuda = False
-    elif _arrays.is_torch(logits):
-        cuda = logits.device.type == "cuda"
-    else:
-        cp = _arrays._cupy()
-        cuda = (
-            (cp is not None and isinstance(logits, cp.ndarray))
-            or hasattr(logits, "__cuda_array_interface__")
-            or str(_arrays._device_of_dlpack(logits)).startswith("cuda")
-        )
-    if not cuda:
+    if isinstance(logits, np.ndarray) or not _arrays.device_of(logits).startswith("cuda"):
         return contextlib.nullcontext()
-    from . import _cuda
-
-    return _cuda.scope(_arrays.operand(logits, "logits"))
+    x = _arrays.operand(logits, "logits")
+    return engine_for(x).scope(x)
 
 
 def logits_operand(logits: Any) -> Operand:

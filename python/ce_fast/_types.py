@@ -48,7 +48,7 @@ class GradCoef:
 
 class Engine(Protocol):
     """What the batch builder, the rules and the public functions need from an engine
-    (``ce_fast._cpu`` for host arrays, ``ce_fast._cuda`` for CUDA arrays). Engines are
+    (``ce_fast._engines.cpu`` for host arrays, ``ce_fast._engines.cuda`` for CUDA arrays). Engines are
     modules; each function below is a module-level function."""
 
     def xp(self) -> Any:

@@ -6,7 +6,7 @@ it times, with CUDA events on the current stream (median of ``--repeat`` runs af
 ``--warmup`` runs):
 
 yardsticks
-    ``read pass``: ``ce_fast._cuda.read_pass`` (one 16-byte-load read of the array);
+    ``read pass``: ``ce_fast._engines.cuda.read_pass`` (one 16-byte-load read of the array);
     ``copy``: ``Tensor.copy_`` (torch arrays) or ``cupy.copyto`` into a second buffer,
     counted as read + write bytes.
 ``fwd``
@@ -567,7 +567,7 @@ class CudaBackend:
         lib, cupy, torch = probe(arrays)
         import ce_fast
 
-        from .. import _cuda
+        from .._engines import cuda as _cuda
 
         self.ce = ce_fast
         self._cuda = _cuda
@@ -634,7 +634,7 @@ class CudaBackend:
     @property
     def read_what(self) -> str:
         """What :meth:`read_pass` is, for the report."""
-        return "ce_fast._cuda.read_pass, 16-byte loads"
+        return "ce_fast._engines.cuda.read_pass, 16-byte loads"
 
     def compile(self, fn: Callable, torch: Any) -> Callable:
         """torch.compile of ``fn`` with a fresh dynamo cache (so the per-shape graphs of
@@ -1153,7 +1153,7 @@ class CudaLayout(Layout):
                 "(fwd+bwd, in-place, copy)"
             ),
             (
-                f"% read = GB/s / read-pass GB/s ({what('read', 'ce_fast._cuda.read_pass')}); % copy = GB/s / "
+                f"% read = GB/s / read-pass GB/s ({what('read', 'ce_fast._engines.cuda.read_pass')}); % copy = GB/s / "
                 f"copy GB/s ({what('copy', 'a device copy')}), for the fused loss + gradient"
             ),
             (

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__, _cpu
+from .. import __version__
+from .._engines import cpu as _cpu
 from .base import Backend, say
 from .config import SCHEMA, Config
 from .report import Layout, Report

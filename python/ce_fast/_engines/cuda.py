@@ -1,6 +1,6 @@
 """The CUDA engine: a thin adapter from batches to the CUDA kernels in ``kernels/ce.cu``.
 
-Same small protocol as :mod:`ce_fast._cpu` (``xp``, ``to_float64``,
+Same small protocol as :mod:`ce_fast._engines.cpu` (``xp``, ``to_float64``,
 ``index_targets``, ``run``, ``wrap``, ``copy_into``, ``empty_like``, ``writable``,
 ``grad_output``), with CuPy as the array module. The loss and gradient rules stay in
 :mod:`ce_fast._rules`; the kernels only produce per-row statistics and write the
@@ -32,9 +32,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _arrays, _core, _errors
-from ._arrays import BF16, F16, F32, F64, Operand
-from ._types import Batch, GradCoef, Stats
+from .. import _arrays, _core, _errors
+from .._arrays import BF16, F16, F32, F64, Operand
+from .._types import Batch, GradCoef, Stats
 
 KERNEL_NAME = "ce.cu"  # the engine's kernel file: kernels/ce.cu, embedded in _core
 KERNELS_DIR_ENV = "CE_FAST_KERNELS_DIR"  # a directory whose .cu files replace the embedded ones

@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _arrays, _core, _errors
-from ._arrays import Operand
-from ._types import Batch, GradCoef, Stats
+from .. import _arrays, _core, _errors
+from .._arrays import Operand
+from .._types import Batch, GradCoef, Stats
 
 _threads = 0  # 0 = the default: RAYON_NUM_THREADS, or the CPUs this process may use
 
