@@ -492,8 +492,8 @@ def test_gradient_from_given_statistics(emu, soft):
     y = rng.dirichlet(np.ones(700), 5).astype(np.float32) if soft else rng.integers(0, 700, 5)
     spec = LossSpec.make(label_smoothing=0.1, z_loss=1e-3)
     with kernel_emulator.emulated_engine(emu):
-        b = _batch_of(x, y, spec)
-        coef = _rules.grad_coef(b, spec, np.float64(1.0))
+        b = _batch.make_batch(x, y, spec, grad_output=1.0)
+        coef = _rules.grad_coef(b, spec)
         out1 = np.empty_like(x)
         s = _cuda.run(b, scale=1.0, softcap=0.0, want_wz=True, grad=coef,
                       out=_batch._arrays.operand(out1, "out"))

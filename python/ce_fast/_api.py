@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 from . import _arrays, _batch, _rules
-from ._arrays import Operand
 from ._spec import LossSpec, document_options
+from ._types import Batch, Stats
 
 ArrayLike = Any
 
@@ -27,18 +27,26 @@ def _on_device(fn):
     return call
 
 
-def _run(b: _batch.Batch, spec: LossSpec, **kw) -> _rules.Stats:
-    return b.engine.run(
+def _stats(b: Batch, spec: LossSpec, *, grad: bool = False, given: Optional[Stats] = None) -> Stats:
+    """The engine's per-row statistics; with `grad`, the gradient is written into b.out."""
+    coef = _rules.grad_coef(b, spec) if grad else None
+    s = b.engine.run(
         b,
         scale=spec.logit_scale,
         softcap=spec.softcap_or_zero,
         want_wz=_rules.wants_wz(spec),
-        **kw,
+        grad=coef,
+        out=b.out if grad else None,
+        given=given,
     )
+    if grad:
+        _arrays.mark_written(b.out)
+    return s
 
 
-def _result(value, like: Operand):
-    return _batch.engine_for(like).wrap(value, like)
+def _loss(b: Batch, spec: LossSpec, s: Stats) -> Any:
+    """The loss the caller gets, from the statistics, in the logits' library."""
+    return b.engine.wrap(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x)
 
 
 @_on_device
@@ -59,17 +67,13 @@ def logsumexp(logits: ArrayLike, *, out: Optional[ArrayLike] = None):
     as ``logits``. A row of only ``-inf`` gives ``-inf``, a row holding ``+inf`` (and
     no NaN) gives ``+inf``, a row holding NaN gives NaN, as ``torch.logsumexp``.
     """
-    b = _batch.logits_batch(logits)
-    x = b.x
+    b = _batch.logits_batch(logits, out)
     s = b.engine.run(b, scale=1.0, softcap=0.0, want_wz=False)
-    res = s.lse.astype(b.out_dtype).reshape(x.batch_shape)
-    if out is None:
-        return _result(res, x)
-    o = _batch.out_operand(
-        out, x, x.batch_shape, (_arrays.F32, _arrays.F64), f"logits shape {x.shape} without its last axis"
-    )
-    b.engine.copy_into(o, res)
-    return out
+    res = s.lse.astype(b.out_dtype).reshape(b.x.batch_shape)
+    if b.out is None:
+        return b.engine.wrap(res, b.x)
+    b.engine.copy_into(b.out, res)
+    return b.result
 
 
 @document_options()
@@ -121,20 +125,12 @@ def cross_entropy(
 
 
 @_on_device
-def _loss_and_stats(logits, target, spec: LossSpec, weight=None) -> Tuple[Any, _rules.Stats]:
+def _loss_and_stats(logits, target, spec: LossSpec, weight=None) -> tuple[Any, Stats]:
     """What :func:`cross_entropy` returns, and the per-row statistics behind it (mx, ls;
     swt for soft targets) that :func:`_grad_with_saved` needs. For ce_fast.torch's forward."""
     b = _batch.make_batch(logits, target, spec, weight)
-    s = _run(b, spec)
-    return _result(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x), s
-
-
-def _grad_out(b: _batch.Batch, out: Optional[ArrayLike]) -> Tuple[Operand, Any]:
-    """The operand the gradient is written to, and what is returned for it."""
-    if out is None:
-        arr = b.engine.empty_like(b.x)
-        return _arrays.operand(arr, "out"), arr
-    return _batch.grad_out_operand(b, out), out
+    s = _stats(b, spec)
+    return _loss(b, spec, s), s
 
 
 @_on_device
@@ -173,28 +169,20 @@ def cross_entropy_and_grad(
         softcap=softcap,
         logit_scale=logit_scale,
     )
-    b = _batch.make_batch(logits, target, spec, weight)
-    go = _batch.grad_output(b, grad_output, spec.reduction)
-    o, ret = _grad_out(b, out)
-    coef = _rules.grad_coef(b, spec, go)
-    s = _run(b, spec, grad=coef, out=o)
-    _arrays.mark_written(o)
-    loss = _result(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x)
-    return loss, ret
+    b = _batch.make_batch(logits, target, spec, weight, grad_output=grad_output, out=out)
+    s = _stats(b, spec, grad=True)
+    return _loss(b, spec, s), b.result
 
 
 @_on_device
-def _grad_with_saved(logits, target, saved: _rules.Stats, *, weight=None, grad_output=1.0,
+def _grad_with_saved(logits, target, saved: Stats, *, weight=None, grad_output=1.0,
                      out=None, **options):
     """The gradient only, from statistics saved by a forward call (mx and ls; swt for
     soft targets): one read and one write of the logits. For ce_fast.torch's backward."""
     spec = LossSpec.make(**options)
-    b = _batch.make_batch(logits, target, spec, weight)
-    go = _batch.grad_output(b, grad_output, spec.reduction)
-    o, ret = _grad_out(b, out)
-    _run(b, spec, grad=_rules.grad_coef(b, spec, go), out=o, given=saved)
-    _arrays.mark_written(o)
-    return ret
+    b = _batch.make_batch(logits, target, spec, weight, grad_output=grad_output, out=out)
+    _stats(b, spec, grad=True, given=saved)
+    return b.result
 
 
 def _mean_ce(logits, target, ignore_index) -> float:

@@ -89,7 +89,7 @@ def real_kind(value: Any) -> str:
         return "?"
 
 
-def grad_output(b: Batch, value: Any, reduction: str) -> Any:
+def _grad_output(b: Batch, value: Any, reduction: str) -> Any:
     """grad_output as float64: a 0-d host array, or an array of the loss's shape (reduction
     "none" only) on the logits' device. Host scalars go with logits on any device."""
     if value is None or real_kind(value) not in "fiu":
@@ -115,14 +115,48 @@ def grad_output(b: Batch, value: Any, reduction: str) -> Any:
     return g
 
 
-def logits_batch(logits: Any) -> Batch:
-    """The batch of a call that reads only the logits (logsumexp)."""
+def logits_batch(logits: Any, out: Any = None) -> Batch:
+    """The batch of a call that reads only the logits (logsumexp), with its optional
+    float32 / float64 destination of the batch shape."""
     x = logits_operand(logits)
     engine = engine_for(x)
-    return Batch(x=x, engine=engine, xp=engine.xp(), classes=x.shape[-1])
+    b = Batch(x=x, engine=engine, xp=engine.xp(), classes=x.shape[-1])
+    if out is not None:
+        what = f"logits shape {x.shape} without its last axis"
+        b.out = out_operand(out, x, x.batch_shape, (_arrays.F32, _arrays.F64), what)
+        b.result = out
+    return b
 
 
-def make_batch(logits: Any, target: Any, spec: LossSpec, weight: Any = None) -> Batch:
+_NO_GRAD = object()
+
+
+def make_batch(
+    logits: Any,
+    target: Any,
+    spec: LossSpec,
+    weight: Any = None,
+    *,
+    grad_output: Any = _NO_GRAD,
+    out: Any = None,
+) -> Batch:
+    """Every argument of a loss call checked once: logits, target, weight, and for a
+    gradient call (`grad_output` given) grad_output and the destination `out` (a fresh
+    array of the logits' kind when None)."""
+    b = _loss_batch(logits, target, spec, weight)
+    if grad_output is not _NO_GRAD:
+        b.grad_output = _grad_output(b, grad_output, spec.reduction)
+        if out is None:
+            b.result = b.engine.empty_like(b.x)
+            b.out = _arrays.operand(b.result, "out")
+        else:
+            b.out, b.result = grad_out_operand(b, out), out
+    elif out is not None:
+        raise TypeError("out is only taken together with grad_output")
+    return b
+
+
+def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any) -> Batch:
     x = logits_operand(logits)
     check_options_for(x, spec)
     engine = engine_for(x)

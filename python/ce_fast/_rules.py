@@ -81,8 +81,9 @@ def reduce(b: Batch, spec: LossSpec, rows_loss):
         return xp.asarray(total, dtype=b.out_dtype)
 
 
-def grad_coef(b: Batch, spec: LossSpec, grad_output) -> GradCoef:
-    """Per-row gradient coefficients of ``grad_output * loss``."""
+def grad_coef(b: Batch, spec: LossSpec) -> GradCoef:
+    """Per-row gradient coefficients of ``b.grad_output * loss``."""
+    grad_output = b.grad_output
     xp = b.xp
     eps = spec.label_smoothing
     C = b.classes

@@ -107,6 +107,9 @@ class Batch:
     valid: Any = None  # bool (rows,): rows that count
     wy: Any = None  # float64 (rows,): weight of each row's target, 0 for ignored rows
     weight_total: float = 0.0  # sum of class weights (C without weights)
+    grad_output: Any = None  # float64: 0-d host array, or of shape (rows,)-compatible batch shape
+    out: Optional[Operand] = None  # where the gradient (or logsumexp) is written
+    result: Any = None  # what the caller gets back for `out`: their array, or a fresh one
 
     @property
     def rows(self) -> int:

@@ -8,8 +8,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .. import _arrays, _core, _errors
-from .._arrays import Operand
+from .._arrays import Operand, _torch, is_torch, numpy_of
+from .._arrays import wrap as wrap_numpy
+from .._core import MAX_THREADS, default_threads
+from .._core import run as run_kernels
+from .._errors import first_out_of_range, index_error
 from .._types import Batch, GradCoef, Stats
 
 _threads = 0  # 0 = the default: RAYON_NUM_THREADS, or the CPUs this process may use
@@ -22,31 +25,31 @@ def xp():
 def set_threads(n: int) -> None:
     """Threads the CPU engine uses; 0 restores the default.
 
-    At most ``_core.MAX_THREADS`` (1024): more than any current machine has CPUs, and
+    At most ``MAX_THREADS`` (1024): more than any current machine has CPUs, and
     each thread costs a stack. The engine keeps one pool, rebuilt when the count changes.
     """
     global _threads
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"threads must be an int >= 0, got {n!r}")
-    if n > _core.MAX_THREADS:
-        raise ValueError(f"threads must be at most {_core.MAX_THREADS} (0 = the default), got {n}")
+    if n > MAX_THREADS:
+        raise ValueError(f"threads must be at most {MAX_THREADS} (0 = the default), got {n}")
     _threads = n
 
 
 def get_threads() -> int:
-    return _threads or _core.default_threads()
+    return _threads or default_threads()
 
 
 def to_float64(op: Operand) -> np.ndarray:
-    return np.ascontiguousarray(_arrays.numpy_of(op), dtype=np.float64)
+    return np.ascontiguousarray(numpy_of(op), dtype=np.float64)
 
 
 def index_targets(t: Operand, C: int, ignore_index: int):
     """int64 class indices with -1 for ignored rows, and the mask of counted rows."""
-    a = np.asarray(_arrays.numpy_of(t))
-    bad = _errors.first_out_of_range(a, C, ignore_index, np)
+    a = np.asarray(numpy_of(t))
+    bad = first_out_of_range(a, C, ignore_index, np)
     if bad is not None:
-        raise _errors.index_error(*bad, C, ignore_index)
+        raise index_error(*bad, C, ignore_index)
     valid = (a != ignore_index).reshape(-1)
     # int64 before the -1 marker: unsigned targets cannot hold it.
     idx = np.where(valid, a.reshape(-1).astype(np.int64), -1)
@@ -93,7 +96,7 @@ def _call(b, scale, softcap, want_wz, grad, out, s: Optional[Stats], given) -> N
     if grad is not None:
         g = (_ptr(f64(grad.a0)), _ptr(f64(grad.b)), _ptr(f64(grad.g)),
              grad.a_lse, grad.a_swt, grad.d, grad.e, out.desc())
-    _core.run(
+    run_kernels(
         b.x.desc(),
         _ptr(target),
         _ptr(weight),
@@ -109,12 +112,12 @@ def _call(b, scale, softcap, want_wz, grad, out, s: Optional[Stats], given) -> N
 
 
 def wrap(value: np.ndarray, like: Operand):
-    return _arrays.wrap(value, like)
+    return wrap_numpy(value, like)
 
 
 def copy_into(o: Operand, value: np.ndarray) -> None:
     if o.lib == "torch":
-        o.array.copy_(_arrays.wrap(value, o))
+        o.array.copy_(wrap_numpy(value, o))
     else:
         np.copyto(o.array, value, casting="same_kind")
 
@@ -122,9 +125,9 @@ def copy_into(o: Operand, value: np.ndarray) -> None:
 def empty_like(x: Operand):
     """A C-contiguous array of the logits' shape, dtype and library."""
     if x.lib == "torch":
-        torch = _arrays._torch()
+        torch = _torch()
         return torch.empty(x.shape, dtype=x.array.dtype)
-    return np.empty(x.shape, dtype=_arrays.numpy_of(x).dtype)
+    return np.empty(x.shape, dtype=numpy_of(x).dtype)
 
 
 def writable(o: Operand) -> bool:
@@ -133,7 +136,7 @@ def writable(o: Operand) -> bool:
 
 def grad_output(value: Any, x: Operand) -> np.ndarray:
     """A real grad_output on the host (checked by the batch builder) as float64."""
-    if _arrays.is_torch(value):
+    if is_torch(value):
         value = value.detach().double().numpy()
     return np.asarray(value, dtype=np.float64)
 

@@ -32,8 +32,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .. import _arrays, _core, _errors
-from .._arrays import BF16, F16, F32, F64, Operand
+from .._arrays import BF16, F16, F32, F64, Operand, _torch, is_torch, operand
+from .._core import kernel_source
+from .._errors import index_error
 from .._types import Batch, GradCoef, Stats
 
 KERNEL_NAME = "ce.cu"  # the engine's kernel file: kernels/ce.cu, embedded in _core
@@ -133,7 +134,7 @@ def load_source(name: str = KERNEL_NAME) -> str:
             return path.read_bytes().decode("utf-8")  # bytes as written, like the embedded copy
         except FileNotFoundError:
             raise FileNotFoundError(f"{KERNELS_DIR_ENV}={folder!r} has no kernel file {name!r} ({path})") from None
-    return _core.kernel_source(name)
+    return kernel_source(name)
 
 
 def source() -> str:
@@ -188,7 +189,7 @@ def scope(x: Operand):
     dev = _device_id(x)
     with cp.cuda.Device(dev):
         if x.lib == "torch":
-            torch = _arrays._torch()
+            torch = _torch()
             ptr = torch.cuda.current_stream(dev).cuda_stream
             with cp.cuda.ExternalStream(ptr, dev):
                 yield
@@ -310,7 +311,7 @@ def _config(rows: int, C: int, itemsize: int, dev: int, fused: bool) -> Tuple[in
 def to_float64(op: Operand):
     cp = xp()
     if op.lib == "torch":
-        torch = _arrays._torch()
+        torch = _torch()
         return cp.from_dlpack(op.array.detach().to(torch.float64).contiguous())
     return cp.ascontiguousarray(_cupy_array(op), dtype=cp.float64)
 
@@ -353,7 +354,7 @@ def index_targets(t: Operand, C: int, ignore_index: int):
     flat = int(bad[0])  # the one synchronisation of the check
     if flat != _NO_BAD:
         pos = tuple(int(i) for i in np.unravel_index(flat, t.shape)) if len(t.shape) else ()
-        raise _errors.index_error(pos, _element(t, pos), C, ignore_index)
+        raise index_error(pos, _element(t, pos), C, ignore_index)
     return idx, valid
 
 
@@ -438,7 +439,7 @@ def read_pass(a) -> Any:
     """Reads every byte of a C-contiguous, 16-byte aligned CUDA array once (the
     bandwidth yardstick of the benchmarks). Returns a 1-element uint32 CuPy array
     holding an xor checksum; nothing is synchronised."""
-    op = _arrays.operand(a, "array")
+    op = operand(a, "array")
     if not op.is_cuda:
         raise ValueError("read_pass needs a CUDA array")
     item = {F32: 4, F64: 8, F16: 2, BF16: 2}.get(op.code, 0) or np.dtype(op.dtype_name).itemsize
@@ -459,13 +460,13 @@ def read_pass(a) -> Any:
 def wrap(value, like: Operand):
     """A CuPy result as the library of `like`: CuPy, or a torch tensor sharing its memory."""
     if like.lib == "torch":
-        return _arrays._torch().from_dlpack(value)
+        return _torch().from_dlpack(value)
     return value
 
 
 def copy_into(o: Operand, value) -> None:
     if o.lib == "torch":
-        o.array.copy_(_arrays._torch().from_dlpack(value))
+        o.array.copy_(_torch().from_dlpack(value))
     else:
         xp().copyto(_cupy_array(o), value, casting="same_kind")
 
@@ -474,7 +475,7 @@ def empty_like(x: Operand):
     """A C-contiguous array of the logits' shape, dtype, library and device."""
     if x.lib == "torch":
         t = x.array
-        return _arrays._torch().empty(x.shape, dtype=t.dtype, device=t.device)
+        return _torch().empty(x.shape, dtype=t.dtype, device=t.device)
     cp = xp()
     with cp.cuda.Device(_device_id(x)):
         return cp.empty(x.shape, dtype=_cupy_array(x).dtype)
@@ -488,10 +489,10 @@ def grad_output(value: Any, x: Operand):
     """A real grad_output (checked by the batch builder: a host scalar, or an array on the
     logits' device) as float64: a NumPy 0-d array or a CuPy array."""
     cp = xp()
-    if _arrays.is_torch(value):
+    if is_torch(value):
         if value.device.type != "cuda":
             return np.asarray(value.item(), dtype=np.float64)
-        torch = _arrays._torch()
+        torch = _torch()
         return cp.from_dlpack(value.detach().to(torch.float64).contiguous())
     if isinstance(value, cp.ndarray) or hasattr(value, "__cuda_array_interface__"):
         return cp.asarray(value).astype(cp.float64)
