@@ -4,18 +4,14 @@ array layouts and random inputs."""
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import ce_fast  # noqa: E402
-from ce_fast import _core  # noqa: E402
+import ce_fast
+from ce_fast import _core
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 LOW_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BF16)

@@ -3,9 +3,11 @@ only their presence, their sign and the losses' agreement)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -16,6 +18,15 @@ import ce_fast
 from ce_fast import bench, cli
 
 TINY = ["--sizes", "64x1000", "--repeat", "1", "--slow", "1e9", "-q"]
+
+
+def _bench_script(name: str):
+    """A script of benches/ loaded by path (benches/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "benches" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benches_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +170,7 @@ def test_table_and_markdown(results):
 
 
 def test_report_script_renders_json(results, tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benches"))
-    try:
-        import report
-    finally:
-        sys.path.pop(0)
+    report = _bench_script("report")
     src = tmp_path / "r.json"
     src.write_text(json.dumps({k: v for k, v in results.items() if k != "_markdown"}))
     out = tmp_path / "RESULTS.md"
@@ -499,11 +506,7 @@ def test_fake_cuda_table_and_markdown(fake_cuda_results, tmp_path):
     assert md.count("\n| 64x1000 |") == 2 and md.count("\n| 2x8x300 |") == 2
     src = tmp_path / "r.json"
     src.write_text(json.dumps(fake_cuda_results))
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benches"))
-    try:
-        import report
-    finally:
-        sys.path.pop(0)
+    report = _bench_script("report")
     assert report.main([str(src), "-o", str(tmp_path / "R.md")]) == 0
     assert "compile ms" in (tmp_path / "R.md").read_text()
 
@@ -549,11 +552,7 @@ def test_fake_cuda_inputs_oom_and_no_torch():
 
 
 def test_bench_gpu_script_is_a_wrapper(capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benches"))
-    try:
-        import bench_gpu
-    finally:
-        sys.path.pop(0)
+    bench_gpu = _bench_script("bench_gpu")
     assert bench_gpu.cli_args(["--sizes", "8x100", "--iters", "5", "--no-check", "--dtypes", "bf16"]) == [
         "bench", "--device", "cuda", "--sizes", "8x100", "--repeat", "5", "--dtypes", "bf16"]
     assert bench_gpu.cli_args(["--iters=7", "--device", "cpu"]) == ["bench", "--device", "cuda", "--repeat=7"]

@@ -230,10 +230,10 @@ def _cupy_operand(a, name: str, lib: str, keep: Any = None) -> Operand:
     )
 
 
-def mark_written(op: Operand) -> None:
+def mark_written(op: Operand | None) -> None:
     """Tells torch that the engine wrote into `op` behind its back: bumps the tensor's
     version counter, so autograd refuses values saved before the write."""
-    if op.lib == "torch":
+    if op is not None and op.lib == "torch":
         _torch().autograd.graph.increment_version(op.array)
 
 

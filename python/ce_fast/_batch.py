@@ -224,6 +224,7 @@ _ITEMSIZE = {_arrays.F32: 4, _arrays.F64: 8, _arrays.F16: 2, _arrays.BF16: 2}
 def _address_view(op: Operand) -> np.ndarray:
     """A NumPy array with `op`'s addresses and layout, for address arithmetic only: it is
     never read (the memory may be on a GPU)."""
+    assert op.code is not None  # floating operands only
     item = _ITEMSIZE[op.code]
 
     class _Layout:
@@ -249,7 +250,8 @@ def shares_memory(a: Operand, b: Operand) -> bool:
         return False
     too_hard = getattr(np, "exceptions", np).TooHardError
     try:
-        return bool(np.shares_memory(_address_view(a), _address_view(b), max_work=100_000))
+        # NumPy's stub allows only its two named settings; a work bound is documented API.
+        return bool(np.shares_memory(_address_view(a), _address_view(b), max_work=100_000))  # type: ignore[arg-type]
     except too_hard:
         return True  # cannot be decided cheaply: refuse rather than risk a race
 

@@ -21,10 +21,10 @@ class Stats:
 
     mx: Any
     ls: Any
-    zy: Optional[Any] = None
-    swz: Optional[Any] = None
-    swtz: Optional[Any] = None
-    swt: Optional[Any] = None
+    zy: Any = None  # None where not computed
+    swz: Any = None
+    swtz: Any = None
+    swt: Any = None
 
     @property
     def lse(self) -> Any:

@@ -104,7 +104,7 @@ def _call(b, scale, softcap, want_wz, grad, out, s: Optional[Stats], given) -> N
         float(scale),
         float(softcap),
         bool(want_wz),
-        (0, 0, 0, 0, 0, 0) if s is None else tuple(_ptr(a) for a in (s.mx, s.ls, s.zy, s.swz, s.swtz, s.swt)),
+        (0, 0, 0, 0, 0, 0) if s is None else (_ptr(s.mx), _ptr(s.ls), _ptr(s.zy), _ptr(s.swz), _ptr(s.swtz), _ptr(s.swt)),
         g,
         _threads,
         given,

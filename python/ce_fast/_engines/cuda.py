@@ -422,6 +422,7 @@ def run(b: Batch, *, scale: float, softcap: float, want_wz: bool, grad: Optional
     def vec(a):
         return cp.ascontiguousarray(cp.broadcast_to(cp.asarray(a, dtype=f64), (rows,)))
 
+    assert out is not None  # checked above
     o_rs, o_tab = _layout(out.batch_shape, out.strides[:-1])
     kw.update(
         w64=w64, out=out.ptr, o_cs=out.strides[-1], o_rs=o_rs, o_tab=o_tab,
@@ -442,7 +443,7 @@ def read_pass(a) -> Any:
     op = operand(a, "array")
     if not op.is_cuda:
         raise ValueError("read_pass needs a CUDA array")
-    item = {F32: 4, F64: 8, F16: 2, BF16: 2}.get(op.code, 0) or np.dtype(op.dtype_name).itemsize
+    item = {F32: 4, F64: 8, F16: 2, BF16: 2}[op.code] if op.code is not None else np.dtype(op.dtype_name).itemsize
     n = int(np.prod(op.shape, dtype=np.int64)) * item
     if op.ptr % 16 or n % 16:
         raise ValueError("read_pass needs a 16-byte aligned array whose size is a multiple of 16 bytes")

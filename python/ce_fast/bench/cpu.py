@@ -44,7 +44,7 @@ from .inputs import (
     torch_forward,
     torch_forward_backward,
 )
-from .report import COPY, OP, READ, Column, Layout, Row
+from .report import COPY, OP, READ, Column, Layout, Row, op_cell
 from .timing import PeakMemory, Timer, mem_available
 
 
@@ -287,19 +287,10 @@ def _share_of_read(row: Row) -> str:
     if row.kind == READ:
         return "100%"
     if row.kind == COPY:
-        return f"{row.timing['gbps'] / row.yardsticks['read']['gbps']:.0%}"
+        return f"{row.record['gbps'] / row.yardsticks['read']['gbps']:.0%}"
     if row.kind == OP:
         return f"{row.record['share_of_read']:.0%}"
     return ""
-
-
-def _op_cell(fmt: Callable[[dict], str]) -> Callable[[Row], str]:
-    """A cell that only op lines fill: ``fmt`` of the op's record."""
-
-    def cell(row: Row) -> str:
-        return fmt(row.record) if row.kind == OP else ""
-
-    return cell
 
 
 def _peak(rec: dict) -> str:
@@ -324,12 +315,12 @@ class CpuLayout(Layout):
         Column("median ms", _median),
         Column("GB/s", _gbps),
         Column("% read", _share_of_read),
-        Column("NumPy ms", _op_cell(lambda r: _ms(r["numpy"]))),
-        Column("vs NumPy", _op_cell(lambda r: _x(r["speedup_numpy"]))),
-        Column("torch ms", _op_cell(lambda r: _ms(r["torch"]))),
-        Column("vs torch", _op_cell(lambda r: _x(r["speedup_torch"]))),
-        Column("peak RSS +MiB ce/np/torch", _op_cell(_peak)),
-        Column("loss check", _op_cell(_check), "left"),
+        Column("NumPy ms", op_cell(lambda r: _ms(r["numpy"]))),
+        Column("vs NumPy", op_cell(lambda r: _x(r["speedup_numpy"]))),
+        Column("torch ms", op_cell(lambda r: _ms(r["torch"]))),
+        Column("vs torch", op_cell(lambda r: _x(r["speedup_torch"]))),
+        Column("peak RSS +MiB ce/np/torch", op_cell(_peak)),
+        Column("loss check", op_cell(_check), "left"),
     )
     markdown_keys = (
         "cpu_model",

@@ -46,7 +46,7 @@ import numpy as np
 
 from .base import DeviceUnavailable, first_loss, new_case, ratio, rel_diff, say
 from .config import GPU_DEFAULT_SIZES, LOSS_RTOL_TORCH, Config, Shape, format_size, parse_sizes
-from .report import COPY, NOT_RUN, OP, READ, Column, Layout, Row
+from .report import COPY, NOT_RUN, OP, READ, Column, Layout, Row, op_cell
 from .timing import MemoryProbe, Timer
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -711,7 +711,7 @@ class _CudaCase:
     ) -> tuple[dict, Any]:
         """The timing record of ``fn`` (GB/s of ``n_bytes`` over the median run) and its
         kept first result; out of device memory: an ``OOM`` record and ``None``."""
-        kw = {} if keep is None else {"keep": keep}
+        kw: dict[str, Any] = {} if keep is None else {"keep": keep}
         try:
             t, first = self.backend.timer.time(
                 fn, repeat=self.repeat if repeat is None else repeat, warmup=self.warmup, setup=setup, **kw
@@ -1051,15 +1051,6 @@ def _share(of: str, pct_key: str) -> Callable[[Row], str]:
     return cell
 
 
-def _op_cell(fmt: Callable[[dict], str]) -> Callable[[Row], str]:
-    """A cell that only op lines fill: ``fmt`` of the op's record."""
-
-    def cell(row: Row) -> str:
-        return fmt(row.record) if row.kind == OP else ""
-
-    return cell
-
-
 def _peak(rec: dict) -> str:
     return " / ".join(_mb(rec.get(k)) for k in ("ce_fast", "torch", "torch_compile"))
 
@@ -1081,12 +1072,12 @@ class CudaLayout(Layout):
         Column("GB/s", _gbps),
         Column("% read", _share(READ, "share_of_read")),
         Column("% copy", _share(COPY, "share_of_copy")),
-        Column("torch ms", _op_cell(lambda r: _ms(r.get("torch")))),
-        Column("vs torch", _op_cell(lambda r: _x(r.get("speedup_torch")))),
-        Column("compile ms", _op_cell(lambda r: _ms(r.get("torch_compile")))),
-        Column("vs compile", _op_cell(lambda r: _x(r.get("speedup_torch_compile")))),
-        Column("peak dev +MiB ce/torch/compile", _op_cell(_peak)),
-        Column("loss check", _op_cell(_check), "left"),
+        Column("torch ms", op_cell(lambda r: _ms(r.get("torch")))),
+        Column("vs torch", op_cell(lambda r: _x(r.get("speedup_torch")))),
+        Column("compile ms", op_cell(lambda r: _ms(r.get("torch_compile")))),
+        Column("vs compile", op_cell(lambda r: _x(r.get("speedup_torch_compile")))),
+        Column("peak dev +MiB ce/torch/compile", op_cell(_peak)),
+        Column("loss check", op_cell(_check), "left"),
     )
     markdown_keys = (
         "device",

@@ -64,7 +64,7 @@ def numpy_forward(z: np.ndarray, y: np.ndarray) -> float:
 def numpy_forward_backward(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     """The forward above and d(mean loss)/dz = (softmax - onehot) / N, in the input dtype."""
     shape, dt, C = z.shape, z.dtype, z.shape[-1]
-    zf = z.reshape(-1, C).astype(_compute_dtype(z), copy=False)
+    zf: np.ndarray = z.reshape(-1, C).astype(_compute_dtype(z), copy=False)
     N = zf.shape[0]
     rows = np.arange(N)
     yy = y.reshape(-1)

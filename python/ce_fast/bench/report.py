@@ -28,14 +28,14 @@ class Row:
     case: dict
     kind: str
     name: str
-    record: dict | None  # the yardstick's timing, or the op's record
+    record: dict  # the yardstick's timing, or the op's record ({} for a case not run)
     first: bool  # the first line of its case (it carries size and dtype)
 
     @property
     def timing(self) -> dict | None:
         """The timing this line reports: the yardstick's, or ce_fast's for an op."""
         if self.kind == OP:
-            return self.record["ce_fast"] if self.record else None
+            return self.record.get("ce_fast")
         return self.record
 
     @property
@@ -90,9 +90,9 @@ class Layout:
         """The table lines of ``results``: per case its yardsticks, then its ops."""
         out: list[Row] = []
         for case in results["cases"]:
-            lines: list[tuple[str, str, dict | None]] = []
+            lines: list[tuple[str, str, dict]] = []
             if case.get("error"):
-                lines.append((NOT_RUN, "(not run)", None))
+                lines.append((NOT_RUN, "(not run)", {}))
             else:
                 ys = case.get("yardsticks", {})
                 lines += [(k, self.yardstick_names[k], ys[k]) for k in (READ, COPY) if k in ys]
@@ -186,3 +186,12 @@ class Report:
 def format_json(results: dict) -> str:
     """The results themselves as JSON text (what ``--json`` writes)."""
     return json.dumps(results, indent=1)
+
+
+def op_cell(fmt: Callable[[dict], str]) -> Callable[[Row], str]:
+    """A cell that only op lines fill: ``fmt`` of the op's record."""
+
+    def cell(row: Row) -> str:
+        return fmt(row.record) if row.kind == OP else ""
+
+    return cell

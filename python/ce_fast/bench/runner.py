@@ -74,6 +74,7 @@ def machine_info(backend: Backend, cfg: Config) -> dict:
                     mem = int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -122,7 +123,7 @@ def run_bench(cfg: Config, quiet: bool = False, backend: Backend | None = None) 
     try:
         if backend is None:
             backend = backend_module(cfg.device).BACKEND.from_config(cfg)
-        torch_mod = None
+        torch_mod: Any = None
         if cfg.torch:
             try:
                 import torch as torch_mod

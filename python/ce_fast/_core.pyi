@@ -1,0 +1,49 @@
+"""Type stubs of ce_fast._core, the Rust engine (rust/lib.rs). Private: the Python
+package validates every argument before it reaches these functions."""
+
+from typing import Optional
+
+__version__: str
+#: Elements per chunk of a row (stays in L1).
+CHUNK: int
+#: Below this many elements a call stays on the calling thread.
+PAR_MIN_ELEMS: int
+#: The largest thread count the engine accepts.
+MAX_THREADS: int
+
+#: (address, dtype code, columns, column stride, batch shape, batch strides), strides in elements.
+Desc = tuple[int, int, int, int, list[int], list[int]]
+
+def run(
+    x: Desc,
+    target: int,
+    weight: int,
+    soft: Optional[Desc],
+    scale: float,
+    softcap: float,
+    want_wz: bool,
+    stats: tuple[int, int, int, int, int, int],
+    grad: Optional[tuple[int, int, int, float, float, float, float, Desc]] = None,
+    threads: int = 0,
+    given: Optional[tuple[int, int, int]] = None,
+) -> None:
+    """Per-row statistics of the logits `x` into the f64 buffers at `stats` (mx, ls, zy,
+    swz, swtz, swt; 0 = not wanted), and with `grad` the gradient into its last Desc."""
+
+def read_pass(ptr: int, nbytes: int, threads: int = 0) -> int:
+    """Reads `nbytes` at `ptr` once on the engine's threads; an xor checksum."""
+
+def set_simd(name: str) -> None:
+    """Forces the kernel set: "scalar", "auto" or "avx2" (any case)."""
+
+def simd_level() -> str:
+    """The kernel set float32-lane calls use now: "avx2" or "scalar"."""
+
+def default_threads() -> int:
+    """The engine's default thread count (RAYON_NUM_THREADS, else the CPUs available)."""
+
+def kernel_source(name: str) -> str:
+    """The embedded text of kernels/`name` (e.g. "ce.cu")."""
+
+def kernel_names() -> list[str]:
+    """Names of the embedded CUDA source files."""
