@@ -73,6 +73,7 @@ def test_no_command_prints_help(capsys):
         ["bench", "--dtype", "int8"],
         ["bench", "--repeat", "0"],
         ["bench", "--threads", "-1"],
+        ["bench", "--threads", "5000"],
         ["bench", "--ops", "sideways"],
         ["bench", "--device", "tpu"],
         ["frobnicate"],

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import bench
+from ._core import MAX_THREADS
 
 
 def _option(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -28,7 +29,7 @@ def _option(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -36,6 +37,8 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if v < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {v}")
         return v
 
     return parse
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--threads",
-        type=nonneg,
+        type=_int_at_least(0, MAX_THREADS),
         default=None,
         help="threads for ce_fast, its read pass and PyTorch (default: each library's default)",
     )
