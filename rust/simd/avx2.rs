@@ -168,8 +168,9 @@ mod imp {
         }
     }
 
-    /// sum(exp(x - m)) and max(x) (NaN skipped) in one pass; None when m*log2e is
-    /// out of range. Terms above exp(88) are garbage: callers check the max.
+    /// sum(exp(x - m)) and max(x) (NaN skipped) in one pass; None when m*log2e does
+    /// not round to float32 within `MAX_RHO` (|m| beyond ~1.9e8). Terms above exp(88)
+    /// are garbage: callers check the max.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn sum_exp_max(buf: &[f32], m: f32) -> Option<(f64, f32)> {
         sum_exp_impl::<true>(buf, m)
@@ -180,12 +181,13 @@ mod imp {
     unsafe fn sum_exp_impl<const MAX: bool>(buf: &[f32], m: f32) -> Option<(f64, f32)> {
         let log2e = std::f32::consts::LOG2_E;
         let ml = m * log2e;
-        if !ml.is_finite() || m.abs() > 1e30 {
-            return None;
-        }
         // t = x*log2e - fl(m*log2e) in one FMA; the rounding of fl(m*log2e) is the same
         // for every term, so it is a factor 2^-rho on the sum, undone exactly in f64.
         let rho = ml as f64 - m as f64 * log2e as f64;
+        // Past MAX_RHO the shifted terms leave exp2_core's range (ulp(ml) grows with |m|).
+        if !(rho.abs() <= MAX_RHO) {
+            return None;
+        }
         let n32 = buf.len() / 32 * 32;
         let p = buf.as_ptr();
         let vl = _mm256_set1_ps(log2e);
@@ -235,6 +237,12 @@ mod imp {
         }
         Some((s + tail_sum_exp(buf, i, m), best))
     }
+
+    /// Largest |fl(m*log2e) - m*log2e| the one-pass sum takes. Terms are 2^(t - rho) with
+    /// t <= log2(e^FUSED_MAX_JUMP) = 92.3, and a lane adds up to 67 of them before the f64
+    /// sum: 2^(92.3 + 16 + 6.1) stays below f32's 2^128, and the 2^-126 floor of the
+    /// smallest terms becomes at most 2^-110, far below the max's own term 1.
+    const MAX_RHO: f64 = 16.0;
 
     /// The last < 8 terms, padded with -inf, through the exact-zero exp.
     #[inline(always)]
