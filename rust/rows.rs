@@ -94,7 +94,8 @@ fn transform_scalar(z: f64, scale: f64, softcap: f64) -> (f64, f64) {
 }
 
 /// A sum relative to the running max after the max grew by `delta` over
-/// elements of total weight `wdone` (nothing was added while the max was -inf).
+/// elements of total weight `wdone`. Leaving a max of -inf (delta = inf), the sum
+/// is already -inf or NaN, or holds only zero weights (wdone = 0): it stays as it is.
 fn shift(acc: f64, delta: f64, wdone: f64) -> f64 {
     if wdone == 0.0 {
         acc
@@ -188,10 +189,14 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                     }
                 }
             }
-            let fm = F::from_f64(m);
+            // While the max is -inf every element so far is -inf (or NaN): the sums take
+            // w * -inf as is (-inf, or NaN for 0 * -inf as float64 torch), and the shift
+            // when the max turns finite keeps them. A +inf max leaves them alone.
+            let fm = if m == f64::NEG_INFINITY { F::ZERO } else { F::from_f64(m) };
+            let take = m < f64::INFINITY;
             let w = self.w.as_ref().map(|w| &w[start..start + n]);
             if p.want_wz {
-                if m.is_finite() {
+                if take {
                     swz += self.k.dot_shift(buf, w, fm);
                 }
                 wdone += match w {
@@ -207,7 +212,7 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                         *ti = *ti * wi;
                     }
                 }
-                if m.is_finite() {
+                if take {
                     swtz += self.k.dot_shift(buf, Some(t), fm);
                 }
                 swt += self.k.sum(t);

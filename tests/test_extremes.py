@@ -2,6 +2,11 @@
 
 - Row maxima of huge magnitude (1e8 .. 3e38): the exponent shift by the row max must
   not lose the terms next to the max (the AVX2 sum rounds max * log2(e) to float32).
+- Rows spanning more than float32's range (3e38 and -3e38 in one row): the smoothing
+  and soft-target sums take differences z - max that float32 cannot hold.
+- Runs of -inf longer than a chunk (rows.rs CHUNK = 2048) before the first finite
+  logit: a zero weight (or zero target mass) on a -inf logit is 0 * -inf = NaN in
+  float64 torch, a positive one makes the loss +inf, wherever the run is.
 """
 
 from __future__ import annotations
@@ -123,3 +128,135 @@ def test_huge_row_gradient(simd_path, magnitude):
     ref = grad_ref(to_f64(x), y, reduction="sum")
     assert_grad_close(g, ref, F32, floor=np.ones(3))
     assert to_f64(g)[0, 0] == pytest.approx(0.1 - 1.0)
+
+
+# ---------------------------------------------------------------- rows spanning more than float32's range
+
+
+def _span_rows(dtype):
+    big = {F16: 6.0e4, F64: 8e307}.get(np.dtype(dtype), 3.0e38)
+    rows = [
+        [big, -big, 0.0, 1.0],
+        [-big, big, 1.0, 0.0],
+        [0.0, 1.0, -big, big],
+        [big, big, -big, -big],
+    ]
+    return cast(np.array(rows), dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16, F64], ids=DTYPE_IDS.get)
+def test_rows_spanning_float32_range(simd_path, dtype):
+    """label_smoothing sums w (z - max) with z - max = -6e38 (beyond float32): 3e37 for
+    the first row, 1.5e37 with a zero weight on the -3e38 class; a one-hot soft target
+    at the maximum gives 0."""
+    x = _span_rows(dtype)
+    y = np.array([0, 1, 3, 1])
+    res = _loss_and_grad(x, y, dtype, label_smoothing=0.1)
+    if np.dtype(dtype) in (F32, BF16):
+        assert to_f64(res)[0] == pytest.approx(0.1 * to_f64(x)[0, 0], rel=1e-6)  # 3e37
+    w = np.array([1.0, 0.0, 1.0, 1.0])
+    res = _loss_and_grad(x, y, dtype, label_smoothing=0.1, weight=w)
+    if np.dtype(dtype) in (F32, BF16):
+        assert to_f64(res)[0] == pytest.approx(0.05 * to_f64(x)[0, 0], rel=1e-6)  # 1.5e37
+    for tdt in (F32, F64):
+        onehot = np.zeros(x.shape, tdt)
+        onehot[np.arange(4), y] = 1.0
+        res = _loss_and_grad(x, onehot, dtype)
+        np.testing.assert_array_equal(to_f64(res)[:3], 0.0)
+        _loss_and_grad(x, onehot, dtype, weight=w)
+        soft = np.full(x.shape, 0.25, tdt)
+        _loss_and_grad(x, soft, dtype)  # mass on -3e38: 0.25 * 6e38 overflows float32 -> inf
+
+
+@pytest.mark.parametrize("dtype", WIDE, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("C", [9, 3000])
+def test_spanning_rows_many_classes(simd_path, dtype, C):
+    """Many classes near -3e38 under a +3e38 maximum: the sums stay finite in float64
+    (each term -6e38, the smoothing loss ~ 6e38 * 0.1 / C * #such classes)."""
+    rng = np.random.default_rng(C)
+    x = cast(rng.standard_normal((4, C)), dtype)
+    x[:, rng.random(C) < 0.5] = cast(np.array([-3e38]), dtype)[0]
+    x[0, C - 1] = x[1, 0] = x[2, C // 2] = cast(np.array([3e38]), dtype)[0]
+    y = np.array([C - 1, 1, C // 2, 0])
+    _loss_and_grad(x, y, dtype, label_smoothing=0.05)
+    w = rng.uniform(0, 2, C)
+    w[rng.random(C) < 0.2] = 0.0
+    _loss_and_grad(x, y, dtype, label_smoothing=0.05, weight=w)
+    t = np.zeros((4, C), np.float32)
+    t[np.arange(4), y] = 0.75
+    t[:, 2] += 0.25
+    _loss_and_grad(x, t, dtype)
+
+
+# ---------------------------------------------------------------- -inf runs longer than a chunk
+
+
+def _minus_inf_rows(dtype, C, runs):
+    """One row per run length: -inf for the first `run` classes, N(0, 1) after."""
+    rng = np.random.default_rng(C)
+    x = rng.standard_normal((len(runs), C))
+    for i, n in enumerate(runs):
+        x[i, :n] = -np.inf
+    return cast(x, dtype)
+
+
+RUNS = [0, 100, CHUNK - 1, CHUNK, CHUNK + 1, 3000, 2 * CHUNK + 5]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, F16, BF16], ids=DTYPE_IDS.get)
+def test_minus_inf_run_before_first_finite_logit(simd_path, dtype):
+    """-inf runs ending before, at and after the chunk boundaries: label smoothing gives
+    +inf (a positive weight on -inf), a zero weight inside the run NaN; without
+    smoothing a zero weight there is not touched (the loss only reads z_y)."""
+    C = 5000
+    x = _minus_inf_rows(dtype, C, RUNS)
+    y = np.full(len(RUNS), C - 1)
+    res = _loss_and_grad(x, y, dtype, label_smoothing=0.1)
+    assert np.isposinf(to_f64(res)[1:]).all()
+    w = np.ones(C)
+    w[10] = 0.0  # inside every run
+    res = _loss_and_grad(x, y, dtype, label_smoothing=0.1, weight=w)
+    assert np.isnan(to_f64(res)[1:]).all() and np.isfinite(to_f64(res)[0])
+    w_run = np.where(np.arange(C) < 2 * CHUNK + 5, 0.0, 1.0)  # zero on the whole run
+    res = _loss_and_grad(x, y, dtype, label_smoothing=0.1, weight=w_run)
+    assert np.isnan(to_f64(res)[1:]).all()
+    res = _loss_and_grad(x, y, dtype, weight=w_run)
+    assert np.isfinite(to_f64(res)).all()
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("tdtype", [F32, F64, BF16], ids=DTYPE_IDS.get)
+def test_minus_inf_run_soft_targets(simd_path, dtype, tdtype):
+    """Soft targets: zero target mass on a -inf logit is 0 * -inf = NaN (a one-hot target
+    at a finite logit included), positive mass +inf; a zero weight times positive
+    mass is NaN as well."""
+    C = 5000
+    x = _minus_inf_rows(dtype, C, RUNS)
+    n = len(RUNS)
+    onehot = np.zeros((n, C), tdtype)
+    onehot[:, C - 1] = 1.0
+    res = _loss_and_grad(x, onehot, dtype)
+    assert np.isnan(to_f64(res)[1:]).all() and np.isfinite(to_f64(res)[0])
+    full = cast(np.full((n, C), 1.0 / C), tdtype)
+    res = _loss_and_grad(x, full, dtype)
+    assert np.isposinf(to_f64(res)[1:]).all()
+    w = np.ones(C)
+    w[10] = 0.0
+    res = _loss_and_grad(x, full, dtype, weight=w)
+    assert np.isnan(to_f64(res)[1:]).all()
+    _loss_and_grad(x, full, dtype, label_smoothing=0.2)
+
+
+def test_minus_inf_run_with_nan_and_inf_later(simd_path):
+    """A -inf prefix longer than a chunk followed by NaN, or by +inf: NaN rows."""
+    C = 4200
+    x = np.full((2, C), -np.inf, np.float32)
+    x[0, 3000] = np.nan
+    x[0, 3001:] = 1.0
+    x[1, 4100] = np.inf
+    x[1, 4101:] = 0.0
+    y = np.array([4000, 4150])
+    _loss_and_grad(x, y, F32, label_smoothing=0.1)
+    t = np.zeros((2, C), np.float32)
+    t[:, -1] = 1.0
+    _loss_and_grad(x, t, F32)

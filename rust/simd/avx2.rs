@@ -268,20 +268,21 @@ mod imp {
         hsum_f64(a0) + tail_sum_exp(buf, i, m)
     }
 
-    /// sum(w * (x - m)) (w = 1 when None) with the differences in f32 and the
-    /// products and sums in f64 lanes: terms near 3e38 neither overflow nor cancel.
+    /// sum(w * (x - m)) (w = 1 when None) in f64 lanes, the differences included:
+    /// 3e38 - (-3e38) does not fit in f32, and terms near it neither overflow nor cancel.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_shift(x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
         let n = x.len();
         let n8 = n / 8 * 8;
         let px = x.as_ptr();
-        let vm = _mm256_set1_ps(m);
+        let vm = _mm256_set1_pd(m as f64);
         let mut s0 = _mm256_setzero_pd();
         let mut s1 = s0;
         let mut i = 0;
         while i < n8 {
-            let d = _mm256_sub_ps(_mm256_loadu_ps(px.add(i)), vm);
-            let (dlo, dhi) = (_mm256_cvtps_pd(_mm256_castps256_ps128(d)), _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1)));
+            let xv = _mm256_loadu_ps(px.add(i));
+            let dlo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv)), vm);
+            let dhi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1)), vm);
             match w {
                 Some(w) => {
                     let wv = _mm256_loadu_ps(w.as_ptr().add(i));
@@ -299,7 +300,7 @@ mod imp {
         let s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
         let mut total = _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
         for j in n8..n {
-            total += w.map_or(1.0, |w| w[j] as f64) * (x[j] - m) as f64;
+            total += w.map_or(1.0, |w| w[j] as f64) * (x[j] as f64 - m as f64);
         }
         total
     }
