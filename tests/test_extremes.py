@@ -7,6 +7,8 @@
 - Runs of -inf longer than a chunk (rows.rs CHUNK = 2048) before the first finite
   logit: a zero weight (or zero target mass) on a -inf logit is 0 * -inf = NaN in
   float64 torch, a positive one makes the loss +inf, wherever the run is.
+- The target logit z_y, transformed (logit_scale, softcap) as the rest of its row, and
+  gradient coefficients beyond float32's range.
 """
 
 from __future__ import annotations
@@ -260,3 +262,29 @@ def test_minus_inf_run_with_nan_and_inf_later(simd_path):
     t = np.zeros((2, C), np.float32)
     t[:, -1] = 1.0
     _loss_and_grad(x, t, F32)
+
+
+# ---------------------------------------------------------------- the target logit, transformed as its row
+
+
+@pytest.mark.parametrize("dtype", WIDE, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("opts", [dict(logit_scale=-1.3), dict(logit_scale=1.7, z_loss=1e-30),
+                                  dict(softcap=1e20), dict(logit_scale=0.3, softcap=1e25)],
+                         ids=["scale", "scale-zloss", "softcap", "scale-softcap"])
+def test_target_logit_transformed_like_its_row(simd_path, dtype, opts):
+    """z_y - max uses z_y as the row's float32 transform gives it: where that rounding
+    exceeds the exponential's range (|z| ~ 1e9 and up) a float64 z_y made p_y 0 or inf,
+    so a target tied with the max lost its loss log(#ties) and got a gradient of -1 or inf."""
+    mags = np.array([1e9, 3e12, 1e15, 7e20, 1e30, 2e37])
+    x = np.zeros((len(mags), 40))
+    x[:, 3] = x[:, 17] = mags  # two ties at the max
+    x[:, 20:] = -mags[:, None]
+    x = cast(x, dtype)
+    y = np.full(len(mags), 17)
+    if opts.get("logit_scale", 1.0) < 0:
+        y[:] = 21  # the max of the scaled row
+    res = _loss_and_grad(x, y, dtype, **{k: v for k, v in opts.items() if k != "z_loss"})
+    if opts.get("logit_scale", 1.0) > 0:
+        assert_rows_close(res, np.full(len(mags), np.log(2.0)), dtype)
+    _, g = ce_fast.cross_entropy_and_grad(x, y, reduction="none", **opts)
+    assert np.isfinite(to_f64(g)).all()
