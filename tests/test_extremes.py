@@ -288,3 +288,18 @@ def test_target_logit_transformed_like_its_row(simd_path, dtype, opts):
         assert_rows_close(res, np.full(len(mags), np.log(2.0)), dtype)
     _, g = ce_fast.cross_entropy_and_grad(x, y, reduction="none", **opts)
     assert np.isfinite(to_f64(g)).all()
+
+
+@pytest.mark.parametrize("dtype", WIDE, ids=DTYPE_IDS.get)
+def test_z_loss_gradient_beyond_float32(simd_path, dtype):
+    """grad_output * logit_scale * 2 z_loss lse overflows float32 while each factor fits:
+    the gradient is inf at the max (as float64 rounded to float32) and 0 where p = 0, not
+    NaN (inf * 0) as the AVX2 kernel's folded coefficient gave."""
+    x = cast(np.array([[1e37, 0.0, -1.0, 1e30], [3e36, 3e36, 5.0, -3e36]]), dtype)
+    y = np.array([1, 0])
+    for go, scale in ((1e5, 1.0), (1e4, 3.0)):
+        kw = dict(z_loss=1e-3, logit_scale=scale)
+        gref = grad_ref(to_f64(x), y, reduction="sum", grad_output=go, **kw)
+        _, g = ce_fast.cross_entropy_and_grad(x, y, reduction="sum", grad_output=go, **kw)
+        assert_grad_close(g, gref, dtype, floor=np.full(2, go * scale))
+        assert not np.isnan(to_f64(g)).any()

@@ -344,9 +344,13 @@ mod imp {
         let vlse = _mm256_set1_ps(p.m);
         // g (and scale, without softcap) folded into the coefficients: g*chain*(a p - d w - e w t).
         let gs = if chain.is_some() { p.g } else { p.g * p.scale };
-        let ga = _mm256_set1_ps(gs * p.a);
-        let gd = _mm256_set1_ps(gs * p.d);
-        let ge = _mm256_set1_ps(gs * p.e);
+        // Unless a folded coefficient overflows f32 where its parts do not (z_loss at |lse|
+        // ~ 1e33 and up): then inf * p would be NaN where p = 0, so the factor goes last.
+        let fits = |k: f32| k * p.a.abs().max(p.d.abs()).max(p.e.abs()) <= f32::MAX;
+        let (k, post) = if fits(gs.abs()) || !fits(1.0) { (gs, 1.0) } else { (1.0, gs) };
+        let ga = _mm256_set1_ps(k * p.a);
+        let gd = _mm256_set1_ps(k * p.d);
+        let ge = _mm256_set1_ps(k * p.e);
         let core = |x: __m256, i: usize| {
             let prob = exp_le0(_mm256_sub_ps(x, vlse));
             match (w, t) {
@@ -366,6 +370,10 @@ mod imp {
             map8(buf, |x, _| _mm256_fmsub_ps(ga, exp_le0(_mm256_sub_ps(x, vlse)), gd));
         } else {
             map8(buf, core);
+        }
+        if post != 1.0 {
+            let vp = _mm256_set1_ps(post);
+            map8(buf, |x, _| _mm256_mul_ps(vp, x));
         }
     }
 
