@@ -9,6 +9,8 @@
   float64 torch, a positive one makes the loss +inf, wherever the run is.
 - The target logit z_y, transformed (logit_scale, softcap) as the rest of its row, and
   gradient coefficients beyond float32's range.
+- Soft targets with label smoothing on -inf logits (torch smooths the target first),
+  and the oracle's own answers for these rows checked against float64 torch.
 """
 
 from __future__ import annotations
@@ -303,3 +305,81 @@ def test_z_loss_gradient_beyond_float32(simd_path, dtype):
         _, g = ce_fast.cross_entropy_and_grad(x, y, reduction="sum", grad_output=go, **kw)
         assert_grad_close(g, gref, dtype, floor=np.full(2, go * scale))
         assert not np.isnan(to_f64(g)).any()
+
+
+# ---------------------------------------------------------------- soft targets with label smoothing and -inf
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("C", [6, 3000])
+def test_soft_target_smoothing_minus_inf(simd_path, dtype, C):
+    """torch smooths the soft target first, t' = (1-eps) t + eps/C > 0: a -inf logit makes
+    the loss +inf also where t = 0 there or eps = 1 (each weighted sum on its own would be
+    0 * -inf = NaN); a zero class weight there is NaN, and so is an eps too small for
+    eps/C to be a float64 number (t' = t)."""
+    rng = np.random.default_rng(C)
+    x = rng.standard_normal((3, C))
+    x[0, 1] = -np.inf
+    x[1, : C // 2] = -np.inf
+    x[2, 2::3] = -np.inf
+    x = cast(x, dtype)
+    onehot = np.zeros((3, C), np.float32)
+    onehot[:, C - 1] = 1.0
+    dirichlet = rng.dirichlet(np.ones(C), 3).astype(np.float32)
+    for t in (onehot, dirichlet):
+        for eps in (0.1, 1.0):
+            res = _loss_and_grad(x, t, dtype, label_smoothing=eps)
+            assert np.isposinf(to_f64(res)).all()
+        w = np.ones(C)
+        w[1] = 0.0  # on a -inf logit of every row
+        w[2] = 0.0
+        res = _loss_and_grad(x, t, dtype, label_smoothing=0.1, weight=w)
+        assert np.isnan(to_f64(res)).all()
+    res = _loss_and_grad(x, onehot, dtype, label_smoothing=5e-324)
+    assert np.isnan(to_f64(res)).all()
+
+
+# ---------------------------------------------------------------- the oracle's answers are torch's
+
+
+def _torch_rows(x64, target, **kw):
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.asarray(target))
+    if "weight" in kw:
+        kw = dict(kw, weight=torch.from_numpy(np.asarray(kw["weight"], np.float64)))
+    if t.is_floating_point():
+        t = t.to(torch.float64)
+    return F.cross_entropy(torch.from_numpy(x64), t, reduction="none", **kw).numpy()
+
+
+def test_oracle_agrees_with_torch_on_these_rows():
+    """The answers the tests above hold the engine to (3e37, NaN for 0 * -inf, +inf for a
+    smoothed target on -inf, ...) are float64 torch's."""
+    C = 5000
+    x = to_f64(_minus_inf_rows(F32, C, RUNS))
+    y = np.full(len(RUNS), C - 1)
+    w = np.ones(C)
+    w[10] = 0.0
+    onehot = np.zeros((len(RUNS), C))
+    onehot[:, C - 1] = 1.0
+    span = to_f64(_span_rows(F32))
+    w4 = np.array([1.0, 0.0, 1.0, 1.0])
+    cases = [
+        (x, y, dict(label_smoothing=0.1)),
+        (x, y, dict(label_smoothing=0.1, weight=w)),
+        (x, y, dict(weight=w)),
+        (x, onehot, dict()),
+        (x, onehot, dict(label_smoothing=0.1)),
+        (x, onehot, dict(label_smoothing=1.0)),
+        (x, onehot, dict(label_smoothing=0.1, weight=w)),
+        (span, np.array([0, 1, 3, 1]), dict(label_smoothing=0.1)),
+        (span, np.array([0, 1, 3, 1]), dict(label_smoothing=0.1, weight=w4)),
+        (span, np.eye(4)[[0, 1, 3, 1]], dict()),
+    ]
+    for z, t, kw in cases:
+        want = _torch_rows(z, t, **kw)
+        got = cross_entropy_ref(z, t, reduction="none", **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True, err_msg=str(kw))
+        assert np.array_equal(np.isposinf(got), np.isposinf(want))

@@ -342,13 +342,10 @@ def _ref_rows(x, target, weight=None, label_smoothing=0.0):
         lse = np.log(np.exp(x - m0).sum(-1, keepdims=True)) + m0
         logp = x - lse
         if np.asarray(target).dtype.kind == "f":
-            # As ce_fast._rules splits t' = (1-eps) t + eps/C: each sum on its own, so
-            # zero mass on a -inf logit is NaN also with smoothing (torch: +inf there).
-            t = np.asarray(target, np.float64)
-            out = -(1 - eps) * (w * t * logp).sum(-1)
-            if eps > 0:
-                out = out - eps / C * (w * logp).sum(-1)
-            return out
+            # torch smooths the target first: t' = (1-eps) t + eps/C > 0, so zero mass on a
+            # -inf logit is +inf with smoothing (NaN without, or under a zero weight).
+            t = (1 - eps) * np.asarray(target, np.float64) + eps / C
+            return -(w * t * logp).sum(-1)
         y = np.asarray(target)
         ly = np.take_along_axis(logp, y[:, None], -1)[:, 0]
         out = -(1 - eps) * w[y] * ly
