@@ -339,6 +339,18 @@ def test_soft_target_smoothing_minus_inf(simd_path, dtype, C):
     assert np.isnan(to_f64(res)).all()
 
 
+def test_ignored_rows_with_nan_under_softcap_have_zero_gradient(simd_path):
+    """The convention (rows.rs, ignored rows get exact zeros also where they hold NaN/inf)
+    holds through the softcap's chain rule, in the engine and the oracle alike."""
+    x = np.array([[np.nan, 1.0, 2.0], [np.inf, 0.0, 1.0], [0.0, 1.0, 2.0]], np.float32)
+    y = np.array([-100, -100, 1])
+    for kw in (dict(softcap=3.0), dict(softcap=3.0, logit_scale=2.0, label_smoothing=0.1)):
+        gref = grad_ref(to_f64(x), y, reduction="sum", **kw)
+        assert (gref[:2] == 0.0).all()
+        _, g = ce_fast.cross_entropy_and_grad(x, y, reduction="sum", **kw)
+        assert_grad_close(g, gref, F32, floor=np.ones(3))
+
+
 # ---------------------------------------------------------------- the oracle's answers are torch's
 
 
