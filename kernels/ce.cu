@@ -211,11 +211,6 @@ __device__ __forceinline__ float ce_tf(float x, float scale, float cap) {
     if (cap > 0.0f) z = cap * tanhf(z / cap);
     return z;
 }
-__device__ __forceinline__ double ce_tf_d(double x, double scale, double cap) {
-    double z = x * scale;
-    if (cap > 0.0) z = cap * tanh(z / cap);
-    return z;
-}
 // d z / d x of the transform, from the raw x: 1 - tanh(a)^2 = 4e / (1 + e)^2 with
 // e = exp(-2|a|), which stays exact where tanh saturates (1 - tanh^2 would cancel).
 __device__ __forceinline__ float ce_chain(float x, float scale, float cap) {
@@ -243,7 +238,8 @@ struct GradY {
     double scale, cap, a, mx, ls, g, d, wy, b;
 };
 __device__ __noinline__ double ce_grad_y(float x, GradY Q) {
-    const double z = ce_tf_d((double)x, Q.scale, Q.cap);
+    // z as pass 1 saw it (f32): z - mx is 0 at a tie with the max, whatever |z|.
+    const double z = (double)ce_tf(x, (float)Q.scale, (float)Q.cap);
     double chain = Q.scale;
     if (Q.cap > 0.0) {
         const double e = exp(-2.0 * fabs(Q.scale * (double)x / Q.cap));
@@ -279,10 +275,10 @@ struct Acc {
     float m;     // running max of z, NaN ignored
     float s;     // sum exp(z - m)
     int nan;     // a NaN was seen
-    float swz;   // sum w (z - m)
+    double swz;  // sum w (z - m): f64, z - m reaches 6.8e38 (3e38 - -3e38)
     float wdone; // sum w
     float swt;   // sum w t
-    float swtz;  // sum w t (z - m)
+    double swtz; // sum w t (z - m)
     float av;    // argmax value / index
     i64 ai;
     int zw, zt;  // while m is -inf: an element of weight w = 0 / of w t = 0 was seen
@@ -293,17 +289,26 @@ struct Acc {
 // not positive (NaN: both maxima -inf, nothing was added). Leaving a max of -inf, the
 // elements seen so far were all -inf: a zero weight among them is 0 * -inf = NaN in
 // float64 (torch), whichever position the -inf logits have in the row.
-__device__ __forceinline__ float ce_shift(float acc, float m, float delta, float wd, int z) {
-    if (!(delta > 0.0f)) return acc;
-    if (m == -CE_INF && z) return __int_as_float(0x7fc00000);
-    return wd == 0.0f ? acc : acc - delta * wd;
-}
 __device__ __forceinline__ double ce_shift_d(double acc, float m, double delta, double wd, int z) {
     if (!(delta > 0.0)) return acc;
     if (m == -CE_INF && z) return CE_NAN_D;
     return wd == 0.0 ? acc : acc - delta * wd;
 }
 __device__ __forceinline__ bool ce_finite(float v) { return v > -CE_INF && v < CE_INF; }
+
+// sum_k w_k (t_k) (z_k - m) in f64, where the f32 sum overflowed (z - m beyond f32's range)
+// or met -inf (which it gives here as well: -inf, or NaN for 0 * -inf).
+template <int K>
+__device__ __forceinline__ double ce_dot_shift_d(const float (&z)[K], const float (&w)[K], const float (&t)[K],
+                                              float m, bool with_t) {
+    double acc = 0.0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const double wt = with_t ? (double)t[k] * (double)w[k] : (double)w[k];
+        acc += wt * ((double)z[k] - (double)m);
+    }
+    return acc;
+}
 
 // Adds K transformed logits z (class c0 + k) to the accumulators.
 template <int K, bool SOFT>
@@ -316,11 +321,12 @@ __device__ __forceinline__ void ce_acc(Acc& A, const float (&z)[K], const float 
         A.nan |= (z[k] != z[k]);
     }
     if (cm > A.m) {
-        const float delta = cm - A.m;  // +inf while the max was -inf
+        // In f64: +inf while the max was -inf, and up to 6.8e38 from -3e38 to 3e38.
+        const double delta = (double)cm - (double)A.m;
         // Guard exp(-inf - -inf): a row (part) of only -inf has s = 0.
         A.s = (A.m == -CE_INF) ? 0.0f : A.s * __expf(A.m - cm);
-        if (want_wz) A.swz = ce_shift(A.swz, A.m, delta, A.wdone, A.zw);
-        if (SOFT) A.swtz = ce_shift(A.swtz, A.m, delta, A.swt, A.zt);
+        if (want_wz) A.swz = ce_shift_d(A.swz, A.m, delta, (double)A.wdone, A.zw);
+        if (SOFT) A.swtz = ce_shift_d(A.swtz, A.m, delta, (double)A.swt, A.zt);
         A.m = cm;
     }
     const bool fin = ce_finite(A.m);
@@ -340,7 +346,7 @@ __device__ __forceinline__ void ce_acc(Acc& A, const float (&z)[K], const float 
             swz += w[k] * (z[k] - A.m);
             zero |= (w[k] == 0.0f);
         }
-        if (fin) A.swz += swz;
+        if (fin) A.swz += ce_finite(swz) ? (double)swz : ce_dot_shift_d<K>(z, w, w, A.m, false);
         if (prefix) A.zw |= zero;
         A.wdone += sw;
     }
@@ -354,7 +360,7 @@ __device__ __forceinline__ void ce_acc(Acc& A, const float (&z)[K], const float 
             stz += tw * (z[k] - A.m);
             zero |= (tw == 0.0f);
         }
-        if (fin) A.swtz += stz;
+        if (fin) A.swtz += ce_finite(stz) ? (double)stz : ce_dot_shift_d<K>(z, w, t, A.m, true);
         if (prefix) A.zt |= zero;
         A.swt += st;
     }
@@ -528,14 +534,16 @@ __device__ __forceinline__ void ce_body(
             A.m = -CE_INF;
             A.s = 0.0f;
             A.nan = 0;
-            A.swz = A.wdone = A.swt = A.swtz = 0.0f;
+            A.swz = A.swtz = 0.0;
+            A.wdone = A.swt = 0.0f;
             A.zw = A.zt = 0;
             A.av = 0.0f;
             A.ai = -1;
             double zy = 0.0;
             if (active) {
                 // The target logit, read before any gradient is written (out may alias x).
-                if (gl == 0 && y >= 0) zy = ce_tf_d((double)E<TX>::ld(xr + y * x_cs), scale_d, cap_d);
+                // Transformed in f32 like every logit of the row, so mx - zy is exact at the max.
+                if (gl == 0 && y >= 0) zy = (double)ce_tf(E<TX>::ld(xr + y * x_cs), scale, cap);
                 if (vec) {
                     const i64 nscal = head + (C - tail0);
                     for (i64 j = gl; j < nscal; j += G) {

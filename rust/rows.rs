@@ -82,19 +82,9 @@ impl<F: Float> Bufs<F> {
     }
 }
 
-/// The transformed logit and d(transformed)/d(logit), in f64.
-fn transform_scalar(z: f64, scale: f64, softcap: f64) -> (f64, f64) {
-    let z = z * scale;
-    if softcap > 0.0 {
-        let (v, dt) = crate::simd::scalar::softcap_scalar(z, softcap);
-        (v, scale * dt)
-    } else {
-        (z, scale)
-    }
-}
-
 /// A sum relative to the running max after the max grew by `delta` over
-/// elements of total weight `wdone` (nothing was added while the max was -inf).
+/// elements of total weight `wdone`. Leaving a max of -inf (delta = inf), the sum
+/// is already -inf or NaN, or holds only zero weights (wdone = 0): it stays as it is.
 fn shift(acc: f64, delta: f64, wdone: f64) -> f64 {
     if wdone == 0.0 {
         acc
@@ -122,11 +112,7 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         let soff = p.soft.map(|s| s.row_offset(r));
         let y = p.target.map_or(-1, |t| t[r]);
         // Read before any gradient is written, so `out` may alias the logits.
-        let (zy, chain_y) = if y >= 0 {
-            transform_scalar(x.get(off, y as usize), p.scale, p.softcap)
-        } else {
-            (0.0, 0.0)
-        };
+        let (zy, chain_y) = if y >= 0 { self.target_logit(x.get(off, y as usize)) } else { (0.0, 0.0) };
 
         if let (Some(gs), Some((mx, ls, swt))) = (self.grad, p.given) {
             let swt = swt.map_or(0.0, |s| s[r]);
@@ -188,10 +174,14 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                     }
                 }
             }
-            let fm = F::from_f64(m);
+            // While the max is -inf every element so far is -inf (or NaN): the sums take
+            // w * -inf as is (-inf, or NaN for 0 * -inf as float64 torch), and the shift
+            // when the max turns finite keeps them. A +inf max leaves them alone.
+            let fm = if m == f64::NEG_INFINITY { F::ZERO } else { F::from_f64(m) };
+            let take = m < f64::INFINITY;
             let w = self.w.as_ref().map(|w| &w[start..start + n]);
             if p.want_wz {
-                if m.is_finite() {
+                if take {
                     swz += self.k.dot_shift(buf, w, fm);
                 }
                 wdone += match w {
@@ -207,7 +197,7 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                         *ti = *ti * wi;
                     }
                 }
-                if m.is_finite() {
+                if take {
                     swtz += self.k.dot_shift(buf, Some(t), fm);
                 }
                 swt += self.k.sum(t);
@@ -232,6 +222,23 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         if let Some(gs) = self.grad {
             self.grad_row(bufs, gs, r, off, soff, y, (zy, chain_y), mx, ls, swt);
         }
+    }
+
+    /// The transformed target logit and its chain factor, computed as the row's chunks
+    /// compute every logit (the compute type, the same kernel): z_y - max is then exactly
+    /// what the max and the sums saw (0 at a tie with the max), also where the transform
+    /// rounds by more than the exponential's range (|z| ~ 1e9 and up in f32).
+    fn target_logit(&self, xy: f64) -> (f64, f64) {
+        if !self.transform {
+            return (F::from_f64(xy).to_f64(), 1.0);
+        }
+        let p = self.p;
+        let mut z = [F::from_f64(xy)];
+        let mut chain = [F::ZERO];
+        let softcap = p.softcap > 0.0;
+        let ch = if softcap { Some(&mut chain[..]) } else { None };
+        self.k.transform(&mut z, F::from_f64(p.scale), F::from_f64(p.softcap), ch);
+        (z[0].to_f64(), if softcap { chain[0].to_f64() } else { p.scale })
     }
 
     #[allow(clippy::too_many_arguments)]

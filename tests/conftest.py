@@ -146,6 +146,43 @@ def assert_reduced_close(got, ref, ref_rows, den, dtype, reduction, *, scale=1.0
     assert abs(g - r) <= tol, f"{what}{reduction}: got {g!r}, ref {r!r}, err {abs(g - r):.3g} > tol {tol:.3g}"
 
 
+GRAD_EPS = {np.dtype(np.float64): 2.0**-52, np.dtype(np.float32): 2.0**-23, np.dtype(np.float16): 2.0**-10, BF16: 2.0**-7}
+GRAD_TINY = {np.dtype(np.float64): 1e-300, np.dtype(np.float32): 1e-38, np.dtype(np.float16): 2.0**-24, BF16: 1e-38}
+
+
+def assert_grad_close(got, ref, dtype, *, floor, scale=1.0, what=""):
+    """Gradient of `dtype` logits against the float64 `ref` (same shape): NaN exactly
+    where ref is NaN, infs equal (or an inf of ref's sign where the tolerance reaches past
+    the dtype's maximum), elsewhere |got - ref| <= 2 ulp(dtype) |ref| (the one
+    rounding at the store) + row_tol(floor) * scale, `floor` (broadcast per row) being the
+    size of the terms that make up a row's gradient (grad_output * weights * chain)."""
+    d = np.dtype(dtype)
+    g = to_f64(got)
+    r = np.asarray(ref, dtype=np.float64)
+    assert g.shape == r.shape, f"{what}gradient shape {g.shape} != reference shape {r.shape}"
+    nan_r, nan_g = np.isnan(r), np.isnan(g)
+    bad = np.argwhere(nan_r != nan_g)
+    assert bad.size == 0, f"{what}NaN mismatch at {bad[:5].tolist()}: got {g[tuple(bad[:5].T)]}, ref {r[tuple(bad[:5].T)]}"
+    with np.errstate(over="ignore"):
+        r_out = r.astype(d).astype(np.float64)
+    fl = np.broadcast_to(np.asarray(floor, dtype=np.float64)[..., None], r.shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        tol = 2.0 * GRAD_EPS[d] * np.abs(r) + row_tol(0.0, d) * scale * fl + GRAD_TINY[d]
+        # an inf where the tolerance reaches past the dtype's maximum is rounding, not a sign error
+        reach = np.abs(r) + tol >= float(np.finfo(np.float32 if d == BF16 else d).max)
+        same_side = np.sign(g) == np.sign(np.where(r == 0.0, g, r))
+    bad = np.argwhere((np.isinf(r_out) | np.isinf(g)) & ~nan_r & (g != r_out) & ~(reach & same_side))
+    assert bad.size == 0, f"{what}inf mismatch at {bad[:5].tolist()}: got {g[tuple(bad[:5].T)]}, ref {r[tuple(bad[:5].T)]}"
+    fin = ~nan_r & ~np.isinf(r_out) & ~np.isinf(g)
+    with np.errstate(invalid="ignore"):
+        err = np.where(fin, np.abs(g - r), 0.0)
+    bad = np.argwhere(err > tol)
+    assert bad.size == 0, (
+        f"{what}{len(bad)} gradient entries outside tolerance ({d.name}); first at {bad[:5].tolist()}: "
+        f"got {g[tuple(bad[:5].T)]}, ref {r[tuple(bad[:5].T)]}, max err/tol {float(np.max(err / tol)):.3g}"
+    )
+
+
 def assert_loss_dtype(res, dtype, reduction, batch_shape):
     """mean/sum -> 0-d array of float32 (float64 for f64 logits); none -> shape batch."""
     assert isinstance(res, np.ndarray), f"expected a NumPy array, got {type(res).__name__}"

@@ -216,10 +216,11 @@ def grad_ref(
             if reduction == "mean":
                 den = mean_denominator(z, target, weight, ignore_index)
                 go = go / den if den != 0.0 else go * 0.0
-        g_z = np.where(valid[:, None], g_z * go[:, None], 0.0)
+        g_z = g_z * go[:, None]
         # chain rule through the transform
         zs = f64(z).reshape(n, C) * float(logit_scale)
         chain = np.full_like(zs, float(logit_scale))
         if softcap is not None:
             chain = chain * (1.0 - np.tanh(zs / float(softcap)) ** 2)
-        return (g_z * chain).reshape(z64.shape)
+        # ignored rows: exactly 0, also where their logits (hence the chain) are NaN
+        return np.where(valid[:, None], g_z * chain, 0.0).reshape(z64.shape)

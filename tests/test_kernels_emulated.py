@@ -26,6 +26,8 @@ from ce_fast._engines import cuda as _cuda
 from ce_fast._spec import LossSpec
 
 import kernel_emulator
+import oracle
+from conftest import assert_rows_close
 
 pytestmark = pytest.mark.skipif(kernel_emulator.compiler() is None, reason="no C++ compiler for the kernel emulator")
 
@@ -344,13 +346,10 @@ def _ref_rows(x, target, weight=None, label_smoothing=0.0):
         lse = np.log(np.exp(x - m0).sum(-1, keepdims=True)) + m0
         logp = x - lse
         if np.asarray(target).dtype.kind == "f":
-            # As ce_fast._rules splits t' = (1-eps) t + eps/C: each sum on its own, so
-            # zero mass on a -inf logit is NaN also with smoothing (torch: +inf there).
-            t = np.asarray(target, np.float64)
-            out = -(1 - eps) * (w * t * logp).sum(-1)
-            if eps > 0:
-                out = out - eps / C * (w * logp).sum(-1)
-            return out
+            # torch smooths the target first: t' = (1-eps) t + eps/C > 0, so zero mass on a
+            # -inf logit is +inf with smoothing (NaN without, or under a zero weight).
+            t = (1 - eps) * np.asarray(target, np.float64) + eps / C
+            return -(w * t * logp).sum(-1)
         y = np.asarray(target)
         ly = np.take_along_axis(logp, y[:, None], -1)[:, 0]
         out = -(1 - eps) * w[y] * ly
@@ -364,8 +363,8 @@ def test_minus_inf_runs_with_smoothing_and_soft_targets(emu, C):
     """-inf logits before, after and between the finite ones, with zero and non-zero
     weights / target mass on them: the max-relative sums give float64's answer (inf, or
     NaN for 0 * -inf as torch), whatever the position of the -inf run in the row, and
-    agree with the Rust engine (whose -inf runs here never fill a whole 2048-element
-    chunk before the first finite logit: such a zero-mass run counts as 0 there)."""
+    agree with the Rust engine (runs longer than its 2048-element chunk:
+    test_minus_inf_runs_longer_than_a_cpu_chunk)."""
     rng = np.random.default_rng(47)
     x = rng.standard_normal((6, C)).astype(np.float32)
     x[0, : C // 2] = -np.inf
@@ -391,6 +390,114 @@ def test_minus_inf_runs_with_smoothing_and_soft_targets(emu, C):
         for tgt in (y, t):
             got, ref = _both(emu, lambda: ce_fast.cross_entropy(x, tgt, reduction="none", **kw))
             _close(got, ref, 1e-5, 1e-6, f"vs CPU {list(kw)}")
+
+
+def _oracle_rows(x, target, **kw):
+    t = np.asarray(target)
+    return oracle.cross_entropy_ref(_f64(x), _f64(t) if t.dtype.kind in "fV" else t, reduction="none", **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16], ids=lambda d: IDS[d])
+@pytest.mark.parametrize("C", [4, 700, 3000])
+def test_rows_spanning_float32_range(emu, dtype, C):
+    """3e38 and -3e38 in one row: z - max = -6e38 does not fit in float32, the smoothing and
+    soft-target sums take it in float64 (3e37 for label smoothing 0.1 on [3e38, -3e38, 0, 1]),
+    also where a thread's own max grows from -3e38 to 3e38, as the oracle and the Rust engine."""
+    rng = np.random.default_rng(C)
+    x = rng.standard_normal((5, C))
+    x[0, :4] = [3e38, -3e38, 0.0, 1.0]
+    x[1, :] = -3e38
+    x[1, C - 1] = 3e38  # the max comes last
+    x[2, rng.random(C) < 0.5] = -3e38
+    x[2, C // 2] = 3e38
+    x[3, ::2] = 3e38
+    x[3, 1::2] = -3e38
+    x = x.astype(dtype)
+    y = np.array([0, C - 1, C // 2, 1, 2])
+    w = rng.uniform(0.5, 1.5, C)
+    w[1] = 0.0
+    t = np.zeros((5, C), np.float32)
+    t[np.arange(5), y] = 1.0
+    t_full = rng.dirichlet(np.ones(C), 5).astype(np.float32)
+    cases = [(y, dict(label_smoothing=0.1)), (y, dict(label_smoothing=0.1, weight=w)), (t, dict()),
+             (t, dict(weight=w)), (t_full, dict()), (t, dict(label_smoothing=0.2))]
+    for shape in ("default", "wide", "narrow"):
+        with kernel_emulator.emulated_engine(emu, **SHAPES[shape]):
+            for tgt, kw in cases:
+                got = ce_fast.cross_entropy(x, tgt, reduction="none", **kw)
+                assert_rows_close(got, _oracle_rows(x, tgt, **kw), dtype, what=f"{shape} {list(kw)} ")
+    if C == 4:
+        got = ce_fast.cross_entropy(x[:1], y[:1], reduction="none", label_smoothing=0.1)
+        assert float(got[0]) == pytest.approx(0.1 * float(x[0, 0]), rel=1e-6)
+    for tgt, kw in cases:
+        got, ref = _both(emu, lambda: ce_fast.cross_entropy_and_grad(x, tgt, reduction="none", **kw))
+        _close(got[0], ref[0], 1e-5, 1e-6, f"vs CPU {list(kw)}")
+        _grad_close(got[1], ref[1], dtype, f"grad vs CPU {list(kw)}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: IDS[d])
+def test_minus_inf_runs_longer_than_a_cpu_chunk(emu, dtype):
+    """-inf runs of 2048 (the CPU engine's chunk) and more before the first finite logit,
+    with zero weight / zero target mass inside the run: NaN (0 * -inf), +inf with positive
+    weights, as the oracle, the CPU engine and the GPU engine all say."""
+    C = 5000
+    rng = np.random.default_rng(53)
+    x = rng.standard_normal((4, C))
+    for i, n in enumerate([2047, 2048, 3000, 4200]):
+        x[i, :n] = -np.inf
+    x = x.astype(dtype)
+    y = np.full(4, C - 1)
+    w = np.ones(C)
+    w[5] = 0.0
+    onehot = np.zeros((4, C), np.float32)
+    onehot[:, C - 1] = 1.0
+    full = np.full((4, C), 1.0 / C, np.float32)
+    cases = [(y, dict(label_smoothing=0.1)), (y, dict(label_smoothing=0.1, weight=w)), (y, dict(weight=w)),
+             (onehot, dict()), (full, dict()), (full, dict(weight=w))]
+    for tgt, kw in cases:
+        want = _oracle_rows(x, tgt, **kw)
+        for shape in ("default", "wide"):
+            with kernel_emulator.emulated_engine(emu, **SHAPES[shape]):
+                got = ce_fast.cross_entropy(x, tgt, reduction="none", **kw)
+            assert_rows_close(got, want, dtype, what=f"{shape} {list(kw)} ")
+        assert_rows_close(ce_fast.cross_entropy(x, tgt, reduction="none", **kw), want, dtype, what=f"CPU {list(kw)} ")
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16], ids=lambda d: IDS[d])
+def test_huge_row_maximum(emu, dtype):
+    """Maxima from 1e8 to 3e38, tied: the loss at a tie is log(#ties) (the kernels subtract
+    the max before the exponential, no rounding of max * log2(e))."""
+    C = 300
+    rng = np.random.default_rng(59)
+    mags = [1e8, 2e9, 1e12, 1e20, 1e30, -1e12, 3e38]
+    x = np.asarray(np.stack([np.full(C, m) for m in mags]).astype(dtype))
+    x[:, rng.random(C) < 0.7] = 0.0
+    x[:, 0] = np.array(mags).astype(dtype)
+    y = np.zeros(len(mags), dtype=np.int64)
+    for shape in ("default", "wide"):
+        with kernel_emulator.emulated_engine(emu, **SHAPES[shape]):
+            got = ce_fast.cross_entropy(x, y, reduction="none")
+            lse = ce_fast.logsumexp(x)
+        assert_rows_close(got, _oracle_rows(x, y), dtype, what=shape)
+        assert_rows_close(lse, oracle.logsumexp_ref(_f64(x)), dtype, what=shape)
+
+
+@pytest.mark.parametrize("opts", [dict(logit_scale=1.7), dict(softcap=1e20)], ids=["scale", "softcap"])
+def test_target_logit_transformed_like_its_row(emu, opts):
+    """The target logit goes through the same f32 transform as its row: at a tie with the
+    max the loss is log(#ties) and the gradient finite, however large |z| (a float64 z_y
+    differs from the f32 max by eps * |z|, beyond exp's range from |z| ~ 1e9 on)."""
+    mags = np.array([1e9, 3e12, 1e15, 7e20, 1e30, 1e37])
+    x = np.zeros((len(mags), 40), np.float32)
+    x[:, 3] = x[:, 17] = mags
+    x[:, 20:] = -mags[:, None]
+    y = np.full(len(mags), 17)
+    for shape in ("default", "wide"):
+        with kernel_emulator.emulated_engine(emu, **SHAPES[shape]):
+            loss, g = ce_fast.cross_entropy_and_grad(x, y, reduction="none", **opts)
+        assert_rows_close(loss, np.full(len(mags), np.log(2.0)), x.dtype, what=shape)
+        ref = oracle.grad_ref(_f64(x), y, reduction="none", **opts)
+        _grad_close(g, ref, x.dtype, shape)
 
 
 # ---------------------------------------------------------------- targets

@@ -47,7 +47,13 @@ def per_row(b: Batch, spec: LossSpec, s: Stats):
             swtz = s.swtz
             if eps > 0.0:
                 swt = (1.0 - eps) * swt + (eps / C) * b.weight_total
-                swtz = (1.0 - eps) * swtz + (eps / C) * s.swz
+                swtz_split = (1.0 - eps) * swtz + (eps / C) * s.swz
+                # torch sums w t' (z - mx) with t' = (1-eps) t + eps/C: a -inf logit of positive
+                # weight (swz = -inf) makes it -inf where w t' > 0 (t >= 0), also at t = 0 or
+                # eps = 1, where the split sums give 0 * -inf = NaN.
+                if _smallest_weight(b) * (eps / C) > 0.0:
+                    swtz_split = xp.where(s.swz == -xp.inf, -xp.inf, swtz_split)
+                swtz = swtz_split
             loss = s.ls * swt - swtz
         else:
             loss = b.wy * ((s.mx - s.zy) + s.ls)
@@ -59,6 +65,14 @@ def per_row(b: Batch, spec: LossSpec, s: Stats):
         # float64 log_softmax of a row holding NaN or +inf, or of only -inf, is NaN.
         loss = xp.where(xp.isfinite(s.mx), loss, xp.nan)
         return xp.where(b.valid, loss, 0.0)
+
+
+def _smallest_weight(b: Batch) -> float:
+    """The smallest positive class weight (1 without weights)."""
+    if b.weight is None:
+        return 1.0
+    w = b.weight[b.weight > 0]
+    return float(w.min()) if w.size else 0.0
 
 
 def denominator(b: Batch) -> float:

@@ -168,8 +168,9 @@ mod imp {
         }
     }
 
-    /// sum(exp(x - m)) and max(x) (NaN skipped) in one pass; None when m*log2e is
-    /// out of range. Terms above exp(88) are garbage: callers check the max.
+    /// sum(exp(x - m)) and max(x) (NaN skipped) in one pass; None when m*log2e does
+    /// not round to float32 within `MAX_RHO` (|m| beyond ~1.9e8). Terms above exp(88)
+    /// are garbage: callers check the max.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn sum_exp_max(buf: &[f32], m: f32) -> Option<(f64, f32)> {
         sum_exp_impl::<true>(buf, m)
@@ -180,12 +181,13 @@ mod imp {
     unsafe fn sum_exp_impl<const MAX: bool>(buf: &[f32], m: f32) -> Option<(f64, f32)> {
         let log2e = std::f32::consts::LOG2_E;
         let ml = m * log2e;
-        if !ml.is_finite() || m.abs() > 1e30 {
-            return None;
-        }
         // t = x*log2e - fl(m*log2e) in one FMA; the rounding of fl(m*log2e) is the same
         // for every term, so it is a factor 2^-rho on the sum, undone exactly in f64.
         let rho = ml as f64 - m as f64 * log2e as f64;
+        // Past MAX_RHO the shifted terms leave exp2_core's range (ulp(ml) grows with |m|).
+        if !(rho.abs() <= MAX_RHO) {
+            return None;
+        }
         let n32 = buf.len() / 32 * 32;
         let p = buf.as_ptr();
         let vl = _mm256_set1_ps(log2e);
@@ -236,6 +238,12 @@ mod imp {
         Some((s + tail_sum_exp(buf, i, m), best))
     }
 
+    /// Largest |fl(m*log2e) - m*log2e| the one-pass sum takes. Terms are 2^(t - rho) with
+    /// t <= log2(e^FUSED_MAX_JUMP) = 92.3, and a lane adds up to 67 of them before the f64
+    /// sum: 2^(92.3 + 16 + 6.1) stays below f32's 2^128, and the 2^-126 floor of the
+    /// smallest terms becomes at most 2^-110, far below the max's own term 1.
+    const MAX_RHO: f64 = 16.0;
+
     /// The last < 8 terms, padded with -inf, through the exact-zero exp.
     #[inline(always)]
     unsafe fn tail_sum_exp(buf: &[f32], i: usize, m: f32) -> f64 {
@@ -260,20 +268,21 @@ mod imp {
         hsum_f64(a0) + tail_sum_exp(buf, i, m)
     }
 
-    /// sum(w * (x - m)) (w = 1 when None) with the differences in f32 and the
-    /// products and sums in f64 lanes: terms near 3e38 neither overflow nor cancel.
+    /// sum(w * (x - m)) (w = 1 when None) in f64 lanes, the differences included:
+    /// 3e38 - (-3e38) does not fit in f32, and terms near it neither overflow nor cancel.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_shift(x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
         let n = x.len();
         let n8 = n / 8 * 8;
         let px = x.as_ptr();
-        let vm = _mm256_set1_ps(m);
+        let vm = _mm256_set1_pd(m as f64);
         let mut s0 = _mm256_setzero_pd();
         let mut s1 = s0;
         let mut i = 0;
         while i < n8 {
-            let d = _mm256_sub_ps(_mm256_loadu_ps(px.add(i)), vm);
-            let (dlo, dhi) = (_mm256_cvtps_pd(_mm256_castps256_ps128(d)), _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1)));
+            let xv = _mm256_loadu_ps(px.add(i));
+            let dlo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv)), vm);
+            let dhi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1)), vm);
             match w {
                 Some(w) => {
                     let wv = _mm256_loadu_ps(w.as_ptr().add(i));
@@ -291,7 +300,7 @@ mod imp {
         let s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
         let mut total = _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
         for j in n8..n {
-            total += w.map_or(1.0, |w| w[j] as f64) * (x[j] - m) as f64;
+            total += w.map_or(1.0, |w| w[j] as f64) * (x[j] as f64 - m as f64);
         }
         total
     }
@@ -335,9 +344,13 @@ mod imp {
         let vlse = _mm256_set1_ps(p.m);
         // g (and scale, without softcap) folded into the coefficients: g*chain*(a p - d w - e w t).
         let gs = if chain.is_some() { p.g } else { p.g * p.scale };
-        let ga = _mm256_set1_ps(gs * p.a);
-        let gd = _mm256_set1_ps(gs * p.d);
-        let ge = _mm256_set1_ps(gs * p.e);
+        // Unless a folded coefficient overflows f32 where its parts do not (z_loss at |lse|
+        // ~ 1e33 and up): then inf * p would be NaN where p = 0, so the factor goes last.
+        let fits = |k: f32| k * p.a.abs().max(p.d.abs()).max(p.e.abs()) <= f32::MAX;
+        let (k, post) = if fits(gs.abs()) || !fits(1.0) { (gs, 1.0) } else { (1.0, gs) };
+        let ga = _mm256_set1_ps(k * p.a);
+        let gd = _mm256_set1_ps(k * p.d);
+        let ge = _mm256_set1_ps(k * p.e);
         let core = |x: __m256, i: usize| {
             let prob = exp_le0(_mm256_sub_ps(x, vlse));
             match (w, t) {
@@ -357,6 +370,10 @@ mod imp {
             map8(buf, |x, _| _mm256_fmsub_ps(ga, exp_le0(_mm256_sub_ps(x, vlse)), gd));
         } else {
             map8(buf, core);
+        }
+        if post != 1.0 {
+            let vp = _mm256_set1_ps(post);
+            map8(buf, |x, _| _mm256_mul_ps(vp, x));
         }
     }
 

@@ -131,7 +131,7 @@ pub trait Kernels<F: Float>: Copy + Send + Sync {
         None
     }
     fn sum(self, buf: &[F]) -> f64;
-    /// sum(w * (x - m)), w = 1 when `None`.
+    /// sum(w * (x - m)) in f64, the differences included, w = 1 when `None`.
     fn dot_shift(self, x: &[F], w: Option<&[F]>, m: F) -> f64;
     /// In place: `g * chain * (a * exp(x - m) - d * w - e * w * t)`, where `w` is 1
     /// without weights and `chain` the derivative of the transform (`scale` when None).

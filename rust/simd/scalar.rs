@@ -67,10 +67,12 @@ impl<F: Float> Kernels<F> for Scalar {
         sum4(buf, |i| buf[i].to_f64())
     }
 
+    // The differences in f64: 3e38 - (-3e38) overflows f32.
     fn dot_shift(self, x: &[F], w: Option<&[F]>, m: F) -> f64 {
+        let m = m.to_f64();
         match w {
-            Some(w) => sum4(x, |i| w[i].to_f64() * (x[i] - m).to_f64()),
-            None => sum4(x, |i| (x[i] - m).to_f64()),
+            Some(w) => sum4(x, |i| w[i].to_f64() * (x[i].to_f64() - m)),
+            None => sum4(x, |i| x[i].to_f64() - m),
         }
     }
 
