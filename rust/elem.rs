@@ -181,8 +181,9 @@ impl Compute for f32 {
         unsafe {
             if m.col_stride == 1 {
                 match m.dtype {
-                    DType::F32 => std::slice::from_raw_parts_mut(base as *mut f32, n)
-                        .copy_from_slice(src),
+                    DType::F32 => {
+                        std::slice::from_raw_parts_mut(base as *mut f32, n).copy_from_slice(src)
+                    }
                     DType::F64 => {
                         let d = std::slice::from_raw_parts_mut(base as *mut f64, n);
                         for (d, &x) in d.iter_mut().zip(src) {

@@ -14,7 +14,12 @@ pub fn kernel_source(name: &str) -> PyResult<&'static str> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, src)| *src)
-        .ok_or_else(|| PyKeyError::new_err(format!("no embedded kernel file {name:?}; have {:?}", kernel_names())))
+        .ok_or_else(|| {
+            PyKeyError::new_err(format!(
+                "no embedded kernel file {name:?}; have {:?}",
+                kernel_names()
+            ))
+        })
 }
 
 /// Names of the embedded kernel files.

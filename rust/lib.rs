@@ -18,12 +18,17 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// (address, dtype code, columns, column stride, batch shape, batch strides)
 type Desc = (usize, u8, usize, isize, Vec<usize>, Vec<isize>);
 
+/// (a0, b, g pointers, a_lse, a_swt, d, e, out descriptor): the gradient's coefficients.
+type GradArgs = (usize, usize, usize, f64, f64, f64, f64, Desc);
+
 fn matrix(d: Desc, what: &str) -> PyResult<Matrix> {
     let (ptr, code, cols, col_stride, batch_shape, batch_strides) = d;
     let dtype = DType::from_code(code)
         .ok_or_else(|| PyValueError::new_err(format!("{what}: unknown dtype code {code}")))?;
     if batch_shape.len() != batch_strides.len() {
-        return Err(PyValueError::new_err(format!("{what}: shape and strides differ in length")));
+        return Err(PyValueError::new_err(format!(
+            "{what}: shape and strides differ in length"
+        )));
     }
     if cols == 0 {
         return Err(PyValueError::new_err(format!("{what}: zero classes")));
@@ -31,7 +36,14 @@ fn matrix(d: Desc, what: &str) -> PyResult<Matrix> {
     if ptr == 0 && batch_shape.iter().product::<usize>() > 0 {
         return Err(PyValueError::new_err(format!("{what}: null data pointer")));
     }
-    Ok(Matrix { ptr, dtype, cols, col_stride, batch_shape, batch_strides })
+    Ok(Matrix {
+        ptr,
+        dtype,
+        cols,
+        col_stride,
+        batch_shape,
+        batch_strides,
+    })
 }
 
 /// Largest thread count accepted: above the logical CPU count of today's largest
@@ -54,7 +66,9 @@ static POOL: Mutex<Option<Slot>> = Mutex::new(None);
 fn default_size() -> usize {
     static DEFAULT: OnceLock<usize> = OnceLock::new();
     *DEFAULT.get_or_init(|| {
-        let env = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.trim().parse::<usize>().ok());
+        let env = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok());
         let n = match env {
             Some(n @ 1..) => n,
             _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -74,7 +88,11 @@ fn pool(_py: Python<'_>, threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
             "threads must be at most {MAX_THREADS} (0 = the default), got {threads}"
         )));
     }
-    let size = if threads == 0 { default_size() } else { threads };
+    let size = if threads == 0 {
+        default_size()
+    } else {
+        threads
+    };
     let pid = std::process::id();
     let mut slot = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(s) = slot.as_ref() {
@@ -95,7 +113,11 @@ fn pool(_py: Python<'_>, threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
         .build()
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
     let p = Arc::new(p);
-    *slot = Some(Slot { pid, size, pool: p.clone() });
+    *slot = Some(Slot {
+        pid,
+        size,
+        pool: p.clone(),
+    });
     Ok(p)
 }
 
@@ -121,18 +143,22 @@ fn run(
     softcap: f64,
     want_wz: bool,
     stats: (usize, usize, usize, usize, usize, usize),
-    grad: Option<(usize, usize, usize, f64, f64, f64, f64, Desc)>,
+    grad: Option<GradArgs>,
     threads: usize,
     given: Option<(usize, usize, usize)>,
 ) -> PyResult<()> {
     if given.is_some_and(|g| g.0 == 0 || g.1 == 0) || (given.is_some() && grad.is_none()) {
-        return Err(PyValueError::new_err("given statistics need mx and ls pointers and a gradient"));
+        return Err(PyValueError::new_err(
+            "given statistics need mx and ls pointers and a gradient",
+        ));
     }
     let x = matrix(x, "logits")?;
     let soft = soft.map(|d| matrix(d, "soft target")).transpose()?;
     if let Some(s) = &soft {
         if s.cols != x.cols || s.batch_shape != x.batch_shape {
-            return Err(PyValueError::new_err("soft target shape differs from logits"));
+            return Err(PyValueError::new_err(
+                "soft target shape differs from logits",
+            ));
         }
     }
     let rows = x.rows();
@@ -148,7 +174,9 @@ fn run(
         Some(g) => {
             let m = matrix(g.7.clone(), "grad out")?;
             if m.cols != x.cols || m.batch_shape != x.batch_shape {
-                return Err(PyValueError::new_err("gradient out shape differs from logits"));
+                return Err(PyValueError::new_err(
+                    "gradient out shape differs from logits",
+                ));
             }
             Some(m)
         }
@@ -158,7 +186,9 @@ fn run(
         // The engine indexes rows with these: refuse what validation should have caught.
         let t = unsafe { std::slice::from_raw_parts(target as *const i64, rows) };
         if let Some(&bad) = t.iter().find(|&&y| y >= x.cols as i64) {
-            return Err(PyValueError::new_err(format!("target index {bad} out of range")));
+            return Err(PyValueError::new_err(format!(
+                "target index {bad} out of range"
+            )));
         }
     }
     let pool = pool(py, threads)?;
@@ -177,7 +207,11 @@ fn run(
             softcap,
             want_wz,
             given: given.map(|(m, l, s)| unsafe {
-                (slice(m, rows).unwrap(), slice(l, rows).unwrap(), slice(s, rows))
+                (
+                    slice(m, rows).unwrap(),
+                    slice(l, rows).unwrap(),
+                    slice(s, rows),
+                )
             }),
         };
         let gspec = grad.as_ref().zip(gout_ref).map(|(g, m)| unsafe {
@@ -192,7 +226,7 @@ fn run(
                 out: m,
             }
         });
-        let pool = Some(&*pool);
+        let pool = &*pool;
         if x_ref.dtype == DType::F64 {
             return rows::run::<f64, _>(Scalar, &p, gspec.as_ref(), out, pool);
         }
@@ -219,7 +253,8 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
         // Unaligned head bytes are read one by one so the words are aligned.
         let head = ((8 - ptr % 8) % 8).min(nbytes);
         let words = (nbytes - head) / 8;
-        let bytes = |from: usize, n: usize| unsafe { std::slice::from_raw_parts(from as *const u8, n) };
+        let bytes =
+            |from: usize, n: usize| unsafe { std::slice::from_raw_parts(from as *const u8, n) };
         let data = unsafe { std::slice::from_raw_parts((ptr + head) as *const u64, words) };
         let end = ptr + head + words * 8;
         let rest: u64 = bytes(ptr, head)
@@ -238,7 +273,9 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
                             acc[k] ^= q[k];
                         }
                     }
-                    it.remainder().iter().fold(acc[0] ^ acc[1] ^ acc[2] ^ acc[3], |a, &b| a ^ b)
+                    it.remainder()
+                        .iter()
+                        .fold(acc[0] ^ acc[1] ^ acc[2] ^ acc[3], |a, &b| a ^ b)
                 })
                 .reduce(|| 0, |a, b| a ^ b)
         };

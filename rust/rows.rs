@@ -31,8 +31,11 @@ pub struct Problem<'a> {
     pub want_wz: bool,
     /// (mx, ls, and sum_c w_c t_c for soft targets) saved by an earlier call:
     /// the statistics pass is skipped and only the gradient pass runs.
-    pub given: Option<(&'a [f64], &'a [f64], Option<&'a [f64]>)>,
+    pub given: Option<Given<'a>>,
 }
+
+/// Saved per-row statistics: (mx, ls, and sum_c w_c t_c for soft targets).
+pub type Given<'a> = (&'a [f64], &'a [f64], Option<&'a [f64]>);
 
 /// Per-row coefficients of the gradient, built by the loss rules:
 /// `grad_c = g * chain_c * ((a0 + a_lse*lse + a_swt*swt) * p_c - d*w_c - e*w_c*t_c - b*[c == y])`
@@ -78,7 +81,11 @@ struct Bufs<F> {
 
 impl<F: Float> Bufs<F> {
     fn new() -> Self {
-        Bufs { x: vec![F::ZERO; CHUNK], t: vec![F::ZERO; CHUNK], c: vec![F::ZERO; CHUNK] }
+        Bufs {
+            x: vec![F::ZERO; CHUNK],
+            t: vec![F::ZERO; CHUNK],
+            c: vec![F::ZERO; CHUNK],
+        }
     }
 }
 
@@ -112,7 +119,11 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         let soff = p.soft.map(|s| s.row_offset(r));
         let y = p.target.map_or(-1, |t| t[r]);
         // Read before any gradient is written, so `out` may alias the logits.
-        let (zy, chain_y) = if y >= 0 { self.target_logit(x.get(off, y as usize)) } else { (0.0, 0.0) };
+        let (zy, chain_y) = if y >= 0 {
+            self.target_logit(x.get(off, y as usize))
+        } else {
+            (0.0, 0.0)
+        };
 
         if let (Some(gs), Some((mx, ls, swt))) = (self.grad, p.given) {
             let swt = swt.map_or(0.0, |s| s[r]);
@@ -143,7 +154,11 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
             };
             // With a max from earlier chunks, one fused pass gives the sum and the chunk's
             // max; only a chunk whose max jumps far above it takes the two-pass route.
-            let fused = if m.is_finite() { self.k.sum_exp_max(buf, F::from_f64(m)) } else { None };
+            let fused = if m.is_finite() {
+                self.k.sum_exp_max(buf, F::from_f64(m))
+            } else {
+                None
+            };
             match fused {
                 Some((se, cm)) if cm.to_f64() <= m + FUSED_MAX_JUMP => {
                     let cm = cm.to_f64();
@@ -177,7 +192,11 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
             // While the max is -inf every element so far is -inf (or NaN): the sums take
             // w * -inf as is (-inf, or NaN for 0 * -inf as float64 torch), and the shift
             // when the max turns finite keeps them. A +inf max leaves them alone.
-            let fm = if m == f64::NEG_INFINITY { F::ZERO } else { F::from_f64(m) };
+            let fm = if m == f64::NEG_INFINITY {
+                F::ZERO
+            } else {
+                F::from_f64(m)
+            };
             let take = m < f64::INFINITY;
             let w = self.w.as_ref().map(|w| &w[start..start + n]);
             if p.want_wz {
@@ -237,8 +256,12 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         let mut chain = [F::ZERO];
         let softcap = p.softcap > 0.0;
         let ch = if softcap { Some(&mut chain[..]) } else { None };
-        self.k.transform(&mut z, F::from_f64(p.scale), F::from_f64(p.softcap), ch);
-        (z[0].to_f64(), if softcap { chain[0].to_f64() } else { p.scale })
+        self.k
+            .transform(&mut z, F::from_f64(p.scale), F::from_f64(p.softcap), ch);
+        (
+            z[0].to_f64(),
+            if softcap { chain[0].to_f64() } else { p.scale },
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -283,7 +306,8 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                 let chain = &mut bufs.c[..n];
                 if self.transform {
                     let ch = if softcap { Some(&mut *chain) } else { None };
-                    self.k.transform(buf, params.scale, F::from_f64(p.softcap), ch);
+                    self.k
+                        .transform(buf, params.scale, F::from_f64(p.softcap), ch);
                 }
                 let w = self.w.as_ref().map(|w| &w[start..start + n]);
                 let t = match (p.soft, soff) {
@@ -315,21 +339,21 @@ pub fn run<F: Compute, K: Kernels<F>>(
     p: &Problem,
     grad: Option<&GradSpec>,
     out: StatsOut,
-    pool: Option<&rayon::ThreadPool>,
+    pool: &rayon::ThreadPool,
 ) {
     let ctx = Ctx {
         k,
         p,
         grad,
-        w: p.weight.map(|w| w.iter().map(|&v| F::from_f64(v)).collect()),
+        w: p.weight
+            .map(|w| w.iter().map(|&v| F::from_f64(v)).collect()),
         out,
         transform: p.scale != 1.0 || p.softcap > 0.0,
     };
     let rows = p.x.rows();
     let cols = p.x.cols;
-    let parallel = rows > 1
-        && rows.saturating_mul(cols) >= PAR_MIN_ELEMS
-        && pool.map_or(rayon::current_num_threads(), |p| p.current_num_threads()) > 1;
+    let parallel =
+        rows > 1 && rows.saturating_mul(cols) >= PAR_MIN_ELEMS && pool.current_num_threads() > 1;
     if !parallel {
         let mut bufs = Bufs::new();
         for r in 0..rows {
@@ -344,8 +368,5 @@ pub fn run<F: Compute, K: Kernels<F>>(
             .with_min_len(min_len)
             .for_each_init(Bufs::new, |bufs, r| ctx.row(bufs, r));
     };
-    match pool {
-        Some(pool) => pool.install(work),
-        None => work(),
-    }
+    pool.install(work);
 }

@@ -22,8 +22,10 @@ impl Avx2 {
 mod imp {
     use super::*;
 
-        /// 2^t for -126 <= t <= 127 (NaN passes through): 2^n * p(t - n), p a degree-5
+    /// 2^t for -126 <= t <= 127 (NaN passes through): 2^n * p(t - n), p a degree-5
     /// minimax polynomial (relative error 1.9e-7), 2^n added into the exponent bits.
+    // The coefficients are the fitted minimax values, written as fitted, not ln 2 et al.
+    #[allow(clippy::approx_constant, clippy::excessive_precision)]
     #[inline(always)]
     unsafe fn exp2_core(t: __m256) -> __m256 {
         // Adding 1.5 * 2^23 rounds t to an integer n held in the low mantissa bits,
@@ -102,7 +104,12 @@ mod imp {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn transform(buf: &mut [f32], scale: f32, softcap: f32, mut chain: Option<&mut [f32]>) {
+    pub unsafe fn transform(
+        buf: &mut [f32],
+        scale: f32,
+        softcap: f32,
+        mut chain: Option<&mut [f32]>,
+    ) {
         if softcap > 0.0 {
             let s = _mm256_set1_ps(scale);
             let c = _mm256_set1_ps(softcap);
@@ -185,7 +192,7 @@ mod imp {
         // for every term, so it is a factor 2^-rho on the sum, undone exactly in f64.
         let rho = ml as f64 - m as f64 * log2e as f64;
         // Past MAX_RHO the shifted terms leave exp2_core's range (ulp(ml) grows with |m|).
-        if !(rho.abs() <= MAX_RHO) {
+        if rho.is_nan() || rho.abs() > MAX_RHO {
             return None;
         }
         let n32 = buf.len() / 32 * 32;
@@ -233,7 +240,11 @@ mod imp {
         if MAX {
             let mut v = [0.0f32; 8];
             _mm256_storeu_ps(v.as_mut_ptr(), _mm256_max_ps(mx0, mx1));
-            best = v.iter().chain(&buf[i..]).copied().fold(best, |a, b| if b > a { b } else { a });
+            best = v
+                .iter()
+                .chain(&buf[i..])
+                .copied()
+                .fold(best, |a, b| if b > a { b } else { a });
         }
         Some((s + tail_sum_exp(buf, i, m), best))
     }
@@ -262,7 +273,10 @@ mod imp {
         let mut a0 = _mm256_setzero_ps();
         let mut i = 0;
         while i + 8 <= buf.len() {
-            a0 = _mm256_add_ps(a0, exp_sum_term(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm)));
+            a0 = _mm256_add_ps(
+                a0,
+                exp_sum_term(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm)),
+            );
             i += 8;
         }
         hsum_f64(a0) + tail_sum_exp(buf, i, m)
@@ -347,7 +361,11 @@ mod imp {
         // Unless a folded coefficient overflows f32 where its parts do not (z_loss at |lse|
         // ~ 1e33 and up): then inf * p would be NaN where p = 0, so the factor goes last.
         let fits = |k: f32| k * p.a.abs().max(p.d.abs()).max(p.e.abs()) <= f32::MAX;
-        let (k, post) = if fits(gs.abs()) || !fits(1.0) { (gs, 1.0) } else { (1.0, gs) };
+        let (k, post) = if fits(gs.abs()) || !fits(1.0) {
+            (gs, 1.0)
+        } else {
+            (1.0, gs)
+        };
         let ga = _mm256_set1_ps(k * p.a);
         let gd = _mm256_set1_ps(k * p.d);
         let ge = _mm256_set1_ps(k * p.e);
@@ -367,7 +385,9 @@ mod imp {
             map8(buf, |x, i| _mm256_mul_ps(lanes(ch, i, 0.0), core(x, i)));
         } else if w.is_none() && t.is_none() {
             // The common case gets its own loop: one FMA after the exponential.
-            map8(buf, |x, _| _mm256_fmsub_ps(ga, exp_le0(_mm256_sub_ps(x, vlse)), gd));
+            map8(buf, |x, _| {
+                _mm256_fmsub_ps(ga, exp_le0(_mm256_sub_ps(x, vlse)), gd)
+            });
         } else {
             map8(buf, core);
         }
@@ -399,7 +419,10 @@ mod imp {
         let n8 = n / 8 * 8;
         let mut i = 0;
         while i < n8 {
-            let h = _mm256_cvtps_ph(_mm256_loadu_ps(src.as_ptr().add(i)), _MM_FROUND_TO_NEAREST_INT);
+            let h = _mm256_cvtps_ph(
+                _mm256_loadu_ps(src.as_ptr().add(i)),
+                _MM_FROUND_TO_NEAREST_INT,
+            );
             _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
             i += 8;
         }

@@ -109,7 +109,9 @@ pub fn init_from_env() -> Result<(), String> {
         Some(v) if v.is_empty() => Ok(()),
         Some(v) => match v.to_str() {
             Some(name) => set(name, VAR),
-            None => Err(format!("{VAR} must be 'scalar', 'auto' or 'avx2' (any case), got {v:?}")),
+            None => Err(format!(
+                "{VAR} must be 'scalar', 'auto' or 'avx2' (any case), got {v:?}"
+            )),
         },
     }
 }
@@ -135,7 +137,14 @@ pub trait Kernels<F: Float>: Copy + Send + Sync {
     fn dot_shift(self, x: &[F], w: Option<&[F]>, m: F) -> f64;
     /// In place: `g * chain * (a * exp(x - m) - d * w - e * w * t)`, where `w` is 1
     /// without weights and `chain` the derivative of the transform (`scale` when None).
-    fn grad(self, buf: &mut [F], p: &GradParams<F>, w: Option<&[F]>, t: Option<&[F]>, chain: Option<&[F]>);
+    fn grad(
+        self,
+        buf: &mut [F],
+        p: &GradParams<F>,
+        w: Option<&[F]>,
+        t: Option<&[F]>,
+        chain: Option<&[F]>,
+    );
 }
 
 #[derive(Clone, Copy)]

@@ -14,8 +14,8 @@ fn sum4<F: Float>(buf: &[F], f: impl Fn(usize) -> f64) -> f64 {
     let n4 = buf.len() / 4 * 4;
     let mut i = 0;
     while i < n4 {
-        for k in 0..4 {
-            acc[k] += f(i + k);
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a += f(i + k);
         }
         i += 4;
     }
@@ -76,7 +76,14 @@ impl<F: Float> Kernels<F> for Scalar {
         }
     }
 
-    fn grad(self, buf: &mut [F], p: &GradParams<F>, w: Option<&[F]>, t: Option<&[F]>, chain: Option<&[F]>) {
+    fn grad(
+        self,
+        buf: &mut [F],
+        p: &GradParams<F>,
+        w: Option<&[F]>,
+        t: Option<&[F]>,
+        chain: Option<&[F]>,
+    ) {
         for (i, x) in buf.iter_mut().enumerate() {
             let wi = w.map_or(F::ONE, |w| w[i]);
             let ti = t.map_or(F::ZERO, |t| t[i]);
