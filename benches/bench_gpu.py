@@ -23,10 +23,10 @@ Exit codes are ``ce-fast``'s: 3 without CuPy or a CUDA device.
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 
-def cli_args(argv: Sequence[str]) -> List[str]:
+def cli_args(argv: Sequence[str]) -> list[str]:
     """This script's arguments as ``ce-fast`` arguments."""
     out = ["bench", "--device", "cuda"]
     args = list(argv)
@@ -48,7 +48,7 @@ def cli_args(argv: Sequence[str]) -> List[str]:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from ce_fast import cli
 
     return cli.main(cli_args(sys.argv[1:] if argv is None else argv))

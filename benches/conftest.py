@@ -22,11 +22,10 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
-
 from ce_fast import bench
 
 DEFAULT_SIZES = bench.DEFAULT_SIZES
@@ -35,7 +34,9 @@ DEFAULT_DTYPES = bench.DEFAULT_DTYPES
 
 def pytest_addoption(parser):
     g = parser.getgroup("ce_fast benchmarks")
-    g.addoption("--bench-sizes", default=None, help=f"ROWSxCLASSES list (env CE_FAST_BENCH_SIZES; default {DEFAULT_SIZES})")
+    g.addoption(
+        "--bench-sizes", default=None, help=f"ROWSxCLASSES list (env CE_FAST_BENCH_SIZES; default {DEFAULT_SIZES})"
+    )
     g.addoption("--bench-dtypes", default=None, help=f"dtype list (env CE_FAST_BENCH_DTYPES; default {DEFAULT_DTYPES})")
 
 
@@ -55,7 +56,7 @@ def pytest_generate_tests(metafunc):
         )
 
 
-def _env_int(name: str) -> Optional[int]:
+def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
     return int(v) if v else None
 
@@ -102,7 +103,13 @@ def case(request):
     big = z.size >= 2**26
     base_rounds = _env_int("CE_FAST_BENCH_BASELINE_ROUNDS") or (1 if big else 3)
     c = Case(
-        shape=shape, dtype=dtype, z=z, y=y, zt=zt, yt=yt, nbytes=int(z.nbytes),
+        shape=shape,
+        dtype=dtype,
+        z=z,
+        y=y,
+        zt=zt,
+        yt=yt,
+        nbytes=int(z.nbytes),
         rounds=_env_int("CE_FAST_BENCH_ROUNDS") or 3,
         baseline_rounds=base_rounds,
         baseline_warmup=0 if (big and base_rounds == 1) else 1,
@@ -124,8 +131,7 @@ def measure(benchmark):
         result = benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=warm, iterations=1)
         best = benchmark.stats.stats.min
         benchmark.extra_info.update(
-            {"shape": list(case.shape), "dtype": case.dtype, "bytes": nbytes, "GB/s": nbytes / best / 1e9,
-             "what": what}
+            {"shape": list(case.shape), "dtype": case.dtype, "bytes": nbytes, "GB/s": nbytes / best / 1e9, "what": what}
         )
         return result
 

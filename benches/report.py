@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import tempfile
-from typing import List, Optional
 
 from ce_fast import bench, cli
 
@@ -31,10 +30,15 @@ def pytest_benchmark_markdown(data: dict) -> str:
     m = data.get("machine_info", {})
     cpu = m.get("cpu", {}) if isinstance(m.get("cpu"), dict) else {}
     md = ["# ce_fast benchmark results (pytest-benchmark)", "", "## Machine", ""]
-    for k, v in (("cpu", cpu.get("brand_raw") or m.get("processor")), ("cores", cpu.get("count")),
-                 ("python", m.get("python_version")), ("platform", m.get("system")),
-                 ("release", m.get("release")), ("date", data.get("datetime")),
-                 ("commit", (data.get("commit_info") or {}).get("id"))):
+    for k, v in (
+        ("cpu", cpu.get("brand_raw") or m.get("processor")),
+        ("cores", cpu.get("count")),
+        ("python", m.get("python_version")),
+        ("platform", m.get("system")),
+        ("release", m.get("release")),
+        ("date", data.get("datetime")),
+        ("commit", (data.get("commit_info") or {}).get("id")),
+    ):
         if v:
             md.append(f"- **{k}**: {v}")
     md += ["", "## Command", "", "```", "python -m pytest benches --benchmark-only --benchmark-json=...", "```", ""]
@@ -45,17 +49,26 @@ def pytest_benchmark_markdown(data: dict) -> str:
         rows = sorted(groups[g], key=lambda b: b["stats"]["min"])
         ce = [b for b in rows if "ce_fast" in b["name"] and "inplace" not in b["name"]]
         ref = ce[0]["stats"]["min"] if ce else None
-        md += [f"## {g}", "", "| benchmark | best ms | median ms | rounds | GB/s | time / ce_fast |",
-               "|---|---:|---:|---:|---:|---:|"]
+        md += [
+            f"## {g}",
+            "",
+            "| benchmark | best ms | median ms | rounds | GB/s | time / ce_fast |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for b in rows:
             s = b["stats"]
             gbps = (b.get("extra_info") or {}).get("GB/s")
             ratio = f"{s['min'] / ref:.3g}x" if ref else "-"
-            md.append(f"| {b['name']} | {s['min'] * 1e3:.4g} | {s['median'] * 1e3:.4g} | {s['rounds']} | "
-                      f"{'-' if gbps is None else f'{gbps:.1f}'} | {ratio} |")
+            md.append(
+                f"| {b['name']} | {s['min'] * 1e3:.4g} | {s['median'] * 1e3:.4g} | {s['rounds']} | "
+                f"{'-' if gbps is None else f'{gbps:.1f}'} | {ratio} |"
+            )
         md.append("")
-    md += ["GB/s: logits bytes (fwd, read pass) or read + write bytes (fwd+bwd, copy) over the best round; "
-           "time / ce_fast: relative to ce_fast's fresh-gradient / forward time in the group.", ""]
+    md += [
+        "GB/s: logits bytes (fwd, read pass) or read + write bytes (fwd+bwd, copy) over the best round; "
+        "time / ce_fast: relative to ce_fast's fresh-gradient / forward time in the group.",
+        "",
+    ]
     return "\n".join(md)
 
 
@@ -67,9 +80,9 @@ def render(data: dict) -> str:
     raise SystemExit("report.py: not a ce-fast bench or pytest-benchmark JSON file")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    bench_args: List[str] = []
+    bench_args: list[str] = []
     if "--" in argv:
         i = argv.index("--")
         argv, bench_args = argv[:i], argv[i + 1 :]

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import contextlib
 
+import ce_fast
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
-
-import ce_fast
 from ce_fast import _core
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -146,7 +145,12 @@ def assert_reduced_close(got, ref, ref_rows, den, dtype, reduction, *, scale=1.0
     assert abs(g - r) <= tol, f"{what}{reduction}: got {g!r}, ref {r!r}, err {abs(g - r):.3g} > tol {tol:.3g}"
 
 
-GRAD_EPS = {np.dtype(np.float64): 2.0**-52, np.dtype(np.float32): 2.0**-23, np.dtype(np.float16): 2.0**-10, BF16: 2.0**-7}
+GRAD_EPS = {
+    np.dtype(np.float64): 2.0**-52,
+    np.dtype(np.float32): 2.0**-23,
+    np.dtype(np.float16): 2.0**-10,
+    BF16: 2.0**-7,
+}
 GRAD_TINY = {np.dtype(np.float64): 1e-300, np.dtype(np.float32): 1e-38, np.dtype(np.float16): 2.0**-24, BF16: 1e-38}
 
 
@@ -162,7 +166,9 @@ def assert_grad_close(got, ref, dtype, *, floor, scale=1.0, what=""):
     assert g.shape == r.shape, f"{what}gradient shape {g.shape} != reference shape {r.shape}"
     nan_r, nan_g = np.isnan(r), np.isnan(g)
     bad = np.argwhere(nan_r != nan_g)
-    assert bad.size == 0, f"{what}NaN mismatch at {bad[:5].tolist()}: got {g[tuple(bad[:5].T)]}, ref {r[tuple(bad[:5].T)]}"
+    assert bad.size == 0, (
+        f"{what}NaN mismatch at {bad[:5].tolist()}: got {g[tuple(bad[:5].T)]}, ref {r[tuple(bad[:5].T)]}"
+    )
     with np.errstate(over="ignore"):
         r_out = r.astype(d).astype(np.float64)
     fl = np.broadcast_to(np.asarray(floor, dtype=np.float64)[..., None], r.shape)
@@ -172,7 +178,9 @@ def assert_grad_close(got, ref, dtype, *, floor, scale=1.0, what=""):
         reach = np.abs(r) + tol >= float(np.finfo(np.float32 if d == BF16 else d).max)
         same_side = np.sign(g) == np.sign(np.where(r == 0.0, g, r))
     bad = np.argwhere((np.isinf(r_out) | np.isinf(g)) & ~nan_r & (g != r_out) & ~(reach & same_side))
-    assert bad.size == 0, f"{what}inf mismatch at {bad[:5].tolist()}: got {g[tuple(bad[:5].T)]}, ref {r[tuple(bad[:5].T)]}"
+    assert bad.size == 0, (
+        f"{what}inf mismatch at {bad[:5].tolist()}: got {g[tuple(bad[:5].T)]}, ref {r[tuple(bad[:5].T)]}"
+    )
     fin = ~nan_r & ~np.isinf(r_out) & ~np.isinf(g)
     with np.errstate(invalid="ignore"):
         err = np.where(fin, np.abs(g - r), 0.0)

@@ -103,7 +103,11 @@ class Emulator:
                 shutil.move(str(tmp), str(out))
         self.lib = ctypes.CDLL(str(out))
         self.lib.emu_launch_kernel.argtypes = [
-            ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int
+            ctypes.c_char_p,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_int,
         ]
         self.lib.emu_launch_kernel.restype = ctypes.c_int
         self.lib.emu_convert.argtypes = [ctypes.c_int, ctypes.c_double]
@@ -163,9 +167,7 @@ def _fake_cupy(sms: int, l2: int):
     fake.cuda = types.SimpleNamespace(
         Device=_Ctx,
         ExternalStream=_Ctx,
-        runtime=types.SimpleNamespace(
-            getDeviceProperties=lambda dev: {"multiProcessorCount": sms, "l2CacheSize": l2}
-        ),
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda dev: {"multiProcessorCount": sms, "l2CacheSize": l2}),
     )
     return fake
 

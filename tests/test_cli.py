@@ -11,10 +11,9 @@ import pathlib
 import subprocess
 import sys
 
+import ce_fast
 import numpy as np
 import pytest
-
-import ce_fast
 from ce_fast import bench, cli
 
 TINY = ["--sizes", "64x1000", "--repeat", "1", "--slow", "1e9", "-q"]
@@ -105,8 +104,9 @@ def test_cuda_without_gpu_exits_with_a_message(capsys):
 def test_cuda_without_gpu_python_dash_m():
     if _gpu_available():
         pytest.skip("a CUDA device is available here")
-    r = subprocess.run([sys.executable, "-m", "ce_fast", "bench", "--device", "cuda", "-q"], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ce_fast", "bench", "--device", "cuda", "-q"], capture_output=True, text=True
+    )
     assert r.returncode == 3 and r.stdout == ""
     assert r.stderr.startswith("ce-fast: ce-fast bench --device cuda needs") and "Traceback" not in r.stderr
 
@@ -115,8 +115,9 @@ def test_python_dash_m_exit_codes():
     env = dict(os.environ)
     ok = subprocess.run([sys.executable, "-m", "ce_fast", "bench", "--help"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and "--sizes" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "ce_fast", "bench", "--repeat", "x"], capture_output=True, text=True,
-                         env=env)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ce_fast", "bench", "--repeat", "x"], capture_output=True, text=True, env=env
+    )
     assert bad.returncode == 2 and "--repeat" in bad.stderr
 
 
@@ -162,7 +163,13 @@ def test_losses_agree_with_numpy(results):
 
 def test_table_and_markdown(results):
     text = bench.format_table(results)
-    for word in ("read pass", "fwd+bwd in-place", "vs NumPy", "vs torch", "AMD" if "AMD" in results["machine"]["cpu_model"] else ""):
+    for word in (
+        "read pass",
+        "fwd+bwd in-place",
+        "vs NumPy",
+        "vs torch",
+        "AMD" if "AMD" in results["machine"]["cpu_model"] else "",
+    ):
         assert word in text
     md = results["_markdown"]
     assert md.startswith("# ce_fast benchmark results")
@@ -185,8 +192,27 @@ def test_report_script_renders_json(results, tmp_path):
 def test_no_baselines_threads_and_3d(tmp_path, capsys):
     path = tmp_path / "r.json"
     prev = ce_fast.get_threads()
-    rc = cli.main(["bench", "--sizes", "2x16x300", "--dtype", "f32", "--ops", "fwd,inplace", "--threads", "1",
-                   "--no-torch", "--no-numpy", "--no-copy", "--repeat", "2", "-q", "--json", str(path)])
+    rc = cli.main(
+        [
+            "bench",
+            "--sizes",
+            "2x16x300",
+            "--dtype",
+            "f32",
+            "--ops",
+            "fwd,inplace",
+            "--threads",
+            "1",
+            "--no-torch",
+            "--no-numpy",
+            "--no-copy",
+            "--repeat",
+            "2",
+            "-q",
+            "--json",
+            str(path),
+        ]
+    )
     assert rc == 0
     assert ce_fast.get_threads() == prev  # the thread setting is restored
     data = json.loads(path.read_text())
@@ -251,7 +277,6 @@ import time  # noqa: E402
 import types  # noqa: E402
 
 import torch  # noqa: E402
-
 from ce_fast.bench import cuda as bench_cuda  # noqa: E402
 
 
@@ -310,8 +335,15 @@ class FakeCudaBackend(bench_cuda.CudaBackend):
         self.compiled = []
 
     def info(self):
-        return {"device": "cuda:0", "gpu": "FakeGPU 9000", "gpu_memory_bytes": 80 << 30, "compute_capability": "9.0",
-                "arrays": "torch", "cupy": "0.0", "peak_memory_method": self.memory.description}
+        return {
+            "device": "cuda:0",
+            "gpu": "FakeGPU 9000",
+            "gpu_memory_bytes": 80 << 30,
+            "compute_capability": "9.0",
+            "arrays": "torch",
+            "cupy": "0.0",
+            "peak_memory_method": self.memory.description,
+        }
 
     def read_pass(self, a):
         return lambda: a.view(torch.int16).sum() if a.dtype == torch.bfloat16 else a.sum()
@@ -428,8 +460,13 @@ def test_event_timer_median_warmup_and_setup():
 
     calls = []
     timer = bench_cuda.EventTimer(Events(), Mem())
-    t, first = timer.time(lambda: calls.append("f") or len(calls), repeat=4, warmup=2,
-                          setup=lambda: calls.append("s"), keep=lambda r: r * 10)
+    t, first = timer.time(
+        lambda: calls.append("f") or len(calls),
+        repeat=4,
+        warmup=2,
+        setup=lambda: calls.append("s"),
+        keep=lambda r: r * 10,
+    )
     assert t.times_s == pytest.approx([3e-3, 1e-3, 2e-3, 4e-3])
     assert t.median_s == pytest.approx(2.5e-3) and t.best_s == pytest.approx(1e-3)
     assert t.warmup == 2 and t.peak_rss_bytes == 123 and first == 20
@@ -462,7 +499,11 @@ def test_fake_cuda_records(fake_cuda_results):
     m = r["machine"]
     assert m["gpu"] == "FakeGPU 9000" and m["device"] == "cuda:0" and m["cpu_model"]
     assert [(c["shape"], c["dtype"]) for c in r["cases"]] == [
-        ([64, 1000], "float32"), ([64, 1000], "bfloat16"), ([2, 8, 300], "float32"), ([2, 8, 300], "bfloat16")]
+        ([64, 1000], "float32"),
+        ([64, 1000], "bfloat16"),
+        ([2, 8, 300], "float32"),
+        ([2, 8, 300], "bfloat16"),
+    ]
     for c in r["cases"]:
         assert c["bytes"] == c["rows"] * c["classes"] * (4 if c["dtype"] == "float32" else 2)
         read, copy = c["yardsticks"]["read"], c["yardsticks"]["copy"]
@@ -526,8 +567,9 @@ def test_fake_cuda_compile_failure_and_oom():
         assert "triton is not installed" in rec["torch_compile"]["error"]
         assert rec["speedup_torch_compile"] is None and _positive(rec["torch"]["median_s"])
     assert _positive(c["ops"]["fwd"]["speedup_torch"]) and c["ops"]["fwd+bwd in-place"]["speedup_torch"] is None
-    assert any("torch.compile n/a (torch.compile failed: RuntimeError: triton is not installed)" in n
-               for n in c["notes"])
+    assert any(
+        "torch.compile n/a (torch.compile failed: RuntimeError: triton is not installed)" in n for n in c["notes"]
+    )
     report = bench.build_report(r)
     cells = {row[2]: dict(zip(report.head, row)) for row in report.cells}
     assert cells["copy"]["median ms"] == "OOM" and cells["copy"]["GB/s"] == "OOM"
@@ -555,7 +597,16 @@ def test_fake_cuda_inputs_oom_and_no_torch():
 def test_bench_gpu_script_is_a_wrapper(capsys):
     bench_gpu = _bench_script("bench_gpu")
     assert bench_gpu.cli_args(["--sizes", "8x100", "--iters", "5", "--no-check", "--dtypes", "bf16"]) == [
-        "bench", "--device", "cuda", "--sizes", "8x100", "--repeat", "5", "--dtypes", "bf16"]
+        "bench",
+        "--device",
+        "cuda",
+        "--sizes",
+        "8x100",
+        "--repeat",
+        "5",
+        "--dtypes",
+        "bf16",
+    ]
     assert bench_gpu.cli_args(["--iters=7", "--device", "cpu"]) == ["bench", "--device", "cuda", "--repeat=7"]
     assert bench_gpu.main(["--help"]) == 0 and "--arrays" in capsys.readouterr().out
     if not _gpu_available():
@@ -587,16 +638,36 @@ def _check_gpu_results(data, dtypes):
         for op, rec in c["ops"].items():
             assert _positive(rec["ce_fast"]["median_s"]) and _positive(rec["gbps"]), op
             assert rec["loss_ok"], (op, rec["loss_rel_diff"])
-            assert rec["torch_compile"] is None or rec["torch_compile"].get("error") or _positive(
-                rec["torch_compile"]["median_s"])
+            assert (
+                rec["torch_compile"] is None
+                or rec["torch_compile"].get("error")
+                or _positive(rec["torch_compile"]["median_s"])
+            )
 
 
 @pytest.mark.gpu
 def test_gpu_bench_tiny(tmp_path, capsys):
     _need_gpu()
     path = tmp_path / "gpu.json"
-    args = ["bench", "--device", "cuda", "--sizes", "256x1000", "--dtype", "float32,bfloat16", "--repeat", "3",
-            "--warmup", "1", "--no-compile", "-q", "--json", str(path), "--markdown", str(tmp_path / "gpu.md")]
+    args = [
+        "bench",
+        "--device",
+        "cuda",
+        "--sizes",
+        "256x1000",
+        "--dtype",
+        "float32,bfloat16",
+        "--repeat",
+        "3",
+        "--warmup",
+        "1",
+        "--no-compile",
+        "-q",
+        "--json",
+        str(path),
+        "--markdown",
+        str(tmp_path / "gpu.md"),
+    ]
     if not torch.cuda.is_available():
         args[args.index("float32,bfloat16")] = "float32"
     rc = cli.main(args)
@@ -613,8 +684,26 @@ def test_gpu_bench_cupy_arrays_and_compile(tmp_path, capsys):
     """CuPy inputs, and torch.compile (timed, or n/a with a reason: never a crash)."""
     _need_gpu()
     path = tmp_path / "gpu.json"
-    rc = cli.main(["bench", "--device", "cuda", "--arrays", "cupy", "--sizes", "128x2000", "--dtype", "float32",
-                   "--repeat", "2", "--warmup", "1", "-q", "--json", str(path)])
+    rc = cli.main(
+        [
+            "bench",
+            "--device",
+            "cuda",
+            "--arrays",
+            "cupy",
+            "--sizes",
+            "128x2000",
+            "--dtype",
+            "float32",
+            "--repeat",
+            "2",
+            "--warmup",
+            "1",
+            "-q",
+            "--json",
+            str(path),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     data = json.loads(path.read_text())
     assert data["machine"]["arrays"] == "cupy"
@@ -635,11 +724,13 @@ def test_device_memory_counts_torch_and_cupy_pool_peaks():
 
     fake_cp = types.SimpleNamespace(cuda=types.SimpleNamespace(MemoryHook=MemoryHook))
     state = {"alloc": 1000, "peak": 1000}
-    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        reset_peak_memory_stats=lambda i: state.update(peak=state["alloc"]),
-        memory_allocated=lambda i: state["alloc"],
-        max_memory_allocated=lambda i: state["peak"],
-    ))
+    fake_torch = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(
+            reset_peak_memory_stats=lambda i: state.update(peak=state["alloc"]),
+            memory_allocated=lambda i: state["alloc"],
+            max_memory_allocated=lambda i: state["peak"],
+        )
+    )
     mem = bench_cuda.DeviceMemory(fake_torch, fake_cp, 0)
     assert "torch.cuda.max_memory_allocated" in mem.description and "CuPy" in mem.description
     mem.reset()

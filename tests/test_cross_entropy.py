@@ -5,13 +5,10 @@ from __future__ import annotations
 import math
 import os
 
+import ce_fast
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import ce_fast
 from conftest import (
     ALL_DTYPES,
     BF16,
@@ -29,6 +26,8 @@ from conftest import (
     torch_with_layout,
     with_layout,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from oracle import cross_entropy_ref, mean_denominator
 
 SETTINGS = settings(
@@ -134,7 +133,11 @@ def ce_cases(draw):
         case["soft_layout"] = draw(st.sampled_from(LAYOUTS))
         case["normalized"] = draw(st.booleans())
     else:
-        tdt = draw(st.sampled_from([d for d in TARGET_DTYPES if not (d == "int8" and C > 127) and not (d == "uint8" and C > 255)]))
+        tdt = draw(
+            st.sampled_from(
+                [d for d in TARGET_DTYPES if not (d == "int8" and C > 127) and not (d == "uint8" and C > 255)]
+            )
+        )
         case["target_dtype"] = tdt
         # unsigned targets with an ignored row inside [0, C) hit a known package bug,
         # covered by test_unsigned_targets_with_ignored_rows; keep the property test clear of it
@@ -311,12 +314,14 @@ def test_unsigned_targets_with_ignored_rows(tdtype, weighted):
 
     proc = subprocess.run(
         [sys.executable, "-c", _UNSIGNED_IGNORE_SCRIPT, tdtype, "1" if weighted else "0"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, (
         f"cross_entropy(float32 (6, 5), {tdtype} targets [0, 2, 4, 2, 1, 3], ignore_index=2, "
         f"weight={'array' if weighted else None}) died with return code {proc.returncode}: "
-        f"{proc.stderr.strip().splitlines()[-1:] }"
+        f"{proc.stderr.strip().splitlines()[-1:]}"
     )
     got = {line.split(" ", 1)[0]: np.array(eval(line.split(" ", 1)[1])) for line in proc.stdout.splitlines()}
     rng = np.random.default_rng(3)
@@ -340,8 +345,16 @@ def test_ignore_index(ignore_index, reduction):
     y = rng.integers(0, 10, 40)
     if ignore_index < 0:
         y[::3] = ignore_index
-    res = check_ce(z, y, np.float32, reduction=reduction, ignore_index=ignore_index,
-                   weight=rng.uniform(0.5, 1.5, 10), label_smoothing=0.2, z_loss=0.01)
+    res = check_ce(
+        z,
+        y,
+        np.float32,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        weight=rng.uniform(0.5, 1.5, 10),
+        label_smoothing=0.2,
+        z_loss=0.01,
+    )
     if reduction == "none":
         assert np.all(res[y == ignore_index] == 0.0)
         assert np.all(res[y != ignore_index] > 0.0)
@@ -393,8 +406,17 @@ def test_soft_targets_dtypes(simd_path, dtype, soft_dtype):
     p = soft_targets(rng, z.shape, soft_dtype)
     for red in ("mean", "sum", "none"):
         check_ce(z, p, dtype, reduction=red)
-    check_ce(z, p, dtype, reduction="mean", weight=rng.uniform(0, 2, 33), label_smoothing=0.3, z_loss=0.01,
-             softcap=5.0, logit_scale=0.8)
+    check_ce(
+        z,
+        p,
+        dtype,
+        reduction="mean",
+        weight=rng.uniform(0, 2, 33),
+        label_smoothing=0.3,
+        z_loss=0.01,
+        softcap=5.0,
+        logit_scale=0.8,
+    )
 
 
 def test_one_hot_soft_target_equals_index_target():
@@ -475,7 +497,8 @@ def test_non_finite_rows_follow_log_softmax(dtype):
     assert res[3] == np.inf
     assert np.isnan(ce_fast.cross_entropy(z, np.array([0, 1, 2, 0])))
     assert ce_fast.cross_entropy(z[3:], np.array([1]), reduction="none")[0] == pytest.approx(
-        math.log1p(math.e), rel=1e-6)
+        math.log1p(math.e), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
@@ -535,7 +558,14 @@ def test_ties_at_huge_magnitudes(simd_path, dtype):
     in float64 first and then subtracts z_y, so log(s) is absorbed: the loss comes out 0."""
     big = {np.dtype(np.float16): 6.0e4, np.dtype(np.float64): 1e30}.get(np.dtype(dtype), 3.0e38)
     C = 1000
-    rows = np.stack([np.full(C, big), np.full(C, -big), np.r_[big, big, np.zeros(C - 2)], np.r_[big, big, big, np.full(C - 3, -big)]])
+    rows = np.stack(
+        [
+            np.full(C, big),
+            np.full(C, -big),
+            np.r_[big, big, np.zeros(C - 2)],
+            np.r_[big, big, big, np.full(C - 3, -big)],
+        ]
+    )
     z = cast(rows, dtype)
     y = np.array([3, 500, 1, 0])
     check_ce(z, y, dtype, reduction="none", what="ties at huge magnitude: ")
@@ -591,11 +621,24 @@ def test_torch_tensors_in_torch_out(dtype):
     z = random_logits(rng, (4, 5, 70), dtype)
     y = rng.integers(0, 70, (4, 5))
     tz = torch_of(z)
-    assert tz.dtype == {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
-                        np.dtype(np.float16): torch.float16, BF16: torch.bfloat16}[np.dtype(dtype)]
+    assert (
+        tz.dtype
+        == {
+            np.dtype(np.float32): torch.float32,
+            np.dtype(np.float64): torch.float64,
+            np.dtype(np.float16): torch.float16,
+            BF16: torch.bfloat16,
+        }[np.dtype(dtype)]
+    )
     for red in ("mean", "sum", "none"):
-        res = check_ce(tz, torch.from_numpy(y), dtype, reduction=red, label_smoothing=0.1,
-                       weight=torch.from_numpy(np.linspace(0.5, 1.5, 70)))
+        res = check_ce(
+            tz,
+            torch.from_numpy(y),
+            dtype,
+            reduction=red,
+            label_smoothing=0.1,
+            weight=torch.from_numpy(np.linspace(0.5, 1.5, 70)),
+        )
         assert isinstance(res, torch.Tensor) and res.device.type == "cpu"
         want = ce_fast.cross_entropy(z, y, reduction=red, label_smoothing=0.1, weight=np.linspace(0.5, 1.5, 70))
         np.testing.assert_array_equal(res.numpy(), want)
@@ -655,8 +698,9 @@ def test_array_interface_only_objects(dtype):
     y = rng.integers(0, 12, 7)
     w = rng.uniform(0.5, 1, 12)
     want = ce_fast.cross_entropy(z, y, reduction="none", weight=w)
-    got = ce_fast.cross_entropy(ArrayInterfaceOnly(z), ArrayInterfaceOnly(y), reduction="none",
-                                weight=ArrayInterfaceOnly(w))
+    got = ce_fast.cross_entropy(
+        ArrayInterfaceOnly(z), ArrayInterfaceOnly(y), reduction="none", weight=ArrayInterfaceOnly(w)
+    )
     assert isinstance(got, np.ndarray)
     np.testing.assert_array_equal(got, want)
     check_ce(z, y, dtype, reduction="none", weight=w)
@@ -675,7 +719,8 @@ def test_python_lists():
     assert_rows_close(res, ref, np.float64)
     soft = ce_fast.cross_entropy(z, [[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
     assert float(soft) == pytest.approx(
-        cross_entropy_ref(np.array(z), np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])), rel=1e-12)
+        cross_entropy_ref(np.array(z), np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])), rel=1e-12
+    )
 
 
 # ---------------------------------------------------------------- inputs never modified
@@ -715,8 +760,12 @@ def test_inputs_never_modified(dtype):
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize(
     "opts",
-    [{}, {"label_smoothing": 0.3, "weight": True}, {"softcap": 15.0, "logit_scale": 1.5, "z_loss": 1e-3},
-     {"soft": True}],
+    [
+        {},
+        {"label_smoothing": 0.3, "weight": True},
+        {"softcap": 15.0, "logit_scale": 1.5, "z_loss": 1e-3},
+        {"soft": True},
+    ],
     ids=lambda o: "-".join(o) or "plain",
 )
 def test_scalar_and_simd_paths_agree(dtype, opts):

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import re
 
+import ce_fast
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
-
-import ce_fast
 from conftest import assert_rows_close, random_logits
 from oracle import cross_entropy_ref, grad_ref, logsumexp_ref
 
@@ -213,7 +212,11 @@ def test_grad_output_that_is_not_real_is_type_error(go):
 )
 def test_weight_that_is_not_real_is_type_error(w):
     with pytest.raises(TypeError, match=r"weight must hold real numbers"):
-        ce_fast.cross_entropy(Z if not torch.is_tensor(w) else torch.from_numpy(Z), Y if not torch.is_tensor(w) else torch.from_numpy(Y), weight=w)
+        ce_fast.cross_entropy(
+            Z if not torch.is_tensor(w) else torch.from_numpy(Z),
+            Y if not torch.is_tensor(w) else torch.from_numpy(Y),
+            weight=w,
+        )
 
 
 def test_integer_weight_is_accepted():

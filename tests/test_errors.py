@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 
+import ce_fast
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
-
-import ce_fast
 
 Z = np.zeros((4, 5), dtype=np.float32)
 Y = np.array([0, 1, 2, 3])
@@ -28,7 +27,9 @@ BAD_LOGIT_DTYPES = [np.int64, np.int32, np.uint8, np.complex64, np.complex128, n
 def test_unsupported_logits_dtype_is_type_error(dt):
     z = np.zeros((4, 5), dtype=dt)
     name = np.dtype(dt).name
-    with pytest.raises(TypeError, match=rf"logits dtype {name} is not supported.*float32, float64, float16 or bfloat16"):
+    with pytest.raises(
+        TypeError, match=rf"logits dtype {name} is not supported.*float32, float64, float16 or bfloat16"
+    ):
         ce_fast.cross_entropy(z, Y)
     with pytest.raises(TypeError, match=rf"logits dtype {name} is not supported"):
         ce_fast.logsumexp(z)
@@ -107,7 +108,9 @@ def test_torch_bool_target_is_type_error():
 
 
 def test_soft_target_of_unsupported_float_dtype_is_type_error():
-    with pytest.raises(TypeError, match=r"soft target dtype float128 is not supported.*float32, float64, float16 or bfloat16"):
+    with pytest.raises(
+        TypeError, match=r"soft target dtype float128 is not supported.*float32, float64, float16 or bfloat16"
+    ):
         ce_fast.cross_entropy(Z, np.zeros((4, 5), dtype=np.longdouble))
 
 
@@ -134,7 +137,9 @@ def test_integer_target_of_wrong_shape_is_value_error(target, shape_text):
 
 def test_target_shape_error_3d_and_1d():
     z = np.zeros((2, 3, 7), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"target shape \(3, 2\) does not match logits shape \(2, 3, 7\): expected \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"target shape \(3, 2\) does not match logits shape \(2, 3, 7\): expected \(2, 3\)"
+    ):
         ce_fast.cross_entropy(z, np.zeros((3, 2), dtype=np.int64))
     with pytest.raises(ValueError, match=r"target shape \(1,\) does not match logits shape \(7,\): expected \(\)"):
         ce_fast.cross_entropy(np.zeros(7, dtype=np.float32), np.array([1]))
@@ -154,7 +159,9 @@ def test_soft_target_of_wrong_shape_is_value_error(soft_dtype, shape):
 
 
 def test_soft_target_of_wrong_shape_torch():
-    with pytest.raises(ValueError, match=r"soft \(probability\) target must have the logits' shape \(4, 5\), got \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"soft \(probability\) target must have the logits' shape \(4, 5\), got \(4,\)"
+    ):
         ce_fast.cross_entropy(torch.zeros(4, 5), torch.zeros(4, dtype=torch.float16))
 
 
@@ -220,7 +227,9 @@ def test_target_equal_to_class_count_with_ignore_index_equal_to_it_is_ignored():
 
 @pytest.mark.parametrize("reduction", ["avg", "MEAN", "", "elementwise_mean", "batchmean"])
 def test_unknown_reduction_is_value_error(reduction):
-    with pytest.raises(ValueError, match=rf"reduction must be one of \('mean', 'sum', 'none'\), got {esc(repr(reduction))}"):
+    with pytest.raises(
+        ValueError, match=rf"reduction must be one of \('mean', 'sum', 'none'\), got {esc(repr(reduction))}"
+    ):
         ce_fast.cross_entropy(Z, Y, reduction=reduction)
     with pytest.raises(ValueError, match=r"reduction must be one of"):
         ce_fast.cross_entropy_and_grad(Z, Y, reduction=reduction)
@@ -251,7 +260,13 @@ def test_negative_weight_is_value_error(w, pos, val):
 
 @pytest.mark.parametrize(
     "w,shape_text",
-    [(np.ones(4), "(4,)"), (np.ones(6), "(6,)"), (np.ones((1, 5)), "(1, 5)"), (np.array(1.0), "()"), (np.ones(0), "(0,)")],
+    [
+        (np.ones(4), "(4,)"),
+        (np.ones(6), "(6,)"),
+        (np.ones((1, 5)), "(1, 5)"),
+        (np.array(1.0), "()"),
+        (np.ones(0), "(0,)"),
+    ],
 )
 def test_weight_of_wrong_length_is_value_error(w, shape_text):
     msg = rf"weight must have shape \(5,\) \(one per class\), got {esc(shape_text)}"
@@ -310,7 +325,9 @@ def test_perplexity_bad_base_is_value_error():
 
 def test_logsumexp_out_errors():
     z = np.zeros((3, 4), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"out must have shape \(3,\) \(logits shape \(3, 4\) without its last axis\), got \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"out must have shape \(3,\) \(logits shape \(3, 4\) without its last axis\), got \(4,\)"
+    ):
         ce_fast.logsumexp(z, out=np.zeros(4, dtype=np.float32))
     with pytest.raises(TypeError, match=r"out must be float32 or float64, got int64"):
         ce_fast.logsumexp(z, out=np.zeros(3, dtype=np.int64))

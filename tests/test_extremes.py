@@ -15,10 +15,9 @@
 
 from __future__ import annotations
 
+import ce_fast
 import numpy as np
 import pytest
-
-import ce_fast
 from conftest import BF16, DTYPE_IDS, assert_grad_close, assert_rows_close, cast, to_f64
 from oracle import cross_entropy_ref, grad_ref, logsumexp_ref
 
@@ -270,9 +269,16 @@ def test_minus_inf_run_with_nan_and_inf_later(simd_path):
 
 
 @pytest.mark.parametrize("dtype", WIDE, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("opts", [dict(logit_scale=-1.3), dict(logit_scale=1.7, z_loss=1e-30),
-                                  dict(softcap=1e20), dict(logit_scale=0.3, softcap=1e25)],
-                         ids=["scale", "scale-zloss", "softcap", "scale-softcap"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(logit_scale=-1.3),
+        dict(logit_scale=1.7, z_loss=1e-30),
+        dict(softcap=1e20),
+        dict(logit_scale=0.3, softcap=1e25),
+    ],
+    ids=["scale", "scale-zloss", "softcap", "scale-softcap"],
+)
 def test_target_logit_transformed_like_its_row(simd_path, dtype, opts):
     """z_y - max uses z_y as the row's float32 transform gives it: where that rounding
     exceeds the exponential's range (|z| ~ 1e9 and up) a float64 z_y made p_y 0 or inf,

@@ -34,11 +34,8 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
-from hypothesis import HealthCheck, given, seed, settings
-from hypothesis import strategies as st
-
 import ce_fast
+import numpy as np
 from conftest import (
     ALL_DTYPES,
     BF16,
@@ -49,6 +46,8 @@ from conftest import (
     use_simd,
     with_layout,
 )
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 from oracle import cross_entropy_ref, grad_ref, logsumexp_ref, transform_ref
 
 F32, F64, F16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)
@@ -90,9 +89,13 @@ def cases(draw):
     for _ in range(rows):
         spec = dict(kind=draw(st.sampled_from(ROW_KINDS)))
         # -inf run: none, a prefix (also longer than a chunk), a suffix, a middle run, or sprinkled
-        spec["minus_inf"] = draw(st.sampled_from([None, None, None, "prefix", "prefix", "suffix", "middle", "sprinkle", "all"]))
+        spec["minus_inf"] = draw(
+            st.sampled_from([None, None, None, "prefix", "prefix", "suffix", "middle", "sprinkle", "all"])
+        )
         if spec["minus_inf"] in ("prefix", "suffix", "middle"):
-            spec["run"] = draw(st.one_of(st.integers(1, C), st.sampled_from([CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3])))
+            spec["run"] = draw(
+                st.one_of(st.integers(1, C), st.sampled_from([CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3]))
+            )
         spec["nan"] = draw(st.sampled_from([False] * 8 + [True]))
         spec["posinf"] = draw(st.sampled_from([False] * 8 + [True]))
         row_specs.append(spec)
@@ -158,10 +161,10 @@ def _row(rng, spec, C, dtype):
         if mi == "prefix":
             x[:n] = -np.inf
         elif mi == "suffix":
-            x[C - n:] = -np.inf
+            x[C - n :] = -np.inf
         else:
             a = int(rng.integers(0, C - n + 1))
-            x[a:a + n] = -np.inf
+            x[a : a + n] = -np.inf
     if spec["nan"]:
         x[rng.integers(0, C)] = np.nan
     if spec["posinf"]:
@@ -174,8 +177,12 @@ def build(case):
     dtype, C = case["dtype"], case["C"]
     n = len(case["rows"])
     x = cast(np.stack([_row(rng, s, C, dtype) for s in case["rows"]]), dtype)
-    kw = dict(label_smoothing=case["label_smoothing"], logit_scale=case["logit_scale"],
-              softcap=case["softcap"], z_loss=case["z_loss"])
+    kw = dict(
+        label_smoothing=case["label_smoothing"],
+        logit_scale=case["logit_scale"],
+        softcap=case["softcap"],
+        z_loss=case["z_loss"],
+    )
     wk = case["weight"]
     if wk is not None:
         w = rng.uniform(0.0, 2.0, C)
@@ -340,8 +347,9 @@ def test_fuzz_against_oracle(case):
             floss, grad = ce_fast.cross_entropy_and_grad(xl, target, reduction="none", grad_output=go, **kw)
             np.testing.assert_array_equal(floss, loss, err_msg=what + "fused loss != cross_entropy")
             assert grad.dtype == x.dtype and grad.shape == x.shape
-            assert_grad_close(to_f64(grad)[gok], grad_want[gok], dtype, floor=floor[gok], scale=scale,
-                              what=what + "grad: ")
+            assert_grad_close(
+                to_f64(grad)[gok], grad_want[gok], dtype, floor=floor[gok], scale=scale, what=what + "grad: "
+            )
             results[level] = (to_f64(lse), to_f64(loss), to_f64(grad))
     if len(results) == 2:
         simd = next(k for k in results if k != "scalar")

@@ -97,8 +97,19 @@ def ref_lse(z):
         return (np.log(np.sum(np.exp(z - m0), axis=-1, keepdims=True)) + m0)[..., 0]
 
 
-def ref(x, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-        softcap=None, logit_scale=1.0, grad_output=1.0):
+def ref(
+    x,
+    target,
+    *,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    logit_scale=1.0,
+    grad_output=1.0,
+):
     """(loss, grad) of torch.nn.functional.cross_entropy semantics, class axis last, float64."""
     C = x.shape[-1]
     z = ref_transform(x, logit_scale, softcap)
@@ -149,8 +160,9 @@ def assert_grad(got, want, dtype, what=""):
     got = host64(got)
     eps = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
     scale = np.nanmax(np.abs(want)) if np.isfinite(want).any() else 1.0
-    np.testing.assert_allclose(got, want, rtol=8 * eps + 1e-5, atol=8 * eps * scale + 1e-6 * scale,
-                               equal_nan=True, err_msg=what)
+    np.testing.assert_allclose(
+        got, want, rtol=8 * eps + 1e-5, atol=8 * eps * scale + 1e-6 * scale, equal_nan=True, err_msg=what
+    )
 
 
 LIBS = ["cupy", "torch"]
@@ -320,8 +332,9 @@ def test_grad_output_on_device(lib):
     y_np = rng.integers(0, 300, 8)
     go = rng.standard_normal(8)
     want_loss, want_grad = ref(host64(x), y_np, reduction="none", grad_output=go)
-    _, g = ce_fast.cross_entropy_and_grad(x, make(lib, y_np, None), reduction="none",
-                                          grad_output=make(lib, go, "float64"))
+    _, g = ce_fast.cross_entropy_and_grad(
+        x, make(lib, y_np, None), reduction="none", grad_output=make(lib, go, "float64")
+    )
     assert_grad(g, want_grad, "float32")
     with pytest.raises(ValueError, match="grad_output"):
         ce_fast.cross_entropy_and_grad(x, make(lib, y_np, None), reduction="none", grad_output=go)
@@ -388,8 +401,9 @@ def test_two_gpus():
             ce_fast.cross_entropy(x1, y0)
         loss = ce_fast.cross_entropy(x1, y1, reduction="none")  # runs on device 1 from device 0
     assert loss.device.id == 1
-    np.testing.assert_allclose(cp.asnumpy(loss), ref(cp.asnumpy(x1).astype(np.float64), np.zeros(3, int),
-                                                     reduction="none")[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        cp.asnumpy(loss), ref(cp.asnumpy(x1).astype(np.float64), np.zeros(3, int), reduction="none")[0], rtol=1e-5
+    )
 
 
 # ---------------------------------------------------------------- streams and interop
@@ -443,8 +457,9 @@ def test_torch_results_are_torch_on_the_device():
     assert isinstance(loss, torch.Tensor) and loss.is_cuda and loss.dim() == 0 and loss.dtype == torch.float32
     rows = ce_fast.cross_entropy(x, y, reduction="none")
     assert rows.shape == (8,) and rows.device == x.device
-    torch.testing.assert_close(rows, torch.nn.functional.cross_entropy(x.float(), y, reduction="none"),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        rows, torch.nn.functional.cross_entropy(x.float(), y, reduction="none"), rtol=1e-5, atol=1e-5
+    )
     loss, g = ce_fast.cross_entropy_and_grad(x, y)
     ref_x = x.float().requires_grad_()
     torch.nn.functional.cross_entropy(ref_x, y).backward()

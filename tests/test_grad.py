@@ -12,17 +12,16 @@ rows, or the row count for soft targets).
 
 from __future__ import annotations
 
+import ce_fast
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import ce_fast
 from ce_fast import _api
 from ce_fast._spec import LossSpec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 REDUCTIONS = ("mean", "sum", "none")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -30,8 +29,18 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 # ---------------------------------------------------------------- the torch reference
 
 
-def torch_ref_loss(x, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                   z_loss=0.0, softcap=None, logit_scale=1.0):
+def torch_ref_loss(
+    x,
+    target,
+    *,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    logit_scale=1.0,
+):
     """float64 torch reference of ce_fast's loss (class axis last), differentiable in x
     (and in a soft target)."""
     C = x.shape[-1]
@@ -101,8 +110,7 @@ OPTION_SETS = {
     "moderate_softcap_scale_z": dict(softcap=8.0, logit_scale=1.5, z_loss=0.1),
     "soft": dict(soft=True),
     "soft_weight_smoothing": dict(soft=True, weight=True, label_smoothing=0.3),
-    "soft_everything": dict(soft=True, weight=True, label_smoothing=0.1, z_loss=0.05, softcap=3.0,
-                            logit_scale=1.3),
+    "soft_everything": dict(soft=True, weight=True, label_smoothing=0.1, z_loss=0.05, softcap=3.0, logit_scale=1.3),
 }
 
 
@@ -118,7 +126,7 @@ def make_case(rng, batch, C, spec, dtype=np.float64):
         if spec.get("ignore"):
             ii = spec.get("ignore_index", -100)
             flat = t.reshape(-1)
-            flat[:: 3] = ii  # a third of the rows ignored (the first always)
+            flat[::3] = ii  # a third of the rows ignored (the first always)
             if flat.size > 1:
                 flat[1] = rng.integers(0, C)  # and never all of them
             opts["ignore_index"] = ii
@@ -164,8 +172,9 @@ def test_grad_float64_every_option(name, reduction):
     x, t, opts = make_case(rng, batch, C, OPTION_SETS[name])
     go = grad_output_for(rng, reduction, batch)
     loss, grad = ce_fast.cross_entropy_and_grad(x, t, reduction=reduction, grad_output=go, **opts)
-    ref_loss, ref_grad = torch_ref_grad(t64(x), t64(t) if t.dtype.kind == "f" else tint(t), go,
-                                        reduction=reduction, **with_torch_weight(opts))
+    ref_loss, ref_grad = torch_ref_grad(
+        t64(x), t64(t) if t.dtype.kind == "f" else tint(t), go, reduction=reduction, **with_torch_weight(opts)
+    )
     assert grad.dtype == np.float64 and grad.shape == x.shape
     torch.testing.assert_close(t64(loss), ref_loss, rtol=1e-11, atol=1e-12)
     assert_grad_close(grad, ref_grad, rtol=1e-9, atol_rel=1e-12)
@@ -181,8 +190,9 @@ def test_grad_float32(name, reduction):
     x, t, opts = make_case(rng, batch, C, OPTION_SETS[name], dtype=np.float32)
     go = grad_output_for(rng, reduction, batch)
     loss, grad = ce_fast.cross_entropy_and_grad(x, t, reduction=reduction, grad_output=go, **opts)
-    ref_loss, ref_grad = torch_ref_grad(t64(x), t64(t) if t.dtype.kind == "f" else tint(t), go,
-                                        reduction=reduction, **with_torch_weight(opts))
+    ref_loss, ref_grad = torch_ref_grad(
+        t64(x), t64(t) if t.dtype.kind == "f" else tint(t), go, reduction=reduction, **with_torch_weight(opts)
+    )
     assert grad.dtype == np.float32 and loss.dtype == np.float32
     torch.testing.assert_close(t64(loss), ref_loss, rtol=2e-6, atol=1e-6)
     assert_grad_close(grad, ref_grad, rtol=1e-4, atol_rel=2e-6)
@@ -279,8 +289,9 @@ def test_grad_property(case):
     rows = max(1, int(np.prod(batch))) if red == "sum" else 1
     loss_atol = 1e-11 * rows if f64 else 2.0 * f32_tol * rows
     torch.testing.assert_close(t64(loss), ref_loss, rtol=1e-10 if f64 else f32_tol, atol=loss_atol)
-    assert_grad_close(grad, ref_grad, rtol=1e-8 if f64 else 1e-4, atol_rel=1e-11 if f64 else f32_tol,
-                      floor=max(floor, 1.0))
+    assert_grad_close(
+        grad, ref_grad, rtol=1e-8 if f64 else 1e-4, atol_rel=1e-11 if f64 else f32_tol, floor=max(floor, 1.0)
+    )
 
 
 # ---------------------------------------------------------------- in place
@@ -308,8 +319,9 @@ def test_inplace_out_shares_memory_and_equals_reference(lib, layout, dtype):
     else:
         assert grad.ctypes.data == ptr and grad.strides == strides
     np.testing.assert_array_equal(t64(grad).numpy(), t64(fresh).numpy())  # same numbers as out of place
-    assert_grad_close(grad, ref_grad, rtol=1e-8 if dtype == np.float64 else 1e-4,
-                      atol_rel=1e-12 if dtype == np.float64 else 2e-6)
+    assert_grad_close(
+        grad, ref_grad, rtol=1e-8 if dtype == np.float64 else 1e-4, atol_rel=1e-12 if dtype == np.float64 else 2e-6
+    )
     assert float(loss) == pytest.approx(float(ce_fast.cross_entropy(x, t, reduction="sum", **opts)), rel=0, abs=0)
 
 
@@ -385,12 +397,14 @@ def test_low_precision_grad_within_one_ulp(dtype, opt, reduction):
     go = grad_output_for(rng, reduction, (rows,))
     for inplace in (False, True):
         xx = x.copy()
-        loss, grad = ce_fast.cross_entropy_and_grad(xx, t, reduction=reduction, grad_output=go,
-                                                    out=xx if inplace else None, **opts)
+        loss, grad = ce_fast.cross_entropy_and_grad(
+            xx, t, reduction=reduction, grad_output=go, out=xx if inplace else None, **opts
+        )
         assert grad.dtype == np.dtype(dtype)
         assert loss.dtype == np.float32  # never rounded to the logits' type
-        ref_loss, ref = torch_ref_grad(t64(x), t64(t) if t.dtype.kind == "f" else tint(t), go,
-                                       reduction=reduction, **with_torch_weight(opts))
+        ref_loss, ref = torch_ref_grad(
+            t64(x), t64(t) if t.dtype.kind == "f" else tint(t), go, reduction=reduction, **with_torch_weight(opts)
+        )
         torch.testing.assert_close(t64(loss), ref_loss, rtol=2e-6, atol=2e-6)
         got = as_torch_lowp(grad)
         want = ref.to(got.dtype)  # the float64 reference rounded to the stored type
@@ -450,8 +464,16 @@ def test_ignored_rows_have_zero_gradient(dtype, reduction):
     t[1] = -100
     t[3, 2] = -100
     go = rng.uniform(0.5, 2, (4, 3)) if reduction == "none" else 2.0
-    loss, g = ce_fast.cross_entropy_and_grad(x, t, weight=rng.uniform(0.5, 2, 10), reduction=reduction,
-                                             label_smoothing=0.1, z_loss=0.01, softcap=4.0, grad_output=go)
+    loss, g = ce_fast.cross_entropy_and_grad(
+        x,
+        t,
+        weight=rng.uniform(0.5, 2, 10),
+        reduction=reduction,
+        label_smoothing=0.1,
+        z_loss=0.01,
+        softcap=4.0,
+        grad_output=go,
+    )
     g = t64(g)
     assert not g[1].any() and not g[3, 2].any()
     assert g[0].abs().sum() > 0

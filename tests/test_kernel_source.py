@@ -19,7 +19,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from ce_fast import _core
 from ce_fast._engines import cuda as _cuda
 
@@ -117,11 +116,20 @@ def test_wheel_built_from_the_sdist_ships_the_kernels(tmp_path):
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(tmp_path / "src", **safe)
     (src,) = (tmp_path / "src").iterdir()
-    env = dict(os.environ, CARGO_PROFILE_RELEASE_LTO="off", CARGO_PROFILE_RELEASE_CODEGEN_UNITS="8",
-               CARGO_TARGET_DIR=str(tmp_path / "target"))
+    env = dict(
+        os.environ,
+        CARGO_PROFILE_RELEASE_LTO="off",
+        CARGO_PROFILE_RELEASE_CODEGEN_UNITS="8",
+        CARGO_TARGET_DIR=str(tmp_path / "target"),
+    )
     env.pop(_cuda.KERNELS_DIR_ENV, None)
-    res = subprocess.run([_maturin(), "build", "--release", "-o", str(tmp_path / "wheel")], cwd=src, env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [_maturin(), "build", "--release", "-o", str(tmp_path / "wheel")],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
@@ -136,7 +144,8 @@ def test_wheel_built_from_the_sdist_ships_the_kernels(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", _cuda.KERNELS_DIR_ENV)}
     env["PYTHONPATH"] = str(tmp_path / "site")
-    res = subprocess.run([sys.executable, "-c", check, str(tmp_path / "site")], cwd=tmp_path, env=env,
-                         capture_output=True)
+    res = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "site")], cwd=tmp_path, env=env, capture_output=True
+    )
     assert res.returncode == 0, res.stderr.decode()[-4000:]
     assert res.stdout == (KERNELS / "ce.cu").read_bytes()

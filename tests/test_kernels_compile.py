@@ -20,7 +20,6 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from ce_fast._engines import cuda as _cuda
 
 ARCHS = ["sm_80", "sm_90"]
@@ -164,10 +163,35 @@ def test_launch_arguments_match_the_kernel_signatures(kernel):
 def test_kernel_args_types():
     import numpy as np
 
-    args = _cuda.kernel_args("ce_targets", t=16, rows=3, t_rs=1, t_tab=None, C=10, ign_s=-100, ign_s_ok=True,
-                             ign_u=0, ign_u_ok=False, idx=32, valid=48, bad=64)
-    assert [type(a) for a in args] == [np.uint64, np.int64, np.int64, np.uint64, np.int64, np.int64, np.int32,
-                                       np.uint64, np.int32, np.uint64, np.uint64, np.uint64]
+    args = _cuda.kernel_args(
+        "ce_targets",
+        t=16,
+        rows=3,
+        t_rs=1,
+        t_tab=None,
+        C=10,
+        ign_s=-100,
+        ign_s_ok=True,
+        ign_u=0,
+        ign_u_ok=False,
+        idx=32,
+        valid=48,
+        bad=64,
+    )
+    assert [type(a) for a in args] == [
+        np.uint64,
+        np.int64,
+        np.int64,
+        np.uint64,
+        np.int64,
+        np.int64,
+        np.int32,
+        np.uint64,
+        np.int32,
+        np.uint64,
+        np.uint64,
+        np.uint64,
+    ]
     assert int(args[3]) == 0 and int(args[5]) == -100
     with pytest.raises(TypeError, match="missing"):
         _cuda.kernel_args("ce_read_pass", p=0, n16=1)

@@ -12,21 +12,18 @@ covered by tests/test_gpu.py on a machine with a GPU.
 
 from __future__ import annotations
 
+import types
 from fractions import Fraction
 
-import types
-
+import ce_fast
+import kernel_emulator
 import ml_dtypes
 import numpy as np
+import oracle
 import pytest
-
-import ce_fast
 from ce_fast import _batch, _rules
 from ce_fast._engines import cuda as _cuda
 from ce_fast._spec import LossSpec
-
-import kernel_emulator
-import oracle
 from conftest import assert_rows_close
 
 pytestmark = pytest.mark.skipif(kernel_emulator.compiler() is None, reason="no C++ compiler for the kernel emulator")
@@ -70,8 +67,7 @@ def _grad_close(got, ref, dtype, what=""):
     got64, ref64 = _f64(got), _f64(ref)
     eps = {np.dtype(np.float32): 2.0**-23, np.dtype(np.float16): 2.0**-10, BF16: 2.0**-7}[np.dtype(dtype)]
     scale = np.nanmax(np.abs(ref64)) if np.isfinite(ref64).any() else 1.0
-    np.testing.assert_allclose(got64, ref64, rtol=4 * eps, atol=16 * eps * scale + 1e-30, equal_nan=True,
-                               err_msg=what)
+    np.testing.assert_allclose(got64, ref64, rtol=4 * eps, atol=16 * eps * scale + 1e-30, equal_nan=True, err_msg=what)
 
 
 def _logits(rng, shape, dtype, scale=3.0):
@@ -368,7 +364,7 @@ def test_minus_inf_runs_with_smoothing_and_soft_targets(emu, C):
     rng = np.random.default_rng(47)
     x = rng.standard_normal((6, C)).astype(np.float32)
     x[0, : C // 2] = -np.inf
-    x[1, C // 2:] = -np.inf
+    x[1, C // 2 :] = -np.inf
     x[2, ::3] = -np.inf
     x[3, :] = -np.inf
     x[4, : C // 2] = -np.inf
@@ -380,8 +376,13 @@ def test_minus_inf_runs_with_smoothing_and_soft_targets(emu, C):
     w0[: C // 2] = 0.0  # zero weight where rows 0 and 4 are -inf
     for shape in ("default", "wide", "narrow"):
         with kernel_emulator.emulated_engine(emu, **SHAPES[shape]):
-            for kw in (dict(label_smoothing=0.1), dict(label_smoothing=0.1, weight=w0), dict(weight=w),
-                       dict(weight=w0), dict()):
+            for kw in (
+                dict(label_smoothing=0.1),
+                dict(label_smoothing=0.1, weight=w0),
+                dict(weight=w),
+                dict(weight=w0),
+                dict(),
+            ):
                 got = ce_fast.cross_entropy(x, y, reduction="none", **kw)
                 _close(got, _ref_rows(x, y, **kw), 1e-5, 1e-6, f"int {shape} {list(kw)}")
                 got = ce_fast.cross_entropy(x, t, reduction="none", **kw)
@@ -419,8 +420,14 @@ def test_rows_spanning_float32_range(emu, dtype, C):
     t = np.zeros((5, C), np.float32)
     t[np.arange(5), y] = 1.0
     t_full = rng.dirichlet(np.ones(C), 5).astype(np.float32)
-    cases = [(y, dict(label_smoothing=0.1)), (y, dict(label_smoothing=0.1, weight=w)), (t, dict()),
-             (t, dict(weight=w)), (t_full, dict()), (t, dict(label_smoothing=0.2))]
+    cases = [
+        (y, dict(label_smoothing=0.1)),
+        (y, dict(label_smoothing=0.1, weight=w)),
+        (t, dict()),
+        (t, dict(weight=w)),
+        (t_full, dict()),
+        (t, dict(label_smoothing=0.2)),
+    ]
     for shape in ("default", "wide", "narrow"):
         with kernel_emulator.emulated_engine(emu, **SHAPES[shape]):
             for tgt, kw in cases:
@@ -452,8 +459,14 @@ def test_minus_inf_runs_longer_than_a_cpu_chunk(emu, dtype):
     onehot = np.zeros((4, C), np.float32)
     onehot[:, C - 1] = 1.0
     full = np.full((4, C), 1.0 / C, np.float32)
-    cases = [(y, dict(label_smoothing=0.1)), (y, dict(label_smoothing=0.1, weight=w)), (y, dict(weight=w)),
-             (onehot, dict()), (full, dict()), (full, dict(weight=w))]
+    cases = [
+        (y, dict(label_smoothing=0.1)),
+        (y, dict(label_smoothing=0.1, weight=w)),
+        (y, dict(weight=w)),
+        (onehot, dict()),
+        (full, dict()),
+        (full, dict(weight=w)),
+    ]
     for tgt, kw in cases:
         want = _oracle_rows(x, tgt, **kw)
         for shape in ("default", "wide"):
@@ -602,11 +615,11 @@ def test_gradient_from_given_statistics(emu, soft):
         b = _batch.make_batch(x, y, spec, grad_output=1.0)
         coef = _rules.grad_coef(b, spec)
         out1 = np.empty_like(x)
-        s = _cuda.run(b, scale=1.0, softcap=0.0, want_wz=True, grad=coef,
-                      out=_batch._arrays.operand(out1, "out"))
+        s = _cuda.run(b, scale=1.0, softcap=0.0, want_wz=True, grad=coef, out=_batch._arrays.operand(out1, "out"))
         out2 = np.empty_like(x)
-        again = _cuda.run(b, scale=1.0, softcap=0.0, want_wz=True, grad=coef,
-                          out=_batch._arrays.operand(out2, "out"), given=s)
+        again = _cuda.run(
+            b, scale=1.0, softcap=0.0, want_wz=True, grad=coef, out=_batch._arrays.operand(out2, "out"), given=s
+        )
     assert again is s
     assert np.array_equal(out1.view(np.uint16), out2.view(np.uint16))
 
@@ -621,7 +634,7 @@ def test_grad_output_array_for_none(emu):
         # (A host array next to device logits is a mixed-device call, refused by the batch
         # builder from the operands' devices: tests/test_gpu.py checks it on a GPU.)
         for i, g in enumerate(go):
-            loss, grad = ce_fast.cross_entropy_and_grad(x[i:i + 1], y[i:i + 1], reduction="none", grad_output=g)
+            loss, grad = ce_fast.cross_entropy_and_grad(x[i : i + 1], y[i : i + 1], reduction="none", grad_output=g)
             _grad_close(grad[0], ref[1][i], np.float32)
 
 
@@ -685,8 +698,16 @@ def test_scope_uses_the_device_and_torch_current_stream(monkeypatch):
     fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Dev, ExternalStream=Ext))
     monkeypatch.setattr(_cuda, "xp", lambda: fake)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=4242 + dev))
-    op = _batch._arrays.Operand(array=None, lib="torch", device="cuda:1", shape=(2, 3), strides=(3, 1),
-                                dtype_name="float32", code=_batch._arrays.F32, ptr=0)
+    op = _batch._arrays.Operand(
+        array=None,
+        lib="torch",
+        device="cuda:1",
+        shape=(2, 3),
+        strides=(3, 1),
+        dtype_name="float32",
+        code=_batch._arrays.F32,
+        ptr=0,
+    )
     with _cuda.scope(op):
         events.append("body")
     assert events == [("device", 1), ("stream", 4243, 1), "body", ("stream-exit", 4243), ("device-exit", 1)]

@@ -8,9 +8,8 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 import ce_fast
+import pytest
 
 PKG = pathlib.Path(ce_fast.__file__).resolve().parent
 
@@ -65,7 +64,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (c := visit(n)):
                 return c
         stack.pop()
@@ -114,8 +113,8 @@ def test_module_imports_alone(name):
 def test_one_version_number():
     """The version is written once, in Cargo.toml; the package and the extension report it."""
     import re
-    import tomllib
 
+    import tomllib
     from ce_fast import _core
 
     root = PKG.parent.parent

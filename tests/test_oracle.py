@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from oracle import cross_entropy_ref, grad_ref, log_softmax_ref, logsumexp_ref, mean_denominator
 
 RTOL = 1e-12
@@ -33,8 +32,19 @@ def _torch_input(z: np.ndarray) -> torch.Tensor:
     return t.movedim(-1, 1) if t.ndim >= 3 else t
 
 
-def torch_ce(z, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-             z_loss=0.0, softcap=None, logit_scale=1.0, requires_grad=False):
+def torch_ce(
+    z,
+    target,
+    *,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    logit_scale=1.0,
+    requires_grad=False,
+):
     """float64 torch: transform, F.cross_entropy (class axis moved to dim 1), + z-loss."""
     zz = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float64)).requires_grad_(requires_grad)
     zt = zz * logit_scale
@@ -98,7 +108,10 @@ def _make(rng, shape, ignore, soft):
 
 def _combos():
     for shape, red, weighted, ls, kind in itertools.product(
-        SHAPES, ("mean", "sum", "none"), (False, True), (0.0, 0.1, 1.0),
+        SHAPES,
+        ("mean", "sum", "none"),
+        (False, True),
+        (0.0, 0.1, 1.0),
         ("int", "int_ignore", "int_ignore_inside", "soft"),
     ):
         yield pytest.param(shape, red, weighted, ls, kind, id=f"{shape}-{red}-w{int(weighted)}-ls{ls}-{kind}")
@@ -126,8 +139,15 @@ def test_oracle_matches_torch_transforms(reduction, soft, z_loss, softcap, logit
     rng = np.random.default_rng(7)
     z, t, ii = _make(rng, (3, 4, 6), "none" if soft else "default", soft)
     w = rng.uniform(0.0, 2.0, 6)
-    kw = dict(weight=w, ignore_index=ii, reduction=reduction, label_smoothing=0.2,
-              z_loss=z_loss, softcap=softcap, logit_scale=logit_scale)
+    kw = dict(
+        weight=w,
+        ignore_index=ii,
+        reduction=reduction,
+        label_smoothing=0.2,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+    )
     want, _ = torch_ce(z, t, **kw)
     got = cross_entropy_ref(z, t, **kw)
     _close(got, want.detach().numpy(), str(kw))

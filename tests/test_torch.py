@@ -4,12 +4,11 @@ low-precision gradients, the in-place path, the custom ops and torch.compile."""
 
 from __future__ import annotations
 
+import ce_fast.torch as ct
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import ce_fast.torch as ct
 from test_grad import (
     OPTION_SETS,
     REDUCTIONS,
@@ -296,8 +295,12 @@ def test_module_matches_torch_module():
     x, t, _ = torch_case(21, (12,), 7, OPTION_SETS["ignore"])
     t[t == -100] = 3  # ignored by the third option set, counted by the others
     w = torch.rand(7, dtype=torch.float64) + 0.1
-    for kw in (dict(), dict(weight=w), dict(weight=w, ignore_index=3, label_smoothing=0.3, reduction="sum"),
-               dict(reduction="none")):
+    for kw in (
+        dict(),
+        dict(weight=w),
+        dict(weight=w, ignore_index=3, label_smoothing=0.3, reduction="sum"),
+        dict(reduction="none"),
+    ):
         ours, theirs = ct.CrossEntropyLoss(**kw), torch.nn.CrossEntropyLoss(**kw)
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
         la, lb = ours(a, t), theirs(b, t)
@@ -309,8 +312,9 @@ def test_module_matches_torch_module():
 
 def test_module_attributes_buffer_and_legacy_args():
     w = torch.rand(5)
-    m = ct.CrossEntropyLoss(w, ignore_index=2, label_smoothing=0.1, z_loss=1e-4, softcap=30.0, logit_scale=0.5,
-                            inplace_backward=True)
+    m = ct.CrossEntropyLoss(
+        w, ignore_index=2, label_smoothing=0.1, z_loss=1e-4, softcap=30.0, logit_scale=0.5, inplace_backward=True
+    )
     assert isinstance(m, torch.nn.Module)
     assert m.ignore_index == 2 and m.reduction == "mean" and m.label_smoothing == 0.1
     assert m.z_loss == 1e-4 and m.softcap == 30.0 and m.logit_scale == 0.5 and m.inplace_backward
@@ -325,18 +329,22 @@ def test_module_attributes_buffer_and_legacy_args():
     x, t, _ = torch_case(22, (3, 2), 5, {})
     leaf = x.clone().requires_grad_()
     m(leaf * 1.0, t).backward()
-    ref = torch_ref_grad(x, t, weight=w.double(), ignore_index=2, label_smoothing=0.1, z_loss=1e-4,
-                         softcap=30.0, logit_scale=0.5)[1]
+    ref = torch_ref_grad(
+        x, t, weight=w.double(), ignore_index=2, label_smoothing=0.1, z_loss=1e-4, softcap=30.0, logit_scale=0.5
+    )[1]
     assert_grad_close(leaf.grad, ref, rtol=1e-9, atol_rel=1e-12)
 
 
-@pytest.mark.parametrize("kw, exc", [
-    (dict(reduction="avg"), ValueError),
-    (dict(label_smoothing=1.5), ValueError),
-    (dict(z_loss=-1.0), ValueError),
-    (dict(softcap=0.0), ValueError),
-    (dict(ignore_index=1.5), TypeError),
-])
+@pytest.mark.parametrize(
+    "kw, exc",
+    [
+        (dict(reduction="avg"), ValueError),
+        (dict(label_smoothing=1.5), ValueError),
+        (dict(z_loss=-1.0), ValueError),
+        (dict(softcap=0.0), ValueError),
+        (dict(ignore_index=1.5), TypeError),
+    ],
+)
 def test_bad_options(kw, exc):
     with pytest.raises(exc):
         ct.CrossEntropyLoss(**kw)
@@ -409,8 +417,10 @@ def test_opcheck_custom_ops():
         torch.library.opcheck(torch.ops.ce_fast.cross_entropy_inplace.default, (x,) + args[1:])
         loss, lse, swt = torch.ops.ce_fast.cross_entropy(*args)
         grad = torch.rand(loss.shape, dtype=loss.dtype)
-        torch.library.opcheck(torch.ops.ce_fast.cross_entropy_backward.default,
-                              (grad, args[0].detach(), args[1], args[2], lse.detach(), swt.detach()) + args[3:])
+        torch.library.opcheck(
+            torch.ops.ce_fast.cross_entropy_backward.default,
+            (grad, args[0].detach(), args[1], args[2], lse.detach(), swt.detach()) + args[3:],
+        )
 
 
 class TinyLM(torch.nn.Module):
@@ -461,16 +471,16 @@ def test_torch_compile_fullgraph_inductor(lm_batch, inplace):
     w = torch.rand(23) + 0.5
 
     def loss_fn(model, ids, tgt):
-        return ct.cross_entropy(model(ids), tgt, w, label_smoothing=0.1, z_loss=1e-3, softcap=15.0,
-                                inplace_backward=inplace)
+        return ct.cross_entropy(
+            model(ids), tgt, w, label_smoothing=0.1, z_loss=1e-3, softcap=15.0, inplace_backward=inplace
+        )
 
     torch._dynamo.reset()
     l0, g0 = _compile_case(loss_fn, "inductor", ids, tgt)
 
     torch.manual_seed(0)
     model = TinyLM()
-    ref = torch_ref_loss(model(ids).double(), tgt, weight=w.double(), label_smoothing=0.1, z_loss=1e-3,
-                         softcap=15.0)
+    ref = torch_ref_loss(model(ids).double(), tgt, weight=w.double(), label_smoothing=0.1, z_loss=1e-3, softcap=15.0)
     ref.backward()
     torch.testing.assert_close(l0.double(), ref.detach(), rtol=1e-5, atol=1e-6)
     for a, p in zip(g0, model.parameters()):
@@ -483,6 +493,7 @@ def test_torch_compile_fullgraph_variants(lm_batch, case):
     Dynamo + AOTAutograd with fullgraph=True (aot_eager backend: fast)."""
     ids, tgt = lm_batch
     if case == "none":
+
         def loss_fn(model, ids, tgt):
             per_tok = ct.cross_entropy(model(ids), tgt, reduction="none", logit_scale=0.7)
             return (per_tok * torch.linspace(0.5, 1.5, per_tok.shape[-1])).sum()
@@ -492,12 +503,12 @@ def test_torch_compile_fullgraph_variants(lm_batch, case):
         def loss_fn(model, ids, tgt):
             return ct.cross_entropy(model(ids), soft, label_smoothing=0.05, z_loss=1e-2)
     elif case == "module":
-        crit = ct.CrossEntropyLoss(torch.rand(23) + 0.5, ignore_index=-100, reduction="sum",
-                                   inplace_backward=True)
+        crit = ct.CrossEntropyLoss(torch.rand(23) + 0.5, ignore_index=-100, reduction="sum", inplace_backward=True)
 
         def loss_fn(model, ids, tgt):
             return crit(model(ids), tgt)
     else:
+
         def loss_fn(model, ids, tgt):
             return ct.cross_entropy(model(ids), tgt)
 

@@ -9,12 +9,11 @@ import inspect
 import json.decoder
 import json.encoder
 
+import ce_fast
+import ce_fast.torch as ct
 import pytest
 import torch
 import torch.nn.functional as F
-
-import ce_fast
-import ce_fast.torch as ct
 
 STEPS = 200
 BATCH, T, CTX = 16, 32, 8  # sequences per step, positions per sequence, characters seen per position
@@ -53,7 +52,7 @@ def train(loss_kind, ids, vocab):
     losses = []
     for _ in range(STEPS):
         starts = torch.randint(0, ids.numel() - span, (BATCH,), generator=gen)
-        chunk = torch.stack([ids[s:s + span] for s in starts.tolist()])  # (B, T + CTX)
+        chunk = torch.stack([ids[s : s + span] for s in starts.tolist()])  # (B, T + CTX)
         x, y = chunk[:, :-1], chunk[:, CTX:]  # y[:, t] follows x[:, t : t + CTX]
         logits = model(x)
         if loss_kind == "torch":

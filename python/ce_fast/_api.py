@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any
 
 from . import _arrays, _batch, _rules
 from ._spec import LossSpec, document_options
@@ -27,7 +27,7 @@ def _on_device(fn):
     return call
 
 
-def _stats(b: Batch, spec: LossSpec, *, grad: bool = False, given: Optional[Stats] = None) -> Stats:
+def _stats(b: Batch, spec: LossSpec, *, grad: bool = False, given: Stats | None = None) -> Stats:
     """The engine's per-row statistics; with `grad`, the gradient is written into b.out."""
     coef = _rules.grad_coef(b, spec) if grad else None
     s = b.engine.run(
@@ -50,7 +50,7 @@ def _loss(b: Batch, spec: LossSpec, s: Stats) -> Any:
 
 
 @_on_device
-def logsumexp(logits: ArrayLike, *, out: Optional[ArrayLike] = None):
+def logsumexp(logits: ArrayLike, *, out: ArrayLike | None = None):
     """Log-sum-exp over the last axis, in one streaming pass.
 
     Parameters
@@ -81,12 +81,12 @@ def cross_entropy(
     logits: ArrayLike,
     target: ArrayLike,
     *,
-    weight: Optional[ArrayLike] = None,
+    weight: ArrayLike | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    softcap: Optional[float] = None,
+    softcap: float | None = None,
     logit_scale: float = 1.0,
 ):
     """Cross-entropy of ``logits`` (class axis last) against ``target``.
@@ -139,15 +139,15 @@ def cross_entropy_and_grad(
     logits: ArrayLike,
     target: ArrayLike,
     *,
-    weight: Optional[ArrayLike] = None,
+    weight: ArrayLike | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    softcap: Optional[float] = None,
+    softcap: float | None = None,
     logit_scale: float = 1.0,
     grad_output: Any = 1.0,
-    out: Optional[ArrayLike] = None,
+    out: ArrayLike | None = None,
 ):
     """Loss and its gradient in one fused pass per row.
 
@@ -175,8 +175,7 @@ def cross_entropy_and_grad(
 
 
 @_on_device
-def _grad_with_saved(logits, target, saved: Stats, *, weight=None, grad_output=1.0,
-                     out=None, **options):
+def _grad_with_saved(logits, target, saved: Stats, *, weight=None, grad_output=1.0, out=None, **options):
     """The gradient only, from statistics saved by a forward call (mx and ls; swt for
     soft targets): one read and one write of the logits. For ce_fast.torch's backward."""
     spec = LossSpec.make(**options)

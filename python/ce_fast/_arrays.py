@@ -107,7 +107,7 @@ def _check_torch_layout(t: Any, name: str) -> None:
 
 
 def device_of(obj: Any) -> str:
-    """"cpu" or "cuda:N" for an array of any supported library; "cpu" for Python and NumPy scalars."""
+    """ "cpu" or "cuda:N" for an array of any supported library; "cpu" for Python and NumPy scalars."""
     if is_torch(obj):
         dev = obj.device
         return f"cuda:{dev.index}" if dev.type == "cuda" else "cpu" if dev.type == "cpu" else str(dev)
@@ -205,9 +205,7 @@ def _require_cupy(name: str):
     try:
         import cupy
     except ImportError as exc:
-        raise ImportError(
-            f"{name} is a CUDA array; the GPU engine needs CuPy (pip install 'ce_fast[cuda]')"
-        ) from exc
+        raise ImportError(f"{name} is a CUDA array; the GPU engine needs CuPy (pip install 'ce_fast[cuda]')") from exc
     return cupy
 
 

@@ -5,18 +5,18 @@ target ranges are checked here, once, for every engine."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 
 from . import _arrays, _errors
 from ._arrays import Operand
-from ._spec import LossSpec
 from ._engines import engine_for
+from ._spec import LossSpec
 from ._types import Batch
 
 
-def device_scope(logits: Any) -> ContextManager[Any]:
+def device_scope(logits: Any) -> contextlib.AbstractContextManager[Any]:
     """Context for one public call on `logits`: for CUDA arrays the engine makes their
     device current and, for torch tensors, torch's current stream CuPy's current stream,
     so every kernel and CuPy operation of the call (rules included) is ordered with
@@ -109,9 +109,7 @@ def _grad_output(b: Batch, value: Any, reduction: str) -> Any:
     if reduction != "none":
         raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {tuple(g.shape)}")
     if tuple(g.shape) != tuple(x.batch_shape):
-        raise ValueError(
-            f"grad_output must be a scalar or have the loss's shape {x.batch_shape}, got {tuple(g.shape)}"
-        )
+        raise ValueError(f"grad_output must be a scalar or have the loss's shape {x.batch_shape}, got {tuple(g.shape)}")
     return g
 
 

@@ -1,8 +1,6 @@
 """Type stubs of ce_fast._core, the Rust engine (rust/lib.rs). Private: the Python
 package validates every argument before it reaches these functions."""
 
-from typing import Optional
-
 __version__: str
 #: Elements per chunk of a row (stays in L1).
 CHUNK: int
@@ -18,14 +16,14 @@ def run(
     x: Desc,
     target: int,
     weight: int,
-    soft: Optional[Desc],
+    soft: Desc | None,
     scale: float,
     softcap: float,
     want_wz: bool,
     stats: tuple[int, int, int, int, int, int],
-    grad: Optional[tuple[int, int, int, float, float, float, float, Desc]] = None,
+    grad: tuple[int, int, int, float, float, float, float, Desc] | None = None,
     threads: int = 0,
-    given: Optional[tuple[int, int, int]] = None,
+    given: tuple[int, int, int] | None = None,
 ) -> None:
     """Per-row statistics of the logits `x` into the f64 buffers at `stats` (mx, ls, zy,
     swz, swtz, swt; 0 = not wanted), and with `grad` the gradient into its last Desc."""

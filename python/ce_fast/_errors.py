@@ -3,7 +3,7 @@ engine words them the same way."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +15,7 @@ def device_mismatch(logits_device: str, name: str, other_device: str) -> ValueEr
     )
 
 
-def first_out_of_range(t: Any, C: int, ignore_index: int, xp: Any) -> Optional[tuple[tuple, int]]:
+def first_out_of_range(t: Any, C: int, ignore_index: int, xp: Any) -> tuple[tuple, int] | None:
     """Position and value of the first target outside [0, C) that is not ignore_index, or None."""
     bad = (t != ignore_index) & ((t < 0) | (t >= C))
     if not bool(bad.any()):

@@ -24,8 +24,6 @@ sum of the target weights of counted rows (integer targets) or the row count
 
 from __future__ import annotations
 
-from typing import Any
-
 from ._spec import LossSpec
 from ._types import Batch, GradCoef, Stats
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Callable, TypeVar
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -66,7 +66,7 @@ class LossSpec:
     reduction: str = "mean"
     label_smoothing: float = 0.0
     z_loss: float = 0.0
-    softcap: Optional[float] = None
+    softcap: float | None = None
     logit_scale: float = 1.0
 
     @classmethod
@@ -79,7 +79,7 @@ class LossSpec:
         z_loss=0.0,
         softcap=None,
         logit_scale=1.0,
-    ) -> "LossSpec":
+    ) -> LossSpec:
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if not isinstance(reduction, str):

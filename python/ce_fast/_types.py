@@ -7,8 +7,9 @@ per-row :class:`Stats` -> ``_rules``.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager, Optional, Protocol
+from typing import Any, Protocol
 
 from . import _arrays
 from ._arrays import Operand
@@ -54,7 +55,7 @@ class Engine(Protocol):
     def xp(self) -> Any:
         """The array module results and statistics live in (NumPy or CuPy)."""
 
-    def scope(self, x: Operand) -> ContextManager[Any]:
+    def scope(self, x: Operand) -> AbstractContextManager[Any]:
         """Context of one call on the logits `x` (device and stream)."""
 
     def to_float64(self, op: Operand) -> Any:
@@ -74,9 +75,9 @@ class Engine(Protocol):
         scale: float,
         softcap: float,
         want_wz: bool,
-        grad: Optional[GradCoef] = None,
-        out: Optional[Operand] = None,
-        given: Optional[Stats] = None,
+        grad: GradCoef | None = None,
+        out: Operand | None = None,
+        given: Stats | None = None,
     ) -> Stats:
         """Per-row statistics of the batch; with `grad`, the gradient written into `out`."""
 
@@ -102,13 +103,13 @@ class Batch:
     xp: Any  # numpy or cupy
     classes: int
     target: Any = None  # int64 (rows,), -1 for ignored rows; None for soft targets
-    soft: Optional[Operand] = None
+    soft: Operand | None = None
     weight: Any = None  # float64 (C,) or None
     valid: Any = None  # bool (rows,): rows that count
     wy: Any = None  # float64 (rows,): weight of each row's target, 0 for ignored rows
     weight_total: float = 0.0  # sum of class weights (C without weights)
     grad_output: Any = None  # float64: 0-d host array, or of shape (rows,)-compatible batch shape
-    out: Optional[Operand] = None  # where the gradient (or logsumexp) is written
+    out: Operand | None = None  # where the gradient (or logsumexp) is written
     result: Any = None  # what the caller gets back for `out`: their array, or a fresh one
 
     @property

@@ -175,8 +175,7 @@ def _ce_backward(
 
 
 @_ce_backward.register_fake
-def _(grad, input, target, weight, lse, swt, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      logit_scale):
+def _(grad, input, target, weight, lse, swt, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
     return torch.empty(input.shape, dtype=input.dtype, device=input.device)
 
 
@@ -318,12 +317,17 @@ def cross_entropy(
     if torch.compiler.is_compiling():
         # Dynamo cannot trace the validation's math.isfinite on symbolic floats (dynamic=True);
         # the ops validate the same options when they run (LossSpec.make in the kernels).
-        options = (int(ignore_index), reduction, float(label_smoothing), float(z_loss),
-                   None if softcap is None else float(softcap), float(logit_scale))
+        options = (
+            int(ignore_index),
+            reduction,
+            float(label_smoothing),
+            float(z_loss),
+            None if softcap is None else float(softcap),
+            float(logit_scale),
+        )
     else:
         spec = LossSpec.make(**_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale))
-        options = (spec.ignore_index, spec.reduction, spec.label_smoothing, spec.z_loss, spec.softcap,
-                   spec.logit_scale)
+        options = (spec.ignore_index, spec.reduction, spec.label_smoothing, spec.z_loss, spec.softcap, spec.logit_scale)
     args = (input, target, weight) + options
     if inplace_backward and torch.is_grad_enabled() and input.requires_grad:
         if target.requires_grad:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -56,12 +55,20 @@ def index_targets(t: Operand, C: int, ignore_index: int):
     return idx, valid
 
 
-def _ptr(a: Optional[np.ndarray]) -> int:
+def _ptr(a: np.ndarray | None) -> int:
     return 0 if a is None else a.__array_interface__["data"][0]
 
 
-def run(b: Batch, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCoef] = None,
-        out: Optional[Operand] = None, given: Optional[Stats] = None) -> Stats:
+def run(
+    b: Batch,
+    *,
+    scale: float,
+    softcap: float,
+    want_wz: bool,
+    grad: GradCoef | None = None,
+    out: Operand | None = None,
+    given: Stats | None = None,
+) -> Stats:
     """Per-row statistics of the batch; with `grad`, the gradient is written into `out`.
 
     With `given` (mx, ls, and swt for soft targets, from an earlier call) only the
@@ -69,8 +76,9 @@ def run(b: Batch, *, scale: float, softcap: float, want_wz: bool, grad: Optional
     """
     rows = b.rows
     if given is not None:
-        saved = [None if a is None else np.ascontiguousarray(a, dtype=np.float64)
-                 for a in (given.mx, given.ls, given.swt)]
+        saved = [
+            None if a is None else np.ascontiguousarray(a, dtype=np.float64) for a in (given.mx, given.ls, given.swt)
+        ]
         _call(b, scale, softcap, False, grad, out, None, tuple(_ptr(a) for a in saved))
         return given
     s = Stats(mx=np.empty(rows), ls=np.empty(rows))
@@ -82,7 +90,7 @@ def run(b: Batch, *, scale: float, softcap: float, want_wz: bool, grad: Optional
     return s
 
 
-def _call(b, scale, softcap, want_wz, grad, out, s: Optional[Stats], given) -> None:
+def _call(b, scale, softcap, want_wz, grad, out, s: Stats | None, given) -> None:
     keep = []  # contiguous float64 copies must outlive the call
 
     def f64(a):
@@ -94,8 +102,16 @@ def _call(b, scale, softcap, want_wz, grad, out, s: Optional[Stats], given) -> N
     weight = None if b.weight is None else f64(b.weight)
     g = None
     if grad is not None:
-        g = (_ptr(f64(grad.a0)), _ptr(f64(grad.b)), _ptr(f64(grad.g)),
-             grad.a_lse, grad.a_swt, grad.d, grad.e, out.desc())
+        g = (
+            _ptr(f64(grad.a0)),
+            _ptr(f64(grad.b)),
+            _ptr(f64(grad.g)),
+            grad.a_lse,
+            grad.a_swt,
+            grad.d,
+            grad.e,
+            out.desc(),
+        )
     run_kernels(
         b.x.desc(),
         _ptr(target),
@@ -104,7 +120,9 @@ def _call(b, scale, softcap, want_wz, grad, out, s: Optional[Stats], given) -> N
         float(scale),
         float(softcap),
         bool(want_wz),
-        (0, 0, 0, 0, 0, 0) if s is None else (_ptr(s.mx), _ptr(s.ls), _ptr(s.zy), _ptr(s.swz), _ptr(s.swtz), _ptr(s.swt)),
+        (0, 0, 0, 0, 0, 0)
+        if s is None
+        else (_ptr(s.mx), _ptr(s.ls), _ptr(s.zy), _ptr(s.swz), _ptr(s.swtz), _ptr(s.swt)),
         g,
         _threads,
         given,

@@ -28,7 +28,7 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +41,7 @@ KERNEL_NAME = "ce.cu"  # the engine's kernel file: kernels/ce.cu, embedded in _c
 KERNELS_DIR_ENV = "CE_FAST_KERNELS_DIR"  # a directory whose .cu files replace the embedded ones
 
 # Extra NVRTC options. The source is C++14 and header-free, so CuPy's defaults do.
-OPTIONS: Tuple[str, ...] = ()
+OPTIONS: tuple[str, ...] = ()
 
 # Kernel element types by dtype code. f16 / bf16 are 2-byte storage structs of the
 # kernel file (no cuda_fp16.h / cuda_bf16.h needed).
@@ -67,7 +67,7 @@ _NO_BAD = np.iinfo(np.uint64).max
 # ---------------------------------------------------------------- kernels
 
 
-def row_kernel_names(x_code: int, soft_code: Optional[int]) -> Tuple[str, str]:
+def row_kernel_names(x_code: int, soft_code: int | None) -> tuple[str, str]:
     """Name expressions of the statistics and fused kernels for these dtypes."""
     tx, ts = LOGIT_TYPES[x_code], SOFT_TYPES[soft_code]
     return f"ce_stats<{tx}, {ts}>", f"ce_fused<{tx}, {ts}>"
@@ -83,34 +83,71 @@ READ_PASS = "ce_read_pass"
 # "Q" uint64 (u64), "i" int32, "d" double. tests/test_kernels_compile.py checks these
 # against the signatures in ce.cu, so the launch arguments cannot drift from the source.
 _ROW = (
-    ("x", "p"), ("rows", "q"), ("C", "q"), ("x_cs", "q"), ("x_rs", "q"), ("x_tab", "p"),
-    ("t", "p"), ("t_cs", "q"), ("t_rs", "q"), ("t_tab", "p"),
-    ("target", "p"), ("w32", "p"),
+    ("x", "p"),
+    ("rows", "q"),
+    ("C", "q"),
+    ("x_cs", "q"),
+    ("x_rs", "q"),
+    ("x_tab", "p"),
+    ("t", "p"),
+    ("t_cs", "q"),
+    ("t_rs", "q"),
+    ("t_tab", "p"),
+    ("target", "p"),
+    ("w32", "p"),
 )
 _STATS_OUT = (
-    ("o_mx", "p"), ("o_ls", "p"), ("o_zy", "p"), ("o_swz", "p"), ("o_swtz", "p"), ("o_swt", "p"), ("o_amax", "p"),
+    ("o_mx", "p"),
+    ("o_ls", "p"),
+    ("o_zy", "p"),
+    ("o_swz", "p"),
+    ("o_swtz", "p"),
+    ("o_swt", "p"),
+    ("o_amax", "p"),
 )
 KERNEL_PARAMS = {
     "ce_stats": _ROW + (("scale", "d"), ("cap", "d"), ("G", "i")) + _STATS_OUT,
-    "ce_fused": _ROW + (("w64", "p"), ("scale", "d"), ("cap", "d"), ("G", "i")) + _STATS_OUT + (
-        ("out", "p"), ("o_cs", "q"), ("o_rs", "q"), ("o_tab", "p"),
-        ("a0", "p"), ("bco", "p"), ("gco", "p"),
-        ("a_lse", "d"), ("a_swt", "d"), ("dco", "d"), ("eco", "d"),
-        ("given_mx", "p"), ("given_ls", "p"), ("given_swt", "p"),
+    "ce_fused": _ROW
+    + (("w64", "p"), ("scale", "d"), ("cap", "d"), ("G", "i"))
+    + _STATS_OUT
+    + (
+        ("out", "p"),
+        ("o_cs", "q"),
+        ("o_rs", "q"),
+        ("o_tab", "p"),
+        ("a0", "p"),
+        ("bco", "p"),
+        ("gco", "p"),
+        ("a_lse", "d"),
+        ("a_swt", "d"),
+        ("dco", "d"),
+        ("eco", "d"),
+        ("given_mx", "p"),
+        ("given_ls", "p"),
+        ("given_swt", "p"),
     ),
     "ce_targets": (
-        ("t", "p"), ("rows", "q"), ("t_rs", "q"), ("t_tab", "p"), ("C", "q"),
-        ("ign_s", "q"), ("ign_s_ok", "i"), ("ign_u", "Q"), ("ign_u_ok", "i"),
-        ("idx", "p"), ("valid", "p"), ("bad", "p"),
+        ("t", "p"),
+        ("rows", "q"),
+        ("t_rs", "q"),
+        ("t_tab", "p"),
+        ("C", "q"),
+        ("ign_s", "q"),
+        ("ign_s_ok", "i"),
+        ("ign_u", "Q"),
+        ("ign_u_ok", "i"),
+        ("idx", "p"),
+        ("valid", "p"),
+        ("bad", "p"),
     ),
     "ce_read_pass": (("p", "p"), ("n16", "q"), ("out", "p")),
 }
 
 
-def modules() -> Dict[Any, List[str]]:
+def modules() -> dict[Any, list[str]]:
     """Every module the engine may build: key -> its name expressions (the NVRTC test
     compiles exactly these)."""
-    mods: Dict[Any, List[str]] = {}
+    mods: dict[Any, list[str]] = {}
     for x_code in LOGIT_TYPES:
         for soft_code in SOFT_TYPES:
             mods[(x_code, soft_code)] = list(row_kernel_names(x_code, soft_code))
@@ -118,9 +155,9 @@ def modules() -> Dict[Any, List[str]]:
     return mods
 
 
-_source: Optional[str] = None
-_modules: Dict[Any, Any] = {}
-_kernels: Dict[Tuple[Any, str], Any] = {}
+_source: str | None = None
+_modules: dict[Any, Any] = {}
+_kernels: dict[tuple[Any, str], Any] = {}
 _lock = threading.Lock()
 
 
@@ -197,10 +234,10 @@ def scope(x: Operand):
             yield
 
 
-_props: Dict[int, Tuple[int, int]] = {}
+_props: dict[int, tuple[int, int]] = {}
 
 
-def _device_info(dev: int) -> Tuple[int, int]:
+def _device_info(dev: int) -> tuple[int, int]:
     """(multiprocessors, L2 bytes) of a device."""
     info = _props.get(dev)
     if info is None:
@@ -251,7 +288,7 @@ def kernel_args(kernel: str, **values) -> tuple:
     return tuple(_KINDS[k](values[n]) for n, k in params)
 
 
-def _layout(shape, strides) -> Tuple[int, Any]:
+def _layout(shape, strides) -> tuple[int, Any]:
     """(row stride, row table) of the rows of a batch: row r starts at r * stride when
     the batch dims collapse into one stride, else at table[r] (an int64 device array
     built here; O(rows) memory). Strides in elements."""
@@ -277,7 +314,7 @@ def _layout(shape, strides) -> Tuple[int, Any]:
     return 0, off
 
 
-def _config(rows: int, C: int, itemsize: int, dev: int, fused: bool) -> Tuple[int, int, int]:
+def _config(rows: int, C: int, itemsize: int, dev: int, fused: bool) -> tuple[int, int, int]:
     """(threads per row G, block size, grid size) of a row kernel.
 
     G grows with the row (about VECTORS_PER_THREAD 16-byte vectors per thread, at most
@@ -346,9 +383,19 @@ def index_targets(t: Operand, C: int, ignore_index: int):
     block = 256
     grid = max(1, min(-(-n // block), sms * 8))
     args = kernel_args(
-        "ce_targets", t=t.ptr, rows=n, t_rs=rs, t_tab=tab, C=C,
-        ign_s=ign if s_ok else 0, ign_s_ok=s_ok, ign_u=ign if u_ok else 0, ign_u_ok=u_ok,
-        idx=idx, valid=valid, bad=bad,
+        "ce_targets",
+        t=t.ptr,
+        rows=n,
+        t_rs=rs,
+        t_tab=tab,
+        C=C,
+        ign_s=ign if s_ok else 0,
+        ign_s_ok=s_ok,
+        ign_u=ign if u_ok else 0,
+        ign_u_ok=u_ok,
+        idx=idx,
+        valid=valid,
+        bad=bad,
     )
     _function("targets", target_kernel_name(t.dtype_name))((grid,), (block,), args)
     flat = int(bad[0])  # the one synchronisation of the check
@@ -358,8 +405,17 @@ def index_targets(t: Operand, C: int, ignore_index: int):
     return idx, valid
 
 
-def run(b: Batch, *, scale: float, softcap: float, want_wz: bool, grad: Optional[GradCoef] = None,
-        out: Optional[Operand] = None, given: Optional[Stats] = None, argmax: Any = None) -> Stats:
+def run(
+    b: Batch,
+    *,
+    scale: float,
+    softcap: float,
+    want_wz: bool,
+    grad: GradCoef | None = None,
+    out: Operand | None = None,
+    given: Stats | None = None,
+    argmax: Any = None,
+) -> Stats:
     """Per-row statistics of the batch; with `grad`, the gradient is written into `out`.
 
     The statistics are those of ce_fast._rules.Stats: mx and ls (lse = mx + ls), zy,
@@ -409,9 +465,21 @@ def run(b: Batch, *, scale: float, softcap: float, want_wz: bool, grad: Optional
     outs = (None,) * 7 if given is not None else (s.mx, s.ls, s.zy, s.swz, s.swtz, s.swt, argmax)
     kw = dict(zip(names, outs))
     kw.update(
-        x=x.ptr, rows=rows, C=C, x_cs=x.strides[-1], x_rs=x_rs, x_tab=x_tab,
-        t=t_ptr, t_cs=t_cs, t_rs=t_rs, t_tab=t_tab, target=target, w32=w32,
-        scale=scale, cap=softcap, G=G,
+        x=x.ptr,
+        rows=rows,
+        C=C,
+        x_cs=x.strides[-1],
+        x_rs=x_rs,
+        x_tab=x_tab,
+        t=t_ptr,
+        t_cs=t_cs,
+        t_rs=t_rs,
+        t_tab=t_tab,
+        target=target,
+        w32=w32,
+        scale=scale,
+        cap=softcap,
+        G=G,
     )
     key = (x.code, None if soft is None else soft.code)
     stats_kernel, fused_kernel = row_kernel_names(*key)
@@ -425,9 +493,18 @@ def run(b: Batch, *, scale: float, softcap: float, want_wz: bool, grad: Optional
     assert out is not None  # checked above
     o_rs, o_tab = _layout(out.batch_shape, out.strides[:-1])
     kw.update(
-        w64=w64, out=out.ptr, o_cs=out.strides[-1], o_rs=o_rs, o_tab=o_tab,
-        a0=vec(grad.a0), bco=vec(grad.b), gco=vec(grad.g),
-        a_lse=grad.a_lse, a_swt=grad.a_swt, dco=grad.d, eco=grad.e,
+        w64=w64,
+        out=out.ptr,
+        o_cs=out.strides[-1],
+        o_rs=o_rs,
+        o_tab=o_tab,
+        a0=vec(grad.a0),
+        bco=vec(grad.b),
+        gco=vec(grad.g),
+        a_lse=grad.a_lse,
+        a_swt=grad.a_swt,
+        dco=grad.d,
+        eco=grad.e,
         given_mx=None if given is None else vec(given.mx),
         given_ls=None if given is None else vec(given.ls),
         given_swt=None if given is None or given.swt is None else vec(given.swt),
