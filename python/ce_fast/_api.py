@@ -12,6 +12,8 @@ from . import _arrays, _batch, _rules
 from ._spec import LossSpec, document_options
 from ._types import Batch, Stats
 
+#: NumPy, torch or CuPy arrays (anything with __array_interface__, __cuda_array_interface__
+#: or DLPack); results come back in the input's library.
 ArrayLike = Any
 
 
@@ -50,7 +52,7 @@ def _loss(b: Batch, spec: LossSpec, s: Stats) -> Any:
 
 
 @_on_device
-def logsumexp(logits: ArrayLike, *, out: ArrayLike | None = None):
+def logsumexp(logits: ArrayLike, *, out: ArrayLike | None = None) -> ArrayLike:
     """Log-sum-exp over the last axis, in one streaming pass.
 
     Parameters
@@ -88,7 +90,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-):
+) -> ArrayLike:
     """Cross-entropy of ``logits`` (class axis last) against ``target``.
 
     The semantics are ``torch.nn.functional.cross_entropy`` with the class axis
@@ -148,7 +150,7 @@ def cross_entropy_and_grad(
     logit_scale: float = 1.0,
     grad_output: Any = 1.0,
     out: ArrayLike | None = None,
-):
+) -> tuple[ArrayLike, ArrayLike]:
     """Loss and its gradient in one fused pass per row.
 
     Takes every option of :func:`cross_entropy` and returns ``(loss, grad)`` where
@@ -175,7 +177,7 @@ def cross_entropy_and_grad(
 
 
 @_on_device
-def _grad_with_saved(logits, target, saved: Stats, *, weight=None, grad_output=1.0, out=None, **options):
+def _grad_with_saved(logits, target, saved: Stats, *, weight=None, grad_output=1.0, out=None, **options) -> ArrayLike:
     """The gradient only, from statistics saved by a forward call (mx and ls; swt for
     soft targets): one read and one write of the logits. For ce_fast.torch's backward."""
     spec = LossSpec.make(**options)

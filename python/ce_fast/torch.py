@@ -59,7 +59,7 @@ Functionalization may give the compiled in-place path a copy where eager has non
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -85,7 +85,7 @@ def _as_tensor(a, like: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype=dtype).contiguous()
 
 
-def _engine_array(t: Tensor):
+def _engine_array(t: Tensor) -> Any:
     """A saved statistic, as the array type of the engine that reads it back."""
     t = t.detach()
     if t.device.type == "cpu":
@@ -93,7 +93,7 @@ def _engine_array(t: Tensor):
     return _arrays._to_cupy(t)  # the CUDA engine works on CuPy views (zero copy, DLPack)
 
 
-def _rows(x: Tensor):
+def _rows(x: Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 

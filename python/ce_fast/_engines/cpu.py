@@ -17,7 +17,7 @@ from .._types import Batch, GradCoef, Stats
 _threads = 0  # 0 = the default: RAYON_NUM_THREADS, or the CPUs this process may use
 
 
-def xp():
+def xp() -> Any:
     return np
 
 
@@ -43,7 +43,7 @@ def to_float64(op: Operand) -> np.ndarray:
     return np.ascontiguousarray(numpy_of(op), dtype=np.float64)
 
 
-def index_targets(t: Operand, C: int, ignore_index: int):
+def index_targets(t: Operand, C: int, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
     """int64 class indices with -1 for ignored rows, and the mask of counted rows."""
     a = np.asarray(numpy_of(t))
     bad = first_out_of_range(a, C, ignore_index, np)
@@ -129,7 +129,7 @@ def _call(b, scale, softcap, want_wz, grad, out, s: Stats | None, given) -> None
     )
 
 
-def wrap(value: np.ndarray, like: Operand):
+def wrap(value: np.ndarray, like: Operand) -> Any:
     return wrap_numpy(value, like)
 
 
@@ -140,7 +140,7 @@ def copy_into(o: Operand, value: np.ndarray) -> None:
         np.copyto(o.array, value, casting="same_kind")
 
 
-def empty_like(x: Operand):
+def empty_like(x: Operand) -> Any:
     """A C-contiguous array of the logits' shape, dtype and library."""
     if x.lib == "torch":
         torch = _torch()
