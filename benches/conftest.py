@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from ce_fast import bench
 
 DEFAULT_SIZES = bench.DEFAULT_SIZES

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import functools
 
-import ce_fast
 import numpy as np
 import pytest
+
+import ce_fast
 from ce_fast import bench
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 
-import ce_fast
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
+import ce_fast
 from ce_fast import _core
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -11,9 +11,10 @@ import pathlib
 import subprocess
 import sys
 
-import ce_fast
 import numpy as np
 import pytest
+
+import ce_fast
 from ce_fast import bench, cli
 
 TINY = ["--sizes", "64x1000", "--repeat", "1", "--slow", "1e9", "-q"]
@@ -277,6 +278,7 @@ import time  # noqa: E402
 import types  # noqa: E402
 
 import torch  # noqa: E402
+
 from ce_fast.bench import cuda as bench_cuda  # noqa: E402
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 import os
 
-import ce_fast
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ce_fast
+
 from conftest import (
     ALL_DTYPES,
     BF16,
@@ -26,8 +30,6 @@ from conftest import (
     torch_with_layout,
     with_layout,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from oracle import cross_entropy_ref, mean_denominator
 
 SETTINGS = settings(

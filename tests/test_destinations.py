@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 
-import ce_fast
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
+import ce_fast
+
 from conftest import assert_rows_close, random_logits
 from oracle import cross_entropy_ref, grad_ref, logsumexp_ref
 

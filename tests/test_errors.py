@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 
-import ce_fast
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
+import ce_fast
 
 Z = np.zeros((4, 5), dtype=np.float32)
 Y = np.array([0, 1, 2, 3])

@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
-import ce_fast
 import numpy as np
 import pytest
+
+import ce_fast
+
 from conftest import BF16, DTYPE_IDS, assert_grad_close, assert_rows_close, cast, to_f64
 from oracle import cross_entropy_ref, grad_ref, logsumexp_ref
 

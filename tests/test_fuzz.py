@@ -34,8 +34,12 @@ from __future__ import annotations
 import os
 import sys
 
-import ce_fast
 import numpy as np
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+import ce_fast
+
 from conftest import (
     ALL_DTYPES,
     BF16,
@@ -46,8 +50,6 @@ from conftest import (
     use_simd,
     with_layout,
 )
-from hypothesis import HealthCheck, given, seed, settings
-from hypothesis import strategies as st
 from oracle import cross_entropy_ref, grad_ref, logsumexp_ref, transform_ref
 
 F32, F64, F16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)

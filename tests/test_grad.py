@@ -12,16 +12,17 @@ rows, or the row count for soft targets).
 
 from __future__ import annotations
 
-import ce_fast
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ce_fast import _api
-from ce_fast._spec import LossSpec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import ce_fast
+from ce_fast import _api
+from ce_fast._spec import LossSpec
 
 REDUCTIONS = ("mean", "sum", "none")
 BF16 = np.dtype(ml_dtypes.bfloat16)

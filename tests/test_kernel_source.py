@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from ce_fast import _core
 from ce_fast._engines import cuda as _cuda
 

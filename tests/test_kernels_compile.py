@@ -20,6 +20,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from ce_fast._engines import cuda as _cuda
 
 ARCHS = ["sm_80", "sm_90"]

@@ -15,15 +15,17 @@ from __future__ import annotations
 import types
 from fractions import Fraction
 
-import ce_fast
-import kernel_emulator
 import ml_dtypes
 import numpy as np
-import oracle
 import pytest
+
+import ce_fast
 from ce_fast import _batch, _rules
 from ce_fast._engines import cuda as _cuda
 from ce_fast._spec import LossSpec
+
+import kernel_emulator
+import oracle
 from conftest import assert_rows_close
 
 pytestmark = pytest.mark.skipif(kernel_emulator.compiler() is None, reason="no C++ compiler for the kernel emulator")

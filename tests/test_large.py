@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gc
 
-import ce_fast
 import numpy as np
 import pytest
 import torch
+
+import ce_fast
+
 from conftest import assert_reduced_close, assert_rows_close
 from oracle import cross_entropy_ref, logsumexp_ref
 

@@ -8,8 +8,9 @@ import pathlib
 import subprocess
 import sys
 
-import ce_fast
 import pytest
+
+import ce_fast
 
 PKG = pathlib.Path(ce_fast.__file__).resolve().parent
 
@@ -115,6 +116,7 @@ def test_one_version_number():
     import re
 
     import tomllib
+
     from ce_fast import _core
 
     root = PKG.parent.parent

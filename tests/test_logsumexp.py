@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 
-import ce_fast
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ce_fast
+
 from conftest import (
     ALL_DTYPES,
     BF16,
@@ -25,8 +29,6 @@ from conftest import (
     use_simd,
     with_layout,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from oracle import logsumexp_ref
 
 SETTINGS = settings(

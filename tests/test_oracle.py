@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from oracle import cross_entropy_ref, grad_ref, log_softmax_ref, logsumexp_ref, mean_denominator
 
 RTOL = 1e-12

@@ -19,10 +19,11 @@ def test_readme_example_runs(code):
 
 
 def test_readme_moveaxis_matches_torch():
-    import ce_fast
     import numpy as np
     import torch
     import torch.nn.functional as F
+
+    import ce_fast
 
     x = np.random.default_rng(1).standard_normal((4, 10, 7, 7), dtype=np.float32)
     y = np.random.default_rng(2).integers(0, 10, size=(4, 7, 7))

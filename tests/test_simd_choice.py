@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 
-import ce_fast
 import numpy as np
 import pytest
+
+import ce_fast
 from ce_fast import _core
+
 from conftest import use_simd
 
 ACCEPTED = "'scalar', 'auto' or 'avx2' (any case)"

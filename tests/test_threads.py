@@ -12,12 +12,14 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import ce_fast
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
+import ce_fast
 from ce_fast import _core
+
 from conftest import assert_rows_close, random_logits, to_f64
 from oracle import cross_entropy_ref, logsumexp_ref
 

@@ -4,7 +4,6 @@ low-precision gradients, the in-place path, the custom ops and torch.compile."""
 
 from __future__ import annotations
 
-import ce_fast.torch as ct
 import numpy as np
 import pytest
 import torch
@@ -20,6 +19,8 @@ from test_grad import (
     ulp_distance,
     with_torch_weight,
 )
+
+import ce_fast.torch as ct
 
 PATHS = ("saved_lse", "inplace")
 

@@ -9,11 +9,12 @@ import inspect
 import json.decoder
 import json.encoder
 
-import ce_fast
-import ce_fast.torch as ct
 import pytest
 import torch
 import torch.nn.functional as F
+
+import ce_fast
+import ce_fast.torch as ct
 
 STEPS = 200
 BATCH, T, CTX = 16, 32, 8  # sequences per step, positions per sequence, characters seen per position
