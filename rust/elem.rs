@@ -58,6 +58,13 @@ impl Matrix {
         off
     }
 
+    /// Whether every element is aligned for its type: strides are whole elements, so
+    /// that holds exactly when the base address is aligned.
+    #[inline]
+    fn aligned(&self) -> bool {
+        self.ptr.is_multiple_of(self.dtype.itemsize() as usize)
+    }
+
     #[inline]
     fn addr(&self, off: isize) -> *mut u8 {
         (self.ptr as isize + off * self.dtype.itemsize()) as *mut u8
@@ -136,7 +143,8 @@ pub trait Compute: Float {
 
 impl Compute for f32 {
     fn view<'a>(m: &Matrix, row_off: isize, start: usize, n: usize) -> Option<&'a [f32]> {
-        (m.dtype == DType::F32 && m.col_stride == 1).then(|| unsafe {
+        let contiguous = m.dtype == DType::F32 && m.col_stride == 1 && m.aligned();
+        contiguous.then(|| unsafe {
             std::slice::from_raw_parts(m.addr(row_off + start as isize) as *const f32, n)
         })
     }
@@ -145,7 +153,7 @@ impl Compute for f32 {
         let n = dst.len();
         let base = m.addr(row_off + start as isize * m.col_stride);
         unsafe {
-            if m.col_stride == 1 {
+            if m.col_stride == 1 && m.aligned() {
                 match m.dtype {
                     DType::F32 => {
                         dst.copy_from_slice(std::slice::from_raw_parts(base as *const f32, n))
@@ -179,7 +187,7 @@ impl Compute for f32 {
         let n = src.len();
         let base = m.addr(row_off + start as isize * m.col_stride);
         unsafe {
-            if m.col_stride == 1 {
+            if m.col_stride == 1 && m.aligned() {
                 match m.dtype {
                     DType::F32 => {
                         std::slice::from_raw_parts_mut(base as *mut f32, n).copy_from_slice(src)
@@ -220,7 +228,8 @@ impl Compute for f32 {
 
 impl Compute for f64 {
     fn view<'a>(m: &Matrix, row_off: isize, start: usize, n: usize) -> Option<&'a [f64]> {
-        (m.dtype == DType::F64 && m.col_stride == 1).then(|| unsafe {
+        let contiguous = m.dtype == DType::F64 && m.col_stride == 1 && m.aligned();
+        contiguous.then(|| unsafe {
             std::slice::from_raw_parts(m.addr(row_off + start as isize) as *const f64, n)
         })
     }

@@ -121,8 +121,20 @@ fn pool(_py: Python<'_>, threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     Ok(p)
 }
 
+/// The `len` values at `ptr`, or None for a null `ptr`.
 unsafe fn slice<'a, T>(ptr: usize, len: usize) -> Option<&'a [T]> {
-    (ptr != 0).then(|| std::slice::from_raw_parts(ptr as *const T, len))
+    (ptr != 0).then(|| unsafe { std::slice::from_raw_parts(ptr as *const T, len) })
+}
+
+/// The f64 / i64 side arrays (targets, weights, statistics, coefficients) are used as
+/// slices and written through `*mut f64`: an address that is not 8-byte aligned is refused.
+fn check_aligned(ptrs: &[(usize, &str)]) -> PyResult<()> {
+    match ptrs.iter().find(|(p, _)| !p.is_multiple_of(8)) {
+        Some((p, what)) => Err(PyValueError::new_err(format!(
+            "{what}: address {p:#x} is not 8-byte aligned"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Per-row statistics of `x`, and the gradient into `grad.7` when `grad` is given.
@@ -182,6 +194,26 @@ fn run(
         }
         None => None,
     };
+    let (gv, gr) = (
+        given.unwrap_or_default(),
+        grad.as_ref().map_or((0, 0, 0), |g| (g.0, g.1, g.2)),
+    );
+    check_aligned(&[
+        (target, "target"),
+        (weight, "weight"),
+        (stats.0, "mx"),
+        (stats.1, "ls"),
+        (stats.2, "zy"),
+        (stats.3, "swz"),
+        (stats.4, "swtz"),
+        (stats.5, "swt"),
+        (gv.0, "given mx"),
+        (gv.1, "given ls"),
+        (gv.2, "given swt"),
+        (gr.0, "a0"),
+        (gr.1, "b"),
+        (gr.2, "g"),
+    ])?;
     if target != 0 {
         // The engine indexes rows with these: refuse what validation should have caught.
         let t = unsafe { std::slice::from_raw_parts(target as *const i64, rows) };
@@ -253,9 +285,19 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
         // Unaligned head bytes are read one by one so the words are aligned.
         let head = ((8 - ptr % 8) % 8).min(nbytes);
         let words = (nbytes - head) / 8;
-        let bytes =
-            |from: usize, n: usize| unsafe { std::slice::from_raw_parts(from as *const u8, n) };
-        let data = unsafe { std::slice::from_raw_parts((ptr + head) as *const u64, words) };
+        // Empty parts are never made from the address: it may be null (nbytes == 0) or,
+        // when the whole buffer fits in the head, not 8-byte aligned at ptr + head.
+        let bytes = |from: usize, n: usize| -> &[u8] {
+            if n == 0 {
+                return &[];
+            }
+            unsafe { std::slice::from_raw_parts(from as *const u8, n) }
+        };
+        let data: &[u64] = if words == 0 {
+            &[]
+        } else {
+            unsafe { std::slice::from_raw_parts((ptr + head) as *const u64, words) }
+        };
         let end = ptr + head + words * 8;
         let rest: u64 = bytes(ptr, head)
             .iter()

@@ -91,7 +91,8 @@ def _call(b, scale, softcap, want_wz, grad, out, s: Optional[Stats], given) -> N
         return a
 
     target = None if b.target is None else np.ascontiguousarray(b.target, dtype=np.int64)
-    weight = None if b.weight is None else f64(b.weight)
+    # Always a private copy: the caller's weights may be unaligned or share memory with `out`.
+    weight = None if b.weight is None else f64(np.array(b.weight, dtype=np.float64))
     g = None
     if grad is not None:
         g = (_ptr(f64(grad.a0)), _ptr(f64(grad.b)), _ptr(f64(grad.g)),
