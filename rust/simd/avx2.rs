@@ -456,6 +456,8 @@ impl Kernels<f32> for Avx2 {
         unsafe { imp::dot_shift(buf, None, 0.0) }
     }
     fn dot_shift(self, x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
+        // A short `w` panics here, as in the scalar kernels, instead of being read past its end.
+        let w = w.map(|w| &w[..x.len()]);
         unsafe { imp::dot_shift(x, w, m) }
     }
     fn grad(
