@@ -56,7 +56,8 @@ pub fn f16_to_f32(level: Level, src: &[u16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx2 && detected() == Level::Avx2 {
         let n = src.len().min(dst.len());
-        // Level::Avx2 alone proves nothing (any code can name it): detection is re-checked.
+        // SAFETY: detection (cached, re-checked here because any code can name Level::Avx2)
+        // found AVX2, FMA and F16C, and both slices hold n elements.
         return unsafe { avx2::f16_to_f32(&src[..n], &mut dst[..n]) };
     }
     let _ = level;
@@ -71,6 +72,7 @@ pub fn f32_to_f16(level: Level, src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx2 && detected() == Level::Avx2 {
         let n = src.len().min(dst.len());
+        // SAFETY: as in `f16_to_f32`: the CPU has F16C, and both slices hold n elements.
         return unsafe { avx2::f32_to_f16(&src[..n], &mut dst[..n]) };
     }
     let _ = level;
