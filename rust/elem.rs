@@ -33,6 +33,11 @@ impl DType {
 }
 
 /// A `(*batch, C)` array seen as rows: batch dims may have any strides (in elements).
+///
+/// `ce_fast` guarantees what the accessors rely on: for row < rows and col < cols every
+/// address computed here lies inside one live array of `dtype` that the caller keeps alive
+/// for the call, and a destination's positions are distinct elements. The base address
+/// need not be aligned (NumPy and torch allow views at any byte offset).
 pub struct Matrix {
     pub ptr: usize,
     pub dtype: DType,
@@ -58,6 +63,13 @@ impl Matrix {
         off
     }
 
+    /// Whether every element is aligned for its type: strides are whole elements, so
+    /// that holds exactly when the base address is aligned.
+    #[inline]
+    fn aligned(&self) -> bool {
+        self.ptr.is_multiple_of(self.dtype.itemsize() as usize)
+    }
+
     #[inline]
     fn addr(&self, off: isize) -> *mut u8 {
         (self.ptr as isize + off * self.dtype.itemsize()) as *mut u8
@@ -67,6 +79,8 @@ impl Matrix {
     #[inline]
     pub fn get(&self, row_off: isize, col: usize) -> f64 {
         let p = self.addr(row_off + col as isize * self.col_stride);
+        // SAFETY: callers pass a row's offset and col < cols, so `p` is an element of the live
+        // array (see `Matrix`); the unaligned reads need no alignment.
         unsafe {
             match self.dtype {
                 DType::F32 => (p as *const f32).read_unaligned() as f64,
@@ -81,6 +95,8 @@ impl Matrix {
     #[inline]
     pub fn set(&self, row_off: isize, col: usize, v: f64) {
         let p = self.addr(row_off + col as isize * self.col_stride);
+        // SAFETY: as in `get`; only the worker of this row writes it, and no reference to
+        // the element is alive (ce_fast rules out out= overlapping what is read elsewhere).
         unsafe {
             match self.dtype {
                 DType::F32 => (p as *mut f32).write_unaligned(v as f32),
@@ -136,7 +152,10 @@ pub trait Compute: Float {
 
 impl Compute for f32 {
     fn view<'a>(m: &Matrix, row_off: isize, start: usize, n: usize) -> Option<&'a [f32]> {
-        (m.dtype == DType::F32 && m.col_stride == 1).then(|| unsafe {
+        let contiguous = m.dtype == DType::F32 && m.col_stride == 1 && m.aligned();
+        // SAFETY: aligned f32 elements start..start + n of one row (n <= cols - start), live
+        // for the call; the row is written (out=logits) only after its reads are done.
+        contiguous.then(|| unsafe {
             std::slice::from_raw_parts(m.addr(row_off + start as isize) as *const f32, n)
         })
     }
@@ -144,8 +163,10 @@ impl Compute for f32 {
     fn load(m: &Matrix, row_off: isize, start: usize, dst: &mut [f32], level: Level) {
         let n = dst.len();
         let base = m.addr(row_off + start as isize * m.col_stride);
+        // SAFETY: unit stride and aligned: `base` starts n <= cols - start elements of one
+        // live row, not written meanwhile; otherwise `get` reads element by element.
         unsafe {
-            if m.col_stride == 1 {
+            if m.col_stride == 1 && m.aligned() {
                 match m.dtype {
                     DType::F32 => {
                         dst.copy_from_slice(std::slice::from_raw_parts(base as *const f32, n))
@@ -178,8 +199,10 @@ impl Compute for f32 {
     fn store(m: &Matrix, row_off: isize, start: usize, src: &[f32], level: Level) {
         let n = src.len();
         let base = m.addr(row_off + start as isize * m.col_stride);
+        // SAFETY: as in `load` (unaligned writes otherwise); the row is this worker's alone and
+        // nothing else reads it (out shares no element with other inputs, or is the logits).
         unsafe {
-            if m.col_stride == 1 {
+            if m.col_stride == 1 && m.aligned() {
                 match m.dtype {
                     DType::F32 => {
                         std::slice::from_raw_parts_mut(base as *mut f32, n).copy_from_slice(src)
@@ -220,7 +243,9 @@ impl Compute for f32 {
 
 impl Compute for f64 {
     fn view<'a>(m: &Matrix, row_off: isize, start: usize, n: usize) -> Option<&'a [f64]> {
-        (m.dtype == DType::F64 && m.col_stride == 1).then(|| unsafe {
+        let contiguous = m.dtype == DType::F64 && m.col_stride == 1 && m.aligned();
+        // SAFETY: as for f32: aligned f64 elements of one live row, not written while read.
+        contiguous.then(|| unsafe {
             std::slice::from_raw_parts(m.addr(row_off + start as isize) as *const f64, n)
         })
     }

@@ -1,6 +1,13 @@
 //! Bindings only: Python hands over array descriptors (address, dtype code,
 //! shape, strides in elements) already validated by `ce_fast`; this layer checks
 //! what it relies on, picks the kernel set and releases the GIL for the pass.
+//!
+//! Soundness rests on that contract: each address and layout describes live memory
+//! that the caller keeps alive for the call, and `ce_fast` makes the arrays written
+//! here share no element with the arrays read (`out=logits` exactly is the one overlap
+//! allowed, and each row is read before it is overwritten by the same worker).
+
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 mod elem;
 mod float;
@@ -121,8 +128,25 @@ fn pool(_py: Python<'_>, threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     Ok(p)
 }
 
+/// The `len` values at `ptr`, or None for a null `ptr`.
+///
+/// # Safety
+/// A non-null `ptr` is aligned for `T` and holds `len` initialised values that nothing
+/// writes while the slice lives.
 unsafe fn slice<'a, T>(ptr: usize, len: usize) -> Option<&'a [T]> {
-    (ptr != 0).then(|| std::slice::from_raw_parts(ptr as *const T, len))
+    // SAFETY: the caller's obligation above; null was mapped to None.
+    (ptr != 0).then(|| unsafe { std::slice::from_raw_parts(ptr as *const T, len) })
+}
+
+/// The f64 / i64 side arrays (targets, weights, statistics, coefficients) are used as
+/// slices and written through `*mut f64`: an address that is not 8-byte aligned is refused.
+fn check_aligned(ptrs: &[(usize, &str)]) -> PyResult<()> {
+    match ptrs.iter().find(|(p, _)| !p.is_multiple_of(8)) {
+        Some((p, what)) => Err(PyValueError::new_err(format!(
+            "{what}: address {p:#x} is not 8-byte aligned"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Per-row statistics of `x`, and the gradient into `grad.7` when `grad` is given.
@@ -182,8 +206,30 @@ fn run(
         }
         None => None,
     };
+    let (gv, gr) = (
+        given.unwrap_or_default(),
+        grad.as_ref().map_or((0, 0, 0), |g| (g.0, g.1, g.2)),
+    );
+    check_aligned(&[
+        (target, "target"),
+        (weight, "weight"),
+        (stats.0, "mx"),
+        (stats.1, "ls"),
+        (stats.2, "zy"),
+        (stats.3, "swz"),
+        (stats.4, "swtz"),
+        (stats.5, "swt"),
+        (gv.0, "given mx"),
+        (gv.1, "given ls"),
+        (gv.2, "given swt"),
+        (gr.0, "a0"),
+        (gr.1, "b"),
+        (gr.2, "g"),
+    ])?;
     if target != 0 {
         // The engine indexes rows with these: refuse what validation should have caught.
+        // SAFETY: non-null and aligned (checked above); ce_fast passes an int64 array of
+        // `rows` values that it keeps alive for the call, and nothing writes it meanwhile.
         let t = unsafe { std::slice::from_raw_parts(target as *const i64, rows) };
         if let Some(&bad) = t.iter().find(|&&y| y >= x.cols as i64) {
             return Err(PyValueError::new_err(format!(
@@ -197,6 +243,8 @@ fn run(
     let gout_ref = gout.as_ref();
     let cols = x.cols;
     py.detach(move || {
+        // SAFETY: aligned (checked above); ce_fast passes its own int64 targets (`rows`) and
+        // float64 weights (`cols`, a private copy), kept alive and unwritten for the call.
         let (target, weight) = unsafe { (slice::<i64>(target, rows), slice::<f64>(weight, cols)) };
         let p = Problem {
             x: x_ref,
@@ -206,6 +254,8 @@ fn run(
             scale,
             softcap,
             want_wz,
+            // SAFETY: aligned, mx and ls non-null (checked above); ce_fast passes float64
+            // statistics of `rows` values from an earlier call, kept alive for this one.
             given: given.map(|(m, l, s)| unsafe {
                 (
                     slice(m, rows).unwrap(),
@@ -214,6 +264,8 @@ fn run(
                 )
             }),
         };
+        // SAFETY: aligned (checked above); ce_fast passes float64 coefficients of `rows`
+        // values, fresh arrays that it keeps alive and nothing writes during the call.
         let gspec = grad.as_ref().zip(gout_ref).map(|(g, m)| unsafe {
             GradSpec {
                 a0: slice(g.0, rows).unwrap_or(&[]),
@@ -253,9 +305,23 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
         // Unaligned head bytes are read one by one so the words are aligned.
         let head = ((8 - ptr % 8) % 8).min(nbytes);
         let words = (nbytes - head) / 8;
-        let bytes =
-            |from: usize, n: usize| unsafe { std::slice::from_raw_parts(from as *const u8, n) };
-        let data = unsafe { std::slice::from_raw_parts((ptr + head) as *const u64, words) };
+        // Empty parts are never made from the address: it may be null (nbytes == 0) or,
+        // when the whole buffer fits in the head, not 8-byte aligned at ptr + head.
+        let bytes = |from: usize, n: usize| -> &[u8] {
+            if n == 0 {
+                return &[];
+            }
+            // SAFETY: [from, from + n) lies in the caller's buffer of `nbytes` bytes at the
+            // non-null `ptr`, which the caller keeps alive and unwritten for the call.
+            unsafe { std::slice::from_raw_parts(from as *const u8, n) }
+        };
+        let data: &[u64] = if words == 0 {
+            &[]
+        } else {
+            // SAFETY: ptr + head is 8-byte aligned (head rounds ptr up) and non-null, and
+            // its `words` words end inside the caller's live buffer of `nbytes` bytes.
+            unsafe { std::slice::from_raw_parts((ptr + head) as *const u64, words) }
+        };
         let end = ptr + head + words * 8;
         let rest: u64 = bytes(ptr, head)
             .iter()

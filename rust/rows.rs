@@ -66,7 +66,8 @@ impl StatsOut {
     #[inline]
     fn put(&self, ptr: usize, r: usize, v: f64) {
         if ptr != 0 {
-            // Each row is written by exactly one worker.
+            // SAFETY: the binding checked `ptr` is 8-byte aligned; ce_fast passes a fresh float64
+            // array of `rows` values (r < rows), and each row is written by exactly one worker.
             unsafe { *(ptr as *mut f64).add(r) = v }
         }
     }

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import ce_fast
+from ce_fast import _core
 
-from conftest import assert_rows_close, random_logits
+from conftest import ALL_DTYPES, DTYPE_IDS, assert_grad_close, assert_rows_close, cast, random_logits, to_f64
 from oracle import cross_entropy_ref, grad_ref, logsumexp_ref
 
 RNG = np.random.default_rng(11)
@@ -265,3 +266,88 @@ class _CudaLike:
 def test_grad_output_on_another_device_is_value_error():
     with pytest.raises(ValueError, match=r"logits are on cpu but grad_output is on cuda:0"):
         ce_fast.cross_entropy_and_grad(Z, Y, reduction="none", grad_output=_CudaLike())
+
+
+# ---------------------------------------------------------------- arrays at any byte offset
+
+
+def _at_odd_address(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `a` starting one byte past an aligned address (as a view of
+    packed records or ``np.frombuffer(..., offset=1)`` does): no element is aligned."""
+    buf = np.zeros(a.nbytes + 8, dtype=np.uint8)
+    v = buf[1 : 1 + a.nbytes].view(a.dtype).reshape(a.shape)
+    v[...] = a
+    assert not v.flags.aligned
+    return v
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+def test_arrays_at_odd_addresses_give_the_right_numbers(dtype, simd_path):
+    """Logits, soft target, weight and out may start anywhere: the engine reads and writes
+    them element by element rather than as aligned slices."""
+    rng = np.random.default_rng(5)
+    shape = (3, 2100)  # one row spans two chunks
+    x = random_logits(rng, shape, dtype)
+    x64 = to_f64(x)
+    y = rng.integers(0, shape[1], shape[0])
+    w = rng.uniform(0.5, 2.0, shape[1])
+    xo, wo = _at_odd_address(x), _at_odd_address(w)
+    assert_rows_close(ce_fast.logsumexp(xo), logsumexp_ref(x64), dtype)
+    out = _at_odd_address(np.zeros(shape, dtype))
+    loss, g = ce_fast.cross_entropy_and_grad(xo, y, weight=wo, reduction="none", out=out)
+    assert g is out
+    assert_rows_close(loss, cross_entropy_ref(x64, y, weight=w, reduction="none"), dtype)
+    assert_grad_close(out, grad_ref(x64, y, weight=w, reduction="none"), dtype, floor=np.full(3, 2.0))
+    t = cast(rng.dirichlet(np.ones(shape[1]), shape[0]), dtype)
+    t64 = to_f64(t)
+    loss, g = ce_fast.cross_entropy_and_grad(xo, _at_odd_address(t), reduction="none", out=xo)
+    assert g is xo
+    assert_rows_close(loss, cross_entropy_ref(x64, t64, reduction="none"), dtype)
+    assert_grad_close(xo, grad_ref(x64, t64, reduction="none"), dtype, floor=np.ones(3))
+
+
+def test_weight_sharing_memory_with_out_is_read_before_the_pass(simd_path):
+    """A weight that is a view of `out` gives the answer of the weights it held at the
+    call: the engine reads its own copy, not memory the gradient overwrites."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((64, 50))
+    y = rng.integers(0, 50, 64)
+    w = rng.uniform(0.5, 2.0, 50)
+    out = np.empty((64, 50))
+    out[0] = w
+    ce_fast.set_threads(1)  # the rows in order: row 0's gradient lands before row 1 reads
+    kw = dict(reduction="none", label_smoothing=0.1)  # smoothing reads the weights per class
+    loss, g = ce_fast.cross_entropy_and_grad(x, y, weight=out[0], out=out, **kw)
+    assert_rows_close(loss, cross_entropy_ref(x, y, weight=w, **kw), np.float64)
+    assert_grad_close(g, grad_ref(x, y, weight=w, **kw), np.float64, floor=np.full(64, 2.0))
+
+
+def test_engine_refuses_side_arrays_that_are_not_8_byte_aligned():
+    """The engine's own float64 / int64 arrays come aligned from ce_fast; a caller of
+    `_core` that passes another address gets an error, not a misaligned read."""
+    x = np.zeros((2, 5), np.float32)
+    t = np.zeros(3, np.int64)
+    desc = (x.ctypes.data, 0, 5, 1, [2], [5])
+    stats = (0,) * 6
+    addr = t.ctypes.data + 4
+    with pytest.raises(ValueError) as e:
+        _core.run(desc, addr, 0, None, 1.0, 0.0, False, stats)
+    assert type(e.value) is ValueError
+    assert str(e.value) == f"target: address {addr:#x} is not 8-byte aligned"
+
+
+def test_read_pass_takes_empty_and_unaligned_spans():
+    """The bandwidth yardstick's checksum folds to the xor of the bytes, for spans of any
+    length at any address, an empty one at address 0 included."""
+    buf = np.arange(1, 41, dtype=np.uint8)
+    p = buf.ctypes.data
+    assert _core.read_pass(0, 0) == 0
+    assert _core.read_pass(p + 3, 0) == 0
+    for start, n in ((3, 2), (1, 7), (5, 20), (0, 40)):
+        want = int(np.bitwise_xor.reduce(buf[start : start + n]))
+        got = _core.read_pass(p + start, n)
+        folded = 0
+        while got:
+            folded ^= got & 0xFF
+            got >>= 8
+        assert folded == want, (start, n)

@@ -19,6 +19,9 @@ impl Avx2 {
     }
 }
 
+/// The kernels proper. Each `pub unsafe fn` asks its caller for a CPU with AVX2, FMA and
+/// F16C (it is compiled for them); slices are read and written only within their bounds
+/// unless its `# Safety` section names a length the caller must ensure.
 mod imp {
     use super::*;
 
@@ -103,6 +106,8 @@ mod imp {
         _mm256_loadu_ps(t.as_ptr())
     }
 
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn transform(
         buf: &mut [f32],
@@ -137,6 +142,8 @@ mod imp {
         }
     }
 
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn max_nan(buf: &[f32]) -> (f32, bool) {
         let n16 = buf.len() / 16 * 16;
@@ -167,6 +174,8 @@ mod imp {
         (best, has_nan)
     }
 
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn sum_exp(buf: &[f32], m: f32) -> f64 {
         match sum_exp_impl::<false>(buf, m) {
@@ -178,6 +187,9 @@ mod imp {
     /// sum(exp(x - m)) and max(x) (NaN skipped) in one pass; None when m*log2e does
     /// not round to float32 within `MAX_RHO` (|m| beyond ~1.9e8). Terms above exp(88)
     /// are garbage: callers check the max.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn sum_exp_max(buf: &[f32], m: f32) -> Option<(f64, f32)> {
         sum_exp_impl::<true>(buf, m)
@@ -284,6 +296,9 @@ mod imp {
 
     /// sum(w * (x - m)) (w = 1 when None) in f64 lanes, the differences included:
     /// 3e38 - (-3e38) does not fit in f32, and terms near it neither overflow nor cancel.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and `w`, when given, is at least as long as `x`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_shift(x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
         let n = x.len();
@@ -347,6 +362,8 @@ mod imp {
         }
     }
 
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn grad(
         buf: &mut [f32],
@@ -397,6 +414,8 @@ mod imp {
         }
     }
 
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and `dst` is at least as long as `src`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
         let n = src.len();
@@ -413,6 +432,8 @@ mod imp {
         }
     }
 
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and `dst` is at least as long as `src`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn f32_to_f16(src: &[f32], dst: &mut [u16]) {
         let n = src.len();
@@ -435,27 +456,37 @@ mod imp {
 
 pub use imp::{f16_to_f32, f32_to_f16};
 
-// Every method is safe to call: an `Avx2` value exists only on CPUs that have the features.
+// Every method is safe to call: an `Avx2` value exists only on CPUs that have the features
+// (its one constructor, `new`, checks), and the kernels stay within their slices' bounds.
 impl Kernels<f32> for Avx2 {
     fn level(self) -> Level {
         Level::Avx2
     }
     fn transform(self, buf: &mut [f32], scale: f32, softcap: f32, chain: Option<&mut [f32]>) {
+        // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C.
         unsafe { imp::transform(buf, scale, softcap, chain) }
     }
     fn max_nan(self, buf: &[f32]) -> (f32, bool) {
+        // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C.
         unsafe { imp::max_nan(buf) }
     }
     fn sum_exp(self, buf: &[f32], m: f32) -> f64 {
+        // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C.
         unsafe { imp::sum_exp(buf, m) }
     }
     fn sum_exp_max(self, buf: &[f32], m: f32) -> Option<(f64, f32)> {
+        // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C.
         unsafe { imp::sum_exp_max(buf, m) }
     }
     fn sum(self, buf: &[f32]) -> f64 {
+        // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C.
         unsafe { imp::dot_shift(buf, None, 0.0) }
     }
     fn dot_shift(self, x: &[f32], w: Option<&[f32]>, m: f32) -> f64 {
+        // A short `w` panics here, as in the scalar kernels, instead of being read past its end.
+        let w = w.map(|w| &w[..x.len()]);
+        // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C, and
+        // `w` now has exactly x.len() elements.
         unsafe { imp::dot_shift(x, w, m) }
     }
     fn grad(
@@ -466,6 +497,7 @@ impl Kernels<f32> for Avx2 {
         t: Option<&[f32]>,
         chain: Option<&[f32]>,
     ) {
+        // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C.
         unsafe { imp::grad(buf, p, w, t, chain) }
     }
 }

@@ -51,12 +51,14 @@ pub fn current() -> Level {
     }
 }
 
-/// f16 bits -> f32, with F16C when the level allows.
+/// f16 bits -> f32, with F16C when the level allows; as many as the shorter slice holds.
 pub fn f16_to_f32(level: Level, src: &[u16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx2 {
-        // Level::Avx2 is only reported after detection found F16C.
-        return unsafe { avx2::f16_to_f32(src, dst) };
+    if level == Level::Avx2 && detected() == Level::Avx2 {
+        let n = src.len().min(dst.len());
+        // SAFETY: detection (cached, re-checked here because any code can name Level::Avx2)
+        // found AVX2, FMA and F16C, and both slices hold n elements.
+        return unsafe { avx2::f16_to_f32(&src[..n], &mut dst[..n]) };
     }
     let _ = level;
     for (d, &x) in dst.iter_mut().zip(src) {
@@ -64,11 +66,14 @@ pub fn f16_to_f32(level: Level, src: &[u16], dst: &mut [f32]) {
     }
 }
 
-/// f32 -> f16 bits (round to nearest even), with F16C when the level allows.
+/// f32 -> f16 bits (round to nearest even), with F16C when the level allows; as many
+/// as the shorter slice holds.
 pub fn f32_to_f16(level: Level, src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx2 {
-        return unsafe { avx2::f32_to_f16(src, dst) };
+    if level == Level::Avx2 && detected() == Level::Avx2 {
+        let n = src.len().min(dst.len());
+        // SAFETY: as in `f16_to_f32`: the CPU has F16C, and both slices hold n elements.
+        return unsafe { avx2::f32_to_f16(&src[..n], &mut dst[..n]) };
     }
     let _ = level;
     for (d, &x) in dst.iter_mut().zip(src) {

@@ -99,7 +99,8 @@ def _call(b, scale, softcap, want_wz, grad, out, s: Stats | None, given) -> None
         return a
 
     target = None if b.target is None else np.ascontiguousarray(b.target, dtype=np.int64)
-    weight = None if b.weight is None else f64(b.weight)
+    # Always a private copy: the caller's weights may be unaligned or share memory with `out`.
+    weight = None if b.weight is None else f64(np.array(b.weight, dtype=np.float64))
     g = None
     if grad is not None:
         g = (
