@@ -5,7 +5,8 @@
 //   pass 1 (statistics): each thread streams its share of a row once, keeping a running
 //     max m (NaN ignored, NaN remembered in a flag) and s = sum exp(z - m) in f32
 //     registers, plus the optional sums relative to the running max, sum w (z - m) and
-//     sum w t (z - m) (shifted when m grows, so large common offsets never cancel), sum w,
+//     sum w t (z - m) (in f64: z - m reaches 6.8e38; shifted when m grows, so large
+//     common offsets never cancel), sum w,
 //     sum w t, and an argmax; the row group then combines them (sums in f64) with warp
 //     shuffles and, for a block per row, one trip through shared memory. Outputs are
 //     mx = max and ls = log(s): lse = mx + ls, kept apart as in the Rust engine.

@@ -345,6 +345,8 @@ def test_soft_target_smoothing_minus_inf(simd_path, dtype, C):
         assert np.isnan(to_f64(res)).all()
     res = _loss_and_grad(x, onehot, dtype, label_smoothing=5e-324)
     assert np.isnan(to_f64(res)).all()
+    res = _loss_and_grad(x, dirichlet, dtype, label_smoothing=5e-324)  # t' = t > 0 on -inf
+    assert np.isposinf(to_f64(res)).all()
 
 
 def test_ignored_rows_with_nan_under_softcap_have_zero_gradient(simd_path):

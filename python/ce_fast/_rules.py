@@ -45,13 +45,17 @@ def per_row(b: Batch, spec: LossSpec, s: Stats):
             swtz = s.swtz
             if eps > 0.0:
                 swt = (1.0 - eps) * swt + (eps / C) * b.weight_total
-                swtz_split = (1.0 - eps) * swtz + (eps / C) * s.swz
                 # torch sums w t' (z - mx) with t' = (1-eps) t + eps/C: a -inf logit of positive
                 # weight (swz = -inf) makes it -inf where w t' > 0 (t >= 0), also at t = 0 or
-                # eps = 1, where the split sums give 0 * -inf = NaN.
-                if _smallest_weight(b) * (eps / C) > 0.0:
-                    swtz_split = xp.where(s.swz == -xp.inf, -xp.inf, swtz_split)
-                swtz = swtz_split
+                # eps = 1, where the split sums give 0 * -inf = NaN. An eps / C that
+                # underflows to 0 leaves t' = (1-eps) t, without the weights-only sum.
+                if eps / C == 0.0:
+                    swtz = (1.0 - eps) * swtz
+                else:
+                    swtz_split = (1.0 - eps) * swtz + (eps / C) * s.swz
+                    if _smallest_weight(b) * (eps / C) > 0.0:
+                        swtz_split = xp.where(s.swz == -xp.inf, -xp.inf, swtz_split)
+                    swtz = swtz_split
             loss = s.ls * swt - swtz
         else:
             loss = b.wy * ((s.mx - s.zy) + s.ls)
