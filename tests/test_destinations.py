@@ -112,6 +112,7 @@ def test_out_with_negative_bit_is_refused():
         ce_fast.cross_entropy_and_grad(torch.from_numpy(Z), torch.from_numpy(Y), out=out)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr"])
 def test_sparse_tensors_are_type_errors(kind):
     z = torch.from_numpy(Z)
@@ -124,6 +125,7 @@ def test_sparse_tensors_are_type_errors(kind):
         ce_fast.logsumexp(s)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_nested_tensors_are_type_errors():
     nt = torch.nested.nested_tensor([torch.zeros(3, 5), torch.zeros(2, 5)])
     with pytest.raises(TypeError, match=r"logits is a nested tensor"):

@@ -119,7 +119,7 @@ def test_one_version_number():
 
     from ce_fast import _core
 
-    root = PKG.parent.parent
+    root = pathlib.Path(__file__).resolve().parent.parent  # the checkout (ce_fast may be installed)
     cargo = tomllib.loads((root / "Cargo.toml").read_text())["package"]["version"]
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     assert "version" not in project and "version" in project["dynamic"]

@@ -175,7 +175,7 @@ def _cupy_peak_hook(cupy: Any) -> Any:
     class _PeakHook(cupy.cuda.MemoryHook):
         name = "ce_fast.bench.peak"
 
-        def __init__(self):
+        def __init__(self) -> None:
             self.live: dict[int, int] = {}
             self.cur = 0
             self.peak = 0
