@@ -185,7 +185,7 @@ mod imp {
         // for every term, so it is a factor 2^-rho on the sum, undone exactly in f64.
         let rho = ml as f64 - m as f64 * log2e as f64;
         // Past MAX_RHO the shifted terms leave exp2_core's range (ulp(ml) grows with |m|).
-        if !(rho.abs() <= MAX_RHO) {
+        if rho.is_nan() || rho.abs() > MAX_RHO {
             return None;
         }
         let n32 = buf.len() / 32 * 32;
