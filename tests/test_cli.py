@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -136,6 +137,11 @@ def test_json_keys_and_positive_numbers(results):
     m = results["machine"]
     for k in ("cpu_model", "cores", "numpy", "torch", "date", "simd", "ce_fast_threads", "peak_memory_method"):
         assert m.get(k), k
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "cpu family" in cpuinfo.read_text():
+        assert re.search(r"\(family \d+, model \d+\)$", m["cpu_model"]), m["cpu_model"]  # tells Zen 1 from Zen 3
+    # a commit only when running from a ce_fast checkout, never another repository's
+    assert m["git_commit"] is None or re.fullmatch(r"[0-9a-f]{12}(-dirty)?", m["git_commit"])
     assert results["config"]["repeat"] == 1
     assert [(c["shape"], c["dtype"]) for c in results["cases"]] == [([64, 1000], "float32"), ([64, 1000], "bfloat16")]
     for c in results["cases"]:

@@ -41,31 +41,44 @@ def layout_for(results: dict) -> Layout:
 
 
 def _git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(
-            ["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
+    """The commit of the ce_fast checkout this package runs from; None for an installed
+    package (site-packages may sit inside some other repository, e.g. pyenv's)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", package, *args], capture_output=True, text=True, timeout=5)
+        except Exception:
+            return None
         return (out.stdout.strip() or None) if out.returncode == 0 else None
-    except Exception:
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or os.path.realpath(os.path.join(top, "python", "ce_fast")) != os.path.realpath(package):
         return None
+    return git("describe", "--always", "--dirty", "--abbrev=12")
 
 
 def machine_info(backend: Backend, cfg: Config) -> dict:
     """What the results were measured on: CPU, memory, library versions, date, git
     commit, and the backend's own facts (:meth:`Backend.info`)."""
     cpu = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip():
+                    break  # the first processor is enough
     except OSError:
         pass
+    if "model name" in fields:
+        cpu = fields["model name"]
+        if "cpu family" in fields and "model" in fields:
+            # "AMD EPYC" alone does not tell Zen 1 (family 23) from Zen 3 (25) or Zen 5 (26)
+            cpu += f" (family {fields['cpu family']}, model {fields['model']})"
     mem = None
     try:
         with open("/proc/meminfo") as f:
