@@ -45,14 +45,14 @@ def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
         else:
             continue
         found.update(t for t in targets if t in known and t != name)
-    # A package's __init__ re-exports; importing a submodule runs its parents' __init__
-    # too, but those edges are the package's, not the module's.
     return found
 
 
 def _graph() -> dict[str, set[str]]:
     mods = _modules()
     known = set(mods)
+    # `from . import _x` names the package too; the top package only re-exports, so an
+    # edge to it is not a layer's dependency.
     return {m: _imports(m, p, known) - {"ce_fast"} for m, p in mods.items()}
 
 
