@@ -4,15 +4,13 @@ imports the command line, and there is no import cycle between them."""
 
 from __future__ import annotations
 
-import ast
 import json
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-PKG = pathlib.Path(__file__).resolve().parent.parent / "python" / "ce_fast"
+from import_graph import find_cycle, package_graph
 
 PROBE = """
 import json, sys
@@ -39,41 +37,7 @@ def test_fresh_import_loads_no_cuda(modules):
         assert not loaded["ce_fast.cli"], "the bench imported the command line"
 
 
-def _module_name(path: pathlib.Path) -> str:
-    rel = path.relative_to(PKG.parent).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _is_module(name: str) -> bool:
-    rel = pathlib.Path(*name.split("."))
-    base = PKG.parent / rel
-    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
-
-
-def _imports(path: pathlib.Path) -> set:
-    """Every ce_fast module ``path`` imports, at module level or inside functions."""
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            out.add(mod)
-            out |= {f"{mod}.{a.name}" for a in node.names if _is_module(f"{mod}.{a.name}")}
-    return {m for m in out if m == "ce_fast" or m.startswith("ce_fast.")}
-
-
-GRAPH = {_module_name(p): _imports(p) for p in PKG.rglob("*.py")}
+GRAPH = package_graph()
 BENCH = {m for m in GRAPH if m == "ce_fast.bench" or m.startswith("ce_fast.bench.")}
 
 
@@ -97,19 +61,5 @@ def test_bench_never_imports_cli():
 
 def test_no_cycle_between_cli_and_bench():
     nodes = BENCH | {"ce_fast.cli"}
-    edges = {m: GRAPH[m] & nodes for m in nodes}
-    state: dict = {}  # 1: on the current path, 2: done
-
-    def visit(m, path):
-        state[m] = 1
-        for d in sorted(edges[m]):
-            if state.get(d) == 1:
-                cycle = [*path[path.index(d) :], d]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if d not in state:
-                visit(d, [*path, d])
-        state[m] = 2
-
-    for m in sorted(nodes):
-        if m not in state:
-            visit(m, [m])
+    cycle = find_cycle({m: GRAPH[m] & nodes for m in nodes})
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
