@@ -155,7 +155,8 @@ fn check_aligned(ptrs: &[(usize, &str)]) -> PyResult<()> {
 #[pyfunction]
 /// stats = (mx, ls, zy, swz, swtz, swt) destinations (f64, length rows, 0 = not wanted);
 /// given = (mx, ls, swt) pointers: statistics saved by an earlier call; only the gradient pass runs.
-#[pyo3(signature = (x, target, weight, soft, scale, softcap, want_wz, stats, grad=None, threads=0, given=None))]
+/// argmax: i64 destination (length rows, 0 = not wanted) of each row's first maximum, -1 for NaN rows.
+#[pyo3(signature = (x, target, weight, soft, scale, softcap, want_wz, stats, grad=None, threads=0, given=None, argmax=0))]
 #[allow(clippy::too_many_arguments)]
 fn run(
     py: Python<'_>,
@@ -170,6 +171,7 @@ fn run(
     grad: Option<GradArgs>,
     threads: usize,
     given: Option<(usize, usize, usize)>,
+    argmax: usize,
 ) -> PyResult<()> {
     if given.is_some_and(|g| g.0 == 0 || g.1 == 0) || (given.is_some() && grad.is_none()) {
         return Err(PyValueError::new_err(
@@ -193,6 +195,7 @@ fn run(
         swz: stats.3,
         swtz: stats.4,
         swt: stats.5,
+        am: argmax,
     };
     let gout = match &grad {
         Some(g) => {
@@ -219,6 +222,7 @@ fn run(
         (stats.3, "swz"),
         (stats.4, "swtz"),
         (stats.5, "swt"),
+        (argmax, "argmax"),
         (gv.0, "given mx"),
         (gv.1, "given ls"),
         (gv.2, "given swt"),

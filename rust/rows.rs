@@ -60,6 +60,8 @@ pub struct StatsOut {
     pub swz: usize,
     pub swtz: usize,
     pub swt: usize,
+    /// i64 per row: index of the first maximum of the row, -1 for a row holding NaN.
+    pub am: usize,
 }
 
 impl StatsOut {
@@ -88,6 +90,12 @@ impl<F: Float> Bufs<F> {
             c: vec![F::ZERO; CHUNK],
         }
     }
+}
+
+/// Position of the first element equal to `v` (a chunk's max, so present); searched
+/// only when a chunk raises the row's max, while the chunk is still in L1.
+fn first_at<F: Float>(buf: &[F], v: f64) -> usize {
+    buf.iter().position(|x| x.to_f64() == v).unwrap_or(0)
 }
 
 /// A sum relative to the running max after the max grew by `delta` over
@@ -132,6 +140,8 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
             return;
         }
         let (mut m, mut s, mut nan) = (f64::NEG_INFINITY, 0.0f64, false);
+        // First index of the maximum (numpy.argmax; 0 for a row of only -inf).
+        let (want_am, mut am) = (self.out.am != 0, 0usize);
         // Sums of w*(z - m) and w*t*(z - m) relative to the running max m, so the
         // smoothing and soft-target terms never cancel large common offsets; `wdone`
         // and `swt` (sums of w and w*t so far) shift them when m grows.
@@ -165,6 +175,9 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                     let cm = cm.to_f64();
                     nan |= se.is_nan();
                     if cm > m {
+                        if want_am {
+                            am = start + first_at(buf, cm);
+                        }
                         s = (s + se) * (m - cm).exp();
                         swz = shift(swz, cm - m, wdone);
                         swtz = shift(swtz, cm - m, swt);
@@ -178,6 +191,9 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                     nan |= cn;
                     let cm = cm.to_f64();
                     if cm > m {
+                        if want_am {
+                            am = start + first_at(buf, cm);
+                        }
                         if m.is_finite() {
                             s *= (m - cm).exp();
                         }
@@ -238,6 +254,12 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         self.out.put(self.out.swz, r, swz);
         self.out.put(self.out.swtz, r, swtz);
         self.out.put(self.out.swt, r, swt);
+        if want_am {
+            let v = if nan { -1 } else { am as i64 };
+            // SAFETY: the binding checked `am` is 8-byte aligned; ce_fast passes a fresh int64
+            // array of `rows` values (r < rows), and each row is written by exactly one worker.
+            unsafe { *(self.out.am as *mut i64).add(r) = v }
+        }
 
         if let Some(gs) = self.grad {
             self.grad_row(bufs, gs, r, off, soff, y, (zy, chain_y), mx, ls, swt);

@@ -68,11 +68,14 @@ def run(
     grad: GradCoef | None = None,
     out: Operand | None = None,
     given: Stats | None = None,
+    argmax: np.ndarray | None = None,
 ) -> Stats:
     """Per-row statistics of the batch; with `grad`, the gradient is written into `out`.
 
     With `given` (mx, ls, and swt for soft targets, from an earlier call) only the
-    gradient pass runs and `given` is returned.
+    gradient pass runs and `given` is returned. `argmax`, a C-contiguous int64 array of
+    one entry per row, receives each row's first maximum (-1 for a row holding NaN) from
+    the same pass; it is ignored with `given`.
     """
     rows = b.rows
     if given is not None:
@@ -86,11 +89,13 @@ def run(
     s.swz = np.zeros(rows) if want_wz else None
     if b.soft is not None:
         s.swtz, s.swt = np.zeros(rows), np.zeros(rows)
-    _call(b, scale, softcap, want_wz, grad, out, s, None)
+    if argmax is not None and (argmax.dtype != np.int64 or argmax.size != rows or not argmax.flags.c_contiguous):
+        raise ValueError(f"argmax must be a C-contiguous int64 array of {rows} entries")
+    _call(b, scale, softcap, want_wz, grad, out, s, None, _ptr(argmax))
     return s
 
 
-def _call(b, scale, softcap, want_wz, grad, out, s: Stats | None, given) -> None:
+def _call(b, scale, softcap, want_wz, grad, out, s: Stats | None, given, argmax: int = 0) -> None:
     keep = []  # contiguous float64 copies must outlive the call
 
     def f64(a):
@@ -127,6 +132,7 @@ def _call(b, scale, softcap, want_wz, grad, out, s: Stats | None, given) -> None
         g,
         _threads,
         given,
+        argmax,
     )
 
 
