@@ -8,6 +8,7 @@ back as the input's library, on the input's device.
 from ._api import bits_per_token, cross_entropy, cross_entropy_and_grad, logsumexp, perplexity
 from ._core import __version__
 from ._engines.cpu import get_threads, set_threads
+from .streaming import EvalResult, StreamingCrossEntropy, evaluate
 
 __all__ = [
     "logsumexp",
@@ -18,4 +19,7 @@ __all__ = [
     "set_threads",
     "get_threads",
     "__version__",
+    "StreamingCrossEntropy",
+    "EvalResult",
+    "evaluate",
 ]
