@@ -125,7 +125,59 @@ def build_parser() -> argparse.ArgumentParser:
     add("--json", metavar="PATH", default=None, help="also write machine-readable results here")
     add("--markdown", metavar="PATH", default=None, help="also write the table as Markdown here")
     add("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    _eval_parser(sub)
     return p
+
+
+def _eval_parser(sub: Any) -> None:
+    """``ce-fast eval LOGITS TARGETS`` (the work is in ce_fast._eval_cli)."""
+    e = sub.add_parser(
+        "eval",
+        help="cross-entropy, perplexity and top-1 accuracy of logits stored in a file",
+        description="Stream LOGITS (.npy memory-mapped, .safetensors, or raw binary with --dtype and --classes; "
+        "class axis last, any size) against integer TARGETS (.npy, .safetensors or raw) and print tokens, loss, "
+        "perplexity, bits/token, accuracy, time and GB/s. Progress (rows, GB/s, ETA) goes to stderr. Exit "
+        "status 2 for bad input (one line naming the file), 130 when interrupted (partial result on stderr).",
+    )
+    add = e.add_argument
+    add("logits", metavar="LOGITS", help="logits file: .npy, .safetensors, or raw binary (needs --dtype, --classes)")
+    add("targets", metavar="TARGETS", help="integer targets: .npy, .safetensors, or raw binary (--target-dtype)")
+    add("--key", default=None, help="tensor name in a .safetensors LOGITS file (default: its only tensor)")
+    add("--target-key", default=None, help="tensor name in a .safetensors TARGETS file (default: its only tensor)")
+    add("--dtype", choices=["float32", "float16", "bfloat16", "float64"], default=None, help="dtype of raw logits")
+    add("--classes", type=_int_at_least(1), default=None, help="classes per row of raw logits")
+    add(
+        "--target-dtype",
+        choices=["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"],
+        default="int64",
+        help="dtype of raw targets (default: %(default)s)",
+    )
+    add("--ignore-index", type=int, default=-100, help="target value of rows left out (default: %(default)s)")
+    add("--json", metavar="PATH", default=None, help="also write the result as one JSON object here")
+    add("--block-rows", type=_int_at_least(1), default=None, help="rows per block (default: about 64 MiB of logits)")
+    add("--threads", type=_int_at_least(0, MAX_THREADS), default=None, help="CPU threads (default: all)")
+    add("-q", "--quiet", action="store_true", help="no progress bar on stderr")
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    from ._eval_cli import Options, run
+
+    return run(
+        Options(
+            logits=ns.logits,
+            targets=ns.targets,
+            key=ns.key,
+            target_key=ns.target_key,
+            dtype=ns.dtype,
+            classes=ns.classes,
+            target_dtype=ns.target_dtype,
+            ignore_index=ns.ignore_index,
+            json=ns.json,
+            block_rows=ns.block_rows,
+            threads=ns.threads,
+            quiet=ns.quiet,
+        )
+    )
 
 
 def _to_config(ns: argparse.Namespace, argv: Sequence[str]) -> bench.Config:
@@ -184,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if ns.command == "bench":
         return _bench(ns, argv)
+    if ns.command == "eval":
+        return _eval(ns)
     parser.error(f"unknown command {ns.command}")  # pragma: no cover
     return 2
 

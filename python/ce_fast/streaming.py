@@ -413,4 +413,3 @@ class StreamingCrossEntropy:
 def evaluate(logits: Any, target: Any, *, ignore_index: int = -100) -> EvalResult:
     """:class:`EvalResult` of one batch: ``StreamingCrossEntropy(ignore_index).update(logits, target).result()``."""
     return StreamingCrossEntropy(ignore_index).update(logits, target).result()
-
