@@ -191,10 +191,8 @@ def test_targets_shorter_or_longer(capsys, files, data):
     x, y = data
     np.save(files / "short.npy", y[:-1])
     msg = _bad(capsys, files, files / "x.npy", files / "short.npy")
-    assert (
-        f"short.npy: {ROWS - 1} targets (shape ({ROWS - 1},)) is shorter than the {ROWS} rows of logits shape ({ROWS}, {C})"
-        in msg
-    )
+    n = ROWS - 1
+    assert f"short.npy: {n} targets (shape ({n},)) is shorter than the {ROWS} rows of logits shape ({ROWS}, {C})" in msg
     y[:-1].astype(np.int32).tofile(files / "short.bin")
     assert "short.bin: 299 targets" in _bad(
         capsys, files, files / "x.npy", files / "short.bin", "--target-dtype", "int32"
@@ -275,9 +273,8 @@ def test_command_line_process_has_no_traceback(tmp_path):
         timeout=120,
     )
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [
-        f"ce-fast eval: error: {tmp_path / 'i.npy'}: logits dtype int8 is not supported; expected float32, float64, float16, bfloat16"
-    ]
+    expect = "logits dtype int8 is not supported; expected float32, float64, float16, bfloat16"
+    assert res.stderr.strip().splitlines() == [f"ce-fast eval: error: {tmp_path / 'i.npy'}: {expect}"]
 
 
 def test_help_lists_the_options(capsys):

@@ -12,7 +12,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import cross_entropy_ref, f64
 
 import ce_fast
 from ce_fast import _batch, _rules
@@ -20,6 +19,7 @@ from ce_fast._spec import LossSpec
 from ce_fast.streaming import EvalResult, StreamingCrossEntropy, evaluate, exact_sum
 
 from conftest import ALL_DTYPES, DTYPE_IDS
+from oracle import cross_entropy_ref, f64
 
 
 def _inputs(rng, shape, C, dtype=np.float32, ignore=0.2):

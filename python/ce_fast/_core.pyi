@@ -24,9 +24,11 @@ def run(
     grad: tuple[int, int, int, float, float, float, float, Desc] | None = None,
     threads: int = 0,
     given: tuple[int, int, int] | None = None,
+    argmax: int = 0,
 ) -> None:
     """Per-row statistics of the logits `x` into the f64 buffers at `stats` (mx, ls, zy,
-    swz, swtz, swt; 0 = not wanted), and with `grad` the gradient into its last Desc."""
+    swz, swtz, swt; 0 = not wanted), and with `grad` the gradient into its last Desc.
+    `argmax`: an i64 buffer (0 = not wanted) for each row's first maximum, -1 for NaN rows."""
 
 def read_pass(ptr: int, nbytes: int, threads: int = 0) -> int:
     """Reads `nbytes` at `ptr` once on the engine's threads; an xor checksum."""

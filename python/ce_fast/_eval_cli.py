@@ -251,7 +251,7 @@ def report(r: EvalResult, seconds: float, nbytes: int) -> str:
 def _progress(total: int, quiet: bool) -> Any:
     if quiet:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     return tqdm(
         total=total, unit="rows", unit_scale=True, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, leave=False
