@@ -216,3 +216,30 @@ def test_emulated_kernel_bins_are_order_free(emulated):
     fa, fb, fw = _eval_cuda.fold(a), _eval_cuda.fold(b), _eval_cuda.fold(whole)
     assert tuple(p + q for p, q in zip(fa, fb)) == fw
     assert math.isfinite(_ratio(fw[2], fw[0]))
+
+
+def test_emulated_update_through_the_accumulator(emulated):
+    """_eval_cuda.update (target check by ce.cu's emulated kernel, then eval.cu) feeding a
+    StreamingCrossEntropy's device state: the same counts as the CPU engine, and an
+    out-of-range target raises before anything is added."""
+    from kernel_emulator import Emulator, emulated_engine
+
+    from ce_fast.streaming import StreamingCrossEntropy
+
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((3, 10, 40)) * 3).astype(np.float32)
+    y = rng.integers(0, 40, (3, 10)).astype(np.int32)
+    y[0, :4] = -100
+    acc = StreamingCrossEntropy()
+    with emulated_engine(Emulator()):
+        for i in range(3):
+            dev, part = _eval_cuda.update(x[i], y[i], -100, acc._device)
+            acc._device[dev] = part
+        bad = y[0].copy()
+        bad[6] = 40
+        with pytest.raises(IndexError, match=r"target value 40 at position \(6,\) is out of range for 40 classes"):
+            _eval_cuda.update(x[0], bad, -100, acc._device)
+    r, ref = acc.result(), evaluate(x, y)
+    assert (r.tokens, r.correct) == (ref.tokens, ref.correct)
+    assert r.loss == pytest.approx(ref.loss, rel=2e-6)
+    assert acc._device == {}  # folded into the host state by result()

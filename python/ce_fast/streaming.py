@@ -408,6 +408,8 @@ class StreamingCrossEntropy:
 
         dev, part = _eval_cuda.update(logits, target, self.ignore_index, self._device)
         self._device[dev] = part
+        if part["rows"] >= 1 << 35:  # an int64 bin could overflow after 2**36 rows: fold early
+            self._settle()
 
 
 def evaluate(logits: Any, target: Any, *, ignore_index: int = -100) -> EvalResult:
