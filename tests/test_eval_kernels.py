@@ -222,9 +222,9 @@ def test_emulated_update_through_the_accumulator(emulated):
     """_eval_cuda.update (target check by ce.cu's emulated kernel, then eval.cu) feeding a
     StreamingCrossEntropy's device state: the same counts as the CPU engine, and an
     out-of-range target raises before anything is added."""
-    from kernel_emulator import Emulator, emulated_engine
-
     from ce_fast.streaming import StreamingCrossEntropy
+
+    from kernel_emulator import Emulator, emulated_engine
 
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((3, 10, 40)) * 3).astype(np.float32)
