@@ -93,9 +93,18 @@ impl<F: Float> Bufs<F> {
 }
 
 /// Position of the first element equal to `v` (a chunk's max, so present); searched
-/// only when a chunk raises the row's max, while the chunk is still in L1.
+/// only when a chunk raises the row's max, while the chunk is still in L1. Blocks of 64
+/// are tested without an early exit (so the test vectorises), then one is scanned.
 fn first_at<F: Float>(buf: &[F], v: f64) -> usize {
-    buf.iter().position(|x| x.to_f64() == v).unwrap_or(0)
+    let fv = F::from_f64(v); // exact: v is an element's value
+    let mut base = 0;
+    for blk in buf.chunks(64) {
+        if blk.iter().fold(false, |hit, &x| hit | (x == fv)) {
+            return base + blk.iter().position(|&x| x == fv).unwrap_or(0);
+        }
+        base += blk.len();
+    }
+    0
 }
 
 /// A sum relative to the running max after the max grew by `delta` over
