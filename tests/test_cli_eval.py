@@ -141,6 +141,31 @@ def test_interrupt_between_blocks(capsys, files, monkeypatch):
     assert out == "" and not (files / "r.json").exists()
 
 
+def test_sigint_stops_after_the_current_block(capsys, files, monkeypatch):
+    """A real SIGINT during a block: that block is finished and counted, then eval stops."""
+    import os
+    import signal
+
+    calls = []
+    real = StreamingCrossEntropy._update_host
+
+    def update(self, x, t):
+        calls.append(len(x))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        real(self, x, t)
+
+    monkeypatch.setattr(StreamingCrossEntropy, "_update_host", update)
+    before = signal.getsignal(signal.SIGINT)
+    rc, out, err = _run(
+        capsys, files / "x.npy", files / "y.npy", "--block-rows", "60", "--json", files / "r.json", "-q"
+    )
+    assert rc == 130 and calls == [60, 60]
+    assert "interrupted after 120 of 300 rows; partial result over" in err
+    assert out == "" and not (files / "r.json").exists()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 # ---------------------------------------------------------------- bad input
 
 

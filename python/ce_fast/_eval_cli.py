@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -258,6 +260,10 @@ def _progress(total: int, quiet: bool) -> Any:
     )
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def run(o: Options) -> int:
     try:
         if o.json and not os.path.isdir(os.path.dirname(os.path.abspath(o.json))):
@@ -276,6 +282,9 @@ def run(o: Options) -> int:
         _cpu.set_threads(o.threads)
     bar = _progress(rows, o.quiet)
     done = 0
+    stop = threading.Event()
+    # Ctrl-C only sets a flag, so a block is never cut in half: the loop stops after it.
+    old = signal.signal(signal.SIGINT, lambda *_: stop.set()) if _main_thread() else None
     t0 = time.perf_counter()
     try:
         for done_now in acc._blocks(x, t, block):
@@ -284,6 +293,8 @@ def run(o: Options) -> int:
                 el = time.perf_counter() - t0
                 bar.set_postfix_str(f"{done_now * row_bytes / max(el, 1e-9) / 1e9:.2f} GB/s", refresh=False)
             done = done_now
+            if stop.is_set() and done < rows:
+                raise KeyboardInterrupt
         if bar is not None:
             bar.refresh()  # the last rate and count, also for runs shorter than the refresh interval
     except KeyboardInterrupt:
@@ -303,6 +314,8 @@ def run(o: Options) -> int:
         print(f"ce-fast eval: error: {o.logits}: {e}", file=sys.stderr)
         return 2
     finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
         if bar is not None:
             bar.close()
         _cpu.set_threads(threads)
