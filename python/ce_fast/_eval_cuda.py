@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _arrays, _batch
 from ._engines import cuda as _cuda
-from .streaming import fold_bins
+from ._exact import fold_bins
 
 KERNEL_FILE = "eval.cu"
 LOGIT_TYPES = {_arrays.F32: "float", _arrays.F16: "ce_half", _arrays.BF16: "ce_bf16"}
