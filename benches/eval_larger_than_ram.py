@@ -45,7 +45,8 @@ def main() -> None:
     yb[::10] = -100
     path = Path(o.dir) / "ce_fast_larger_than_ram.f32"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"machine memory {mem / 2**30:.1f} GiB; writing {rows}x{C} float32 = {rows * C * 4 / 2**30:.1f} GiB to {path}")
+    size = rows * C * 4 / 2**30
+    print(f"machine memory {mem / 2**30:.1f} GiB; writing {rows}x{C} float32 = {size:.1f} GiB to {path}")
     t0 = time.perf_counter()
     with open(path, "wb") as f:
         for _ in range(k):

@@ -70,7 +70,8 @@ def main() -> None:
     out = Path(o.dir) / "ce_fast_eval_result.json"
     for _ in range(o.repeat):
         reads.append(read_gbs(path, nbytes))
-        rc = cli.main(["eval", str(path), str(tpath), "--dtype", o.dtype, "--classes", str(C), "-q", "--json", str(out)])
+        args = ["eval", str(path), str(tpath), "--dtype", o.dtype, "--classes", str(C), "-q", "--json", str(out)]
+        rc = cli.main(args)
         assert rc == 0
         evals.append(json.loads(out.read_text())["gb_per_s"])
     load = os.getloadavg()[0]
