@@ -12,7 +12,9 @@
 //! Per element, with e = exp(-|x|) and sp = log1p(e) (never overflows):
 //! log sigmoid(x) = min(x, 0) - sp, sigmoid(x) = 1/(1+e) or e/(1+e) by the sign of x.
 //! BCE = (1 - t) x - lw log sigmoid(x), lw = 1 + (pw - 1) t: PyTorch's own formula, so
-//! infinities and NaN come out as its float64 result does.
+//! infinities and NaN come out as its float64 result does; it is evaluated as
+//! ((1 - t) x - lw min(x, 0)) + lw sp, which keeps tiny losses that the other order
+//! cancels to 0.
 
 use crate::elem::{bf16_to_f32, f32_to_bf16, DType, Matrix};
 use crate::simd::Level;
@@ -252,20 +254,21 @@ pub fn scalar_chunk<F: Real>(kind: Kind, c: &Chunk<F>, loss: &mut [F], grad: Opt
         let p = if pos { r } else { e * r }; // sigmoid(x)
         let q = if pos { e * r } else { r }; // sigmoid(-x)
         let min0 = if x < zero { x } else { zero };
-        let logsig = min0 - sp;
+        // (1 - t) x - lw min(x, 0) first: it cancels exactly where the loss is only sp.
         let (l, d) = match kind {
             Kind::Bce => {
                 let w = c.w.map_or(one, |w| w[i]);
                 match c.pw {
-                    None => (((one - t) * x - logsig) * w, (p - t) * w),
+                    None => ((((one - t) * x - min0) + sp) * w, (p - t) * w),
                     Some(pw) => {
                         let lw = one + (pw[i] - one) * t;
-                        (((one - t) * x - lw * logsig) * w, (lw * p - pw[i] * t) * w)
+                        let l = ((one - t) * x - lw * min0) + lw * sp;
+                        (l * w, (lw * p - pw[i] * t) * w)
                     }
                 }
             }
             Kind::Focal { .. } => {
-                let ce = (one - t) * x - logsig;
+                let ce = ((one - t) * x - min0) + sp;
                 // 1 - p_t, formed from both sigmoids so it keeps its precision near 0.
                 let m = t * q + (one - t) * p;
                 let (mg, dmg) = focal_pow(m, fg, gamma);
@@ -594,17 +597,22 @@ mod avx2 {
             let er = _mm256_mul_ps(e, r);
             let p = _mm256_blendv_ps(er, r, pos);
             let q = _mm256_blendv_ps(r, er, pos);
-            let logsig = _mm256_sub_ps(_mm256_min_ps(x, zero), sp);
+            let min0 = _mm256_min_ps(x, zero);
             let omt = _mm256_sub_ps(one, t);
+            // (1 - t) x - lw min(x, 0) first: it cancels exactly where the loss is only sp.
             let (l, d) = match kind {
                 Kind::Bce => {
                     let (mut l, mut d) = match c.pw {
-                        None => (_mm256_fmsub_ps(omt, x, logsig), _mm256_sub_ps(p, t)),
+                        None => (
+                            _mm256_add_ps(_mm256_fmsub_ps(omt, x, min0), sp),
+                            _mm256_sub_ps(p, t),
+                        ),
                         Some(pw) => {
                             let pw = unsafe { ld(pw, i) };
                             let lw = _mm256_fmadd_ps(_mm256_sub_ps(pw, one), t, one);
+                            let a = _mm256_fnmadd_ps(lw, min0, _mm256_mul_ps(omt, x));
                             (
-                                _mm256_fnmadd_ps(lw, logsig, _mm256_mul_ps(omt, x)),
+                                _mm256_fmadd_ps(lw, sp, a),
                                 _mm256_fmsub_ps(lw, p, _mm256_mul_ps(pw, t)),
                             )
                         }
@@ -617,7 +625,7 @@ mod avx2 {
                     (l, d)
                 }
                 Kind::Focal { .. } => {
-                    let ce = _mm256_fmsub_ps(omt, x, logsig);
+                    let ce = _mm256_add_ps(_mm256_fmsub_ps(omt, x, min0), sp);
                     let m = _mm256_fmadd_ps(t, q, _mm256_mul_ps(omt, p));
                     let (mg, dmg) = if gamma == 2.0 {
                         (_mm256_mul_ps(m, m), _mm256_mul_ps(fg, m))
