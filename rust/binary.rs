@@ -108,8 +108,9 @@ macro_rules! impl_real {
                         DType::F32 => (p as *mut f32).write_unaligned(v as f32),
                         DType::F64 => (p as *mut f64).write_unaligned(v as f64),
                         // Rounded once from the compute type.
-                        DType::F16 => (p as *mut u16)
-                            .write_unaligned(half::f16::from_f64(v as f64).to_bits()),
+                        DType::F16 => {
+                            (p as *mut u16).write_unaligned(half::f16::from_f64(v as f64).to_bits())
+                        }
                         DType::BF16 => (p as *mut u16).write_unaligned(f32_to_bf16(v as f32)),
                     }
                 }
@@ -471,8 +472,7 @@ pub fn run(job: &Job, level: Level, pool: &rayon::ThreadPool) -> f64 {
         return run_with(ScalarF64, job, pool);
     }
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    {
+    if level == Level::Avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         return run_with(Avx2F32 { _detected: () }, job, pool);
     }
     let _ = level;
@@ -508,7 +508,11 @@ mod avx2 {
         y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
         y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.666_666_5e-1));
         y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.000_000_1e-1));
-        y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
         let n = _mm256_slli_epi32(_mm256_cvtps_epi32(fx), 23);
         let v = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), n));
         _mm256_and_ps(v, keep)
@@ -555,11 +559,20 @@ mod avx2 {
         (_mm256_loadu_ps(p.as_ptr()), _mm256_loadu_ps(d.as_ptr()))
     }
 
-    #[inline(always)]
-    unsafe fn ld(s: &[f32], i: usize) -> __m256 {
-        debug_assert!(i + 8 <= s.len());
-        // SAFETY: i + 8 <= s.len() (the caller's loop bound).
-        unsafe { _mm256_loadu_ps(s.as_ptr().add(i)) }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn ld(s: &[f32], i: usize) -> __m256 {
+        let a = &s[i..i + 8];
+        // SAFETY: `a` holds 8 f32 (the slice above is bounds-checked).
+        unsafe { _mm256_loadu_ps(a.as_ptr()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn st(s: &mut [f32], i: usize, v: __m256) {
+        let a = &mut s[i..i + 8];
+        // SAFETY: `a` holds 8 f32 (bounds-checked as in `ld`).
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) }
     }
 
     /// As `super::scalar_chunk`, and the sum of the losses in f64.
@@ -567,7 +580,12 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn chunk(kind: Kind, c: &Chunk<f32>, loss: &mut [f32], grad: Option<&mut [f32]>) -> f64 {
+    pub unsafe fn chunk(
+        kind: Kind,
+        c: &Chunk<f32>,
+        loss: &mut [f32],
+        grad: Option<&mut [f32]>,
+    ) -> f64 {
         let n = c.x.len();
         let body = n - n % 8;
         let one = _mm256_set1_ps(1.0);
@@ -584,9 +602,8 @@ mod avx2 {
         let (mut acc0, mut acc1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
         let mut i = 0;
         while i < body {
-            // SAFETY (all loads and stores below): i + 8 <= n, and every slice holds n.
-            let x = unsafe { ld(c.x, i) };
-            let t = unsafe { ld(c.t, i) };
+            let x = ld(c.x, i);
+            let t = ld(c.t, i);
             let ax = _mm256_andnot_ps(sign, x);
             let e = exp_le0(_mm256_xor_ps(ax, sign));
             let u = _mm256_add_ps(one, e);
@@ -608,7 +625,7 @@ mod avx2 {
                             _mm256_sub_ps(p, t),
                         ),
                         Some(pw) => {
-                            let pw = unsafe { ld(pw, i) };
+                            let pw = ld(pw, i);
                             let lw = _mm256_fmadd_ps(_mm256_sub_ps(pw, one), t, one);
                             let a = _mm256_fnmadd_ps(lw, min0, _mm256_mul_ps(omt, x));
                             (
@@ -618,7 +635,7 @@ mod avx2 {
                         }
                     };
                     if let Some(w) = c.w {
-                        let w = unsafe { ld(w, i) };
+                        let w = ld(w, i);
                         l = _mm256_mul_ps(l, w);
                         d = _mm256_mul_ps(d, w);
                     }
@@ -651,18 +668,18 @@ mod avx2 {
                     (l, _mm256_mul_ps(at, d))
                 }
             };
-            unsafe { _mm256_storeu_ps(loss.as_mut_ptr().add(i), l) };
+            st(loss, i, l);
             acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(l)));
             acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(l, 1)));
             if let Some(g) = grad.as_deref_mut() {
                 let s = match c.gout {
                     None => gs,
-                    Some(go) => _mm256_mul_ps(unsafe { ld(go, i) }, gs),
+                    Some(go) => _mm256_mul_ps(ld(go, i), gs),
                 };
                 let v = _mm256_mul_ps(d, s);
                 // NaN logits give a NaN gradient, as autograd in float64 does.
                 let v = _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-                unsafe { _mm256_storeu_ps(g.as_mut_ptr().add(i), v) };
+                st(g, i, v);
             }
             i += 8;
         }

@@ -333,12 +333,21 @@ fn run_binary(
     };
     let t = like(Some(t), "target")?.expect("given");
     let (w, pw) = (like(w, "weight")?, like(pw, "pos_weight")?);
-    let (loss, grad, gout) = (like(loss, "loss out")?, like(grad, "grad out")?, like(gout, "grad_output")?);
-    if loss.as_ref().is_some_and(|m| !matches!(m.dtype, DType::F32 | DType::F64)) {
+    let (loss, grad, gout) = (
+        like(loss, "loss out")?,
+        like(grad, "grad out")?,
+        like(gout, "grad_output")?,
+    );
+    if loss
+        .as_ref()
+        .is_some_and(|m| !matches!(m.dtype, DType::F32 | DType::F64))
+    {
         return Err(PyValueError::new_err("loss out must be float32 or float64"));
     }
     if grad.as_ref().is_some_and(|m| m.dtype != x.dtype) {
-        return Err(PyValueError::new_err("grad out must have the logits' dtype"));
+        return Err(PyValueError::new_err(
+            "grad out must have the logits' dtype",
+        ));
     }
     let pool = pool(py, threads)?;
     let level = simd::current();

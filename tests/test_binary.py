@@ -15,13 +15,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ce_fast
-from conftest import ALL_DTYPES, BF16, DTYPE_IDS, LOW_DTYPES, cast, torch_of, with_layout
 
 import oracle_binary as ob
+from conftest import ALL_DTYPES, BF16, DTYPE_IDS, LOW_DTYPES, cast, torch_of, with_layout
 
 EPS = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53, np.dtype(np.float16): 2.0**-11, BF16: 2.0**-8}
 
-SUBNORMAL = {np.dtype(np.float32): 2.0**-149, np.dtype(np.float64): 0.0, np.dtype(np.float16): 2.0**-24, BF16: 2.0**-133}
+SUBNORMAL = {
+    np.dtype(np.float32): 2.0**-149,
+    np.dtype(np.float64): 0.0,
+    np.dtype(np.float16): 2.0**-24,
+    BF16: 2.0**-133,
+}
 
 
 def f64(a) -> np.ndarray:
@@ -49,7 +54,9 @@ def assert_close(got, ref, scale, dtype, *, stored=None, what=""):
     np.testing.assert_array_equal(got[inf], ref[inf], err_msg=f"{what}: infinities")
     ok = ~(nan | inf)
     bad = np.abs(got[ok] - ref[ok]) > np.broadcast_to(tol, ref.shape)[ok]
-    assert not bad.any(), f"{what}: max err {np.max(np.abs(got[ok] - ref[ok]))}, {got[ok][bad][:5]} vs {ref[ok][bad][:5]}"
+    assert not bad.any(), (
+        f"{what}: max err {np.max(np.abs(got[ok] - ref[ok]))}, {got[ok][bad][:5]} vs {ref[ok][bad][:5]}"
+    )
 
 
 def bce_scale(x, t, w=None, pw=None):
@@ -131,7 +138,10 @@ def test_bce_matches_torch(simd_path, reduction, kw):
     if "pos_weight" in kw:
         opts["pos_weight"] = rng.random(129) * 3
     ref = F.binary_cross_entropy_with_logits(
-        torch.from_numpy(x), torch.from_numpy(t), **{k: torch.from_numpy(v) for k, v in opts.items()}, reduction=reduction
+        torch.from_numpy(x),
+        torch.from_numpy(t),
+        **{k: torch.from_numpy(v) for k, v in opts.items()},
+        reduction=reduction,
     ).numpy()
     # float32 logits against torch's float64 answer; float64 logits nearly exactly.
     for dt, rtol in ((np.float64, 1e-13), (np.float32, 2e-6)):
@@ -226,7 +236,10 @@ def test_bce_grad_matches_reference_and_autograd(simd_path, dtype, reduction):
     assert g.dtype == x.dtype and g.shape == x.shape
     xx = torch.from_numpy(f64(x)).requires_grad_()
     ref = F.binary_cross_entropy_with_logits(
-        xx, torch.from_numpy(f64(t)), weight=torch.from_numpy(f64(w)), pos_weight=torch.from_numpy(f64(pw)),
+        xx,
+        torch.from_numpy(f64(t)),
+        weight=torch.from_numpy(f64(w)),
+        pos_weight=torch.from_numpy(f64(pw)),
         reduction=reduction,
     )
     ref.backward(torch.as_tensor(go, dtype=torch.float64).expand_as(ref))
@@ -413,7 +426,10 @@ SETTINGS = settings(
 @st.composite
 def cases(draw):
     ndim = draw(st.integers(0, 3))
-    shape = tuple(draw(st.sampled_from([0, 1, 2, 3, 7, 9, 17, 1030])) if i == ndim - 1 else draw(st.integers(1, 4)) for i in range(ndim))
+    shape = tuple(
+        draw(st.sampled_from([0, 1, 2, 3, 7, 9, 17, 1030])) if i == ndim - 1 else draw(st.integers(1, 4))
+        for i in range(ndim)
+    )
     dtype = draw(st.sampled_from(ALL_DTYPES))
     tdtype = draw(st.sampled_from([dtype, np.dtype(np.float32)]))
 
@@ -507,7 +523,9 @@ def test_bad_reduction(fn):
 @pytest.mark.parametrize("fn", BCE_FNS, ids=ids)
 @pytest.mark.parametrize("name", ["weight", "pos_weight"])
 def test_bad_weights(fn, name):
-    with pytest.raises(ValueError, match=re.escape(f"{name} of shape (3,) does not broadcast to the logits' shape (4, 5)")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{name} of shape (3,) does not broadcast to the logits' shape (4, 5)")
+    ):
         fn(X, T, **{name: np.ones(3)})
     with pytest.raises(ValueError, match=re.escape(f"{name} of shape (2, 4, 5) does not broadcast")):
         fn(X, T, **{name: np.ones((2, 4, 5))})
@@ -549,9 +567,13 @@ def test_focal_takes_no_weights():
 )
 def test_bad_grad_output_and_out(fn):
     z = X.copy()
-    with pytest.raises(ValueError, match=re.escape("grad_output must be a scalar for reduction='mean', got shape (4, 5)")):
+    with pytest.raises(
+        ValueError, match=re.escape("grad_output must be a scalar for reduction='mean', got shape (4, 5)")
+    ):
         fn(z, T, reduction="mean", grad_output=np.ones((4, 5)))
-    with pytest.raises(ValueError, match=re.escape("grad_output must be a scalar or have the loss's shape (4, 5), got (4,)")):
+    with pytest.raises(
+        ValueError, match=re.escape("grad_output must be a scalar or have the loss's shape (4, 5), got (4,)")
+    ):
         fn(z, T, reduction="none", grad_output=np.ones(4))
     with pytest.raises(TypeError, match=r"grad_output must be a real number"):
         fn(z, T, grad_output="1")

@@ -21,11 +21,10 @@ import pytest
 import ce_fast
 from ce_fast import _binary, _core
 from ce_fast._engines import binary_cuda as _bc
-from ce_fast._engines import cuda as _cuda
-from conftest import BF16, LOW_DTYPES, cast
 
 import kernel_emulator
 import oracle_binary as ob
+from conftest import BF16, LOW_DTYPES, cast
 from test_binary import assert_close, bce_scale, grad_scale
 from test_kernels_compile import _nvrtc, compile_module
 
@@ -86,12 +85,12 @@ class BinaryEmulator:
             "static const EmuEntry emu_entries[] = {",
         ]
         for n in names:
-            lines.append(
-                f'    {{"{n}", emu_arity(&{n}), [](unsigned g, unsigned b, void** a) {{ emu_kernel(&{n}, g, b, a); }}}},'
-            )
+            launch = f"[](unsigned g, unsigned b, void** a) {{ emu_kernel(&{n}, g, b, a); }}"
+            lines.append(f'    {{"{n}", emu_arity(&{n}), {launch}}},')
         lines += [
             "};",
-            'extern "C" int emu_launch_kernel(const char* name, unsigned grid, unsigned block, void** args, int nargs) {',
+            'extern "C" int emu_launch_kernel(const char* name, unsigned grid, unsigned block,',
+            "                                 void** args, int nargs) {",
             "    for (const EmuEntry& e : emu_entries) {",
             "        if (std::strcmp(e.name, name) == 0) {",
             "            if (nargs != e.arity) return -2;",

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ce_fast.torch as ct
+
 from test_binary import torchvision_focal
 
 
@@ -30,7 +31,9 @@ def test_bce_autograd_matches_torch(simd_path, reduction, opts):
         kw["pos_weight"] = torch.rand(17, dtype=torch.float64) * 2
     x1, t1 = x.clone().requires_grad_(), t.clone().requires_grad_()
     x2, t2 = x.clone().requires_grad_(), t.clone().requires_grad_()
-    a = ct.binary_cross_entropy_with_logits(x1, t1, kw.get("weight"), pos_weight=kw.get("pos_weight"), reduction=reduction)
+    a = ct.binary_cross_entropy_with_logits(
+        x1, t1, kw.get("weight"), pos_weight=kw.get("pos_weight"), reduction=reduction
+    )
     b = F.binary_cross_entropy_with_logits(x2, t2, reduction=reduction, **kw)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     go = torch.randn(a.shape, dtype=torch.float64)

@@ -10,45 +10,16 @@ per-element losses, their sum and the gradient in one pass over the inputs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import _arrays, _batch, _errors
 from ._arrays import Operand
+from ._binary_call import BCE, FOCAL, BinaryCall
 from ._spec import REDUCTIONS, _real
 
 ArrayLike = Any
-
-BCE, FOCAL = 0, 1
-
-
-@dataclass
-class BinaryCall:
-    """One checked call: operands on one device, options, and what to produce."""
-
-    kind: int
-    x: Operand
-    t: Operand
-    w: Operand | None  # broadcastable to x.shape
-    pw: Operand | None  # broadcastable to x.shape
-    reduction: str
-    alpha: float = 0.25
-    gamma: float = 2.0
-    grad: bool = False
-    gscale: float = 1.0  # grad_output (a scalar), divided by the count for "mean"
-    gout: Any = None  # grad_output per element (reduction "none"), float64 on x's device
-    out: Operand | None = None  # the gradient's destination
-    result: Any = None  # what the caller gets as the gradient
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.x.shape)
-
-    @property
-    def out_dtype(self) -> Any:
-        return np.float64 if self.x.code == _arrays.F64 else np.float32
 
 
 def _engine(x: Operand):

@@ -41,7 +41,9 @@ def _loss_shape(input: Tensor, reduction: str):
 
 
 @torch.library.custom_op("ce_fast::binary_cross_entropy_with_logits", mutates_args=())
-def _bce(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor], reduction: str) -> Tensor:
+def _bce(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor], reduction: str
+) -> Tensor:
     loss = _binary.binary_cross_entropy_with_logits(
         input, target, weight=weight, pos_weight=pos_weight, reduction=reduction
     )
@@ -213,6 +215,9 @@ class BCEWithLogitsLoss(torch.nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
         self.reduction = reduction
+
+    weight: Optional[Tensor]
+    pos_weight: Optional[Tensor]
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return binary_cross_entropy_with_logits(

@@ -13,7 +13,7 @@ from .._core import run_binary
 from . import cpu
 
 if TYPE_CHECKING:
-    from .._binary import BinaryCall
+    from .._binary_call import BinaryCall
 
 grad_output = cpu.grad_output
 empty_like = cpu.empty_like

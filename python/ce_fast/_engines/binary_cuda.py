@@ -20,7 +20,7 @@ from .._arrays import Operand, _torch
 from . import cuda
 
 if TYPE_CHECKING:
-    from .._binary import BinaryCall
+    from .._binary_call import BinaryCall
 
 KERNEL_FILE = "binary.cu"
 BLOCK = 256  # BX_BLOCK in binary.cu
@@ -113,7 +113,7 @@ def _rows_cols(shape: tuple, strides: tuple) -> tuple[int, int, int, int] | None
     rows = math.prod(shape[:-1])
     if not dims:
         return rows, cols, 0, cs
-    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+    for (_, s0), (n1, s1) in zip(dims, dims[1:]):
         if s0 != s1 * n1:
             return None
     return rows, cols, dims[-1][1], cs
@@ -220,8 +220,9 @@ def run(c: BinaryCall) -> tuple[Any, Any]:
         loss=loss, grad=g_ptr, g_rs=g_rs, g_cs=g_cs,
         partial=partial, rows=rows, cols=cols, kind=c.kind, alpha=c.alpha, gamma=c.gamma,
     )  # fmt: skip
+    assert c.x.code is not None and c.t.code is not None  # checked by ce_fast._binary
     _function(kernel_name(c.x.code, c.t.code))((grid,), (BLOCK,), args)
-    if g_tmp is not None:
+    if g_tmp is not None and c.out is not None:
         if c.out.lib == "torch":
             c.out.array.copy_(g_tmp)
         else:
