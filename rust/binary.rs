@@ -65,6 +65,8 @@ pub trait Real:
 {
     const ZERO: Self;
     const ONE: Self;
+    /// The stored dtype whose elements are this type's values (read without a copy).
+    const DTYPE: DType;
     fn from_f64(x: f64) -> Self;
     fn from_stored(m: &Matrix, p: *const u8) -> Self;
     fn store(m: &Matrix, p: *mut u8, v: Self);
@@ -76,10 +78,11 @@ pub trait Real:
 }
 
 macro_rules! impl_real {
-    ($t:ty) => {
+    ($t:ty, $d:expr) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
+            const DTYPE: DType = $d;
             #[inline(always)]
             fn from_f64(x: f64) -> Self {
                 x as $t
@@ -138,8 +141,8 @@ macro_rules! impl_real {
         }
     };
 }
-impl_real!(f32);
-impl_real!(f64);
+impl_real!(f32, DType::F32);
+impl_real!(f64, DType::F64);
 
 /// Address of element `col` of the row at element offset `row_off`.
 #[inline(always)]
@@ -436,34 +439,57 @@ fn chunk_at<F: Real, E: Engine<F>>(
 ) -> f64 {
     let n = CHUNK.min(job.x.cols - start);
     let off = |m: &Matrix| m.row_offset(row);
-    e.load(job.x, off(job.x), start, &mut b.x[..n]);
-    e.load(job.t, off(job.t), start, &mut b.t[..n]);
-    if let Some(m) = job.w {
-        e.load(m, off(m), start, &mut b.w[..n]);
-    }
-    if let Some(m) = job.pw {
-        e.load(m, off(m), start, &mut b.pw[..n]);
-    }
-    if let Some(m) = job.gout {
-        e.load(m, off(m), start, &mut b.go[..n]);
-    }
+    let Bufs {
+        x,
+        t,
+        w,
+        pw,
+        go,
+        loss,
+        grad,
+    } = b;
+    // The operands read here are dropped before anything is stored (the gradient may be
+    // written over the logits' own elements).
     let c = Chunk {
-        x: &b.x[..n],
-        t: &b.t[..n],
-        w: job.w.map(|_| &b.w[..n]),
-        pw: job.pw.map(|_| &b.pw[..n]),
-        gout: job.gout.map(|_| &b.go[..n]),
+        x: operand(e, job.x, off(job.x), start, &mut x[..n]),
+        t: operand(e, job.t, off(job.t), start, &mut t[..n]),
+        w: job.w.map(|m| operand(e, m, off(m), start, &mut w[..n])),
+        pw: job.pw.map(|m| operand(e, m, off(m), start, &mut pw[..n])),
+        gout: job.gout.map(|m| operand(e, m, off(m), start, &mut go[..n])),
         gscale: F::from_f64(job.gscale),
     };
-    let grad = job.grad.map(|_| &mut b.grad[..]);
-    let s = e.chunk(job.kind, &c, &mut b.loss, grad);
+    let s = e.chunk(job.kind, &c, loss, job.grad.map(|_| &mut grad[..]));
     if let Some(m) = job.loss {
-        e.store(m, off(m), start, &b.loss[..n]);
+        e.store(m, off(m), start, &loss[..n]);
     }
     if let Some(m) = job.grad {
-        e.store(m, off(m), start, &b.grad[..n]);
+        e.store(m, off(m), start, &grad[..n]);
     }
     s
+}
+
+/// Elements `start..start + buf.len()` of one row: the stored elements themselves when
+/// they already are contiguous aligned values of the compute type, else converted into `buf`.
+fn operand<'a, F: Real, E: Engine<F>>(
+    e: E,
+    m: &Matrix,
+    row_off: isize,
+    start: usize,
+    buf: &'a mut [F],
+) -> &'a [F] {
+    let n = buf.len();
+    let p = addr(m, row_off, start);
+    if m.dtype == F::DTYPE
+        && m.col_stride == 1
+        && (p as usize).is_multiple_of(std::mem::align_of::<F>())
+    {
+        // SAFETY: aligned elements start..start + n (<= cols) of one live row of this type,
+        // read while this worker holds the chunk; the caller stores into the row (in
+        // place) only after its last use of the returned slice.
+        return unsafe { std::slice::from_raw_parts(p as *const F, n) };
+    }
+    e.load(m, row_off, start, buf);
+    buf
 }
 
 /// Runs the job on the kernels `level` allows; returns the sum of the losses (f64).
