@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 const KERNELS: &[(&str, &str)] = &[
     ("ce.cu", include_str!("../kernels/ce.cu")),
     ("eval.cu", include_str!("../kernels/eval.cu")),
+    ("binary.cu", include_str!("../kernels/binary.cu")),
 ];
 
 /// The embedded source of the kernel file `name` (e.g. "ce.cu"), byte for byte.

@@ -9,6 +9,7 @@
 
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod binary;
 mod elem;
 mod float;
 mod kernels;
@@ -295,6 +296,81 @@ fn run(
     Ok(())
 }
 
+/// Elementwise binary losses: `kind` 0 is binary cross-entropy with logits (weights `w`,
+/// `pw`), 1 the sigmoid focal loss (`alpha`, `gamma`). Every descriptor has the logits'
+/// batch shape and columns (broadcast operands with stride 0); `loss` receives the
+/// per-element losses, `grad` the gradient times `gscale` (and `gout` per element).
+/// Returns the sum of the losses in f64.
+#[pyfunction]
+#[pyo3(signature = (kind, x, t, w=None, pw=None, loss=None, grad=None, gscale=1.0, gout=None, alpha=0.25, gamma=2.0, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn run_binary(
+    py: Python<'_>,
+    kind: u8,
+    x: Desc,
+    t: Desc,
+    w: Option<Desc>,
+    pw: Option<Desc>,
+    loss: Option<Desc>,
+    grad: Option<Desc>,
+    gscale: f64,
+    gout: Option<Desc>,
+    alpha: f64,
+    gamma: f64,
+    threads: usize,
+) -> PyResult<f64> {
+    let kind = match kind {
+        0 => binary::Kind::Bce,
+        1 => binary::Kind::Focal { alpha, gamma },
+        _ => return Err(PyValueError::new_err(format!("unknown loss kind {kind}"))),
+    };
+    let x = matrix(x, "logits")?;
+    let like = |d: Option<Desc>, what: &str| -> PyResult<Option<Matrix>> {
+        let Some(d) = d else { return Ok(None) };
+        let m = matrix(d, what)?;
+        if m.cols != x.cols || m.batch_shape != x.batch_shape {
+            return Err(PyValueError::new_err(format!(
+                "{what}: shape differs from the logits'"
+            )));
+        }
+        Ok(Some(m))
+    };
+    let t = like(Some(t), "target")?.expect("given");
+    let (w, pw) = (like(w, "weight")?, like(pw, "pos_weight")?);
+    let (loss, grad, gout) = (
+        like(loss, "loss out")?,
+        like(grad, "grad out")?,
+        like(gout, "grad_output")?,
+    );
+    if loss
+        .as_ref()
+        .is_some_and(|m| !matches!(m.dtype, DType::F32 | DType::F64))
+    {
+        return Err(PyValueError::new_err("loss out must be float32 or float64"));
+    }
+    if grad.as_ref().is_some_and(|m| m.dtype != x.dtype) {
+        return Err(PyValueError::new_err(
+            "grad out must have the logits' dtype",
+        ));
+    }
+    let pool = pool(py, threads)?;
+    let level = simd::current();
+    Ok(py.detach(move || {
+        let job = binary::Job {
+            kind,
+            x: &x,
+            t: &t,
+            w: w.as_ref(),
+            pw: pw.as_ref(),
+            loss: loss.as_ref(),
+            grad: grad.as_ref(),
+            gscale,
+            gout: gout.as_ref(),
+        };
+        binary::run(&job, level, &pool)
+    }))
+}
+
 /// Reads every byte of a C-contiguous buffer once, on the engine's threads: the
 /// memory-bandwidth yardstick the benchmarks compare against. Returns a checksum
 /// so the reads cannot be optimised away.
@@ -378,6 +454,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // A bad CE_FAST_SIMD fails the import rather than silently meaning "auto".
     simd::init_from_env().map_err(PyValueError::new_err)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
+    m.add_function(wrap_pyfunction!(run_binary, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

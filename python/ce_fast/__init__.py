@@ -6,6 +6,12 @@ back as the input's library, on the input's device.
 """
 
 from ._api import bits_per_token, cross_entropy, cross_entropy_and_grad, logsumexp, perplexity
+from ._binary import (
+    binary_cross_entropy_with_logits,
+    binary_cross_entropy_with_logits_and_grad,
+    sigmoid_focal_loss,
+    sigmoid_focal_loss_and_grad,
+)
 from ._core import __version__
 from ._engines.cpu import get_threads, set_threads
 from .streaming import EvalResult, StreamingCrossEntropy, evaluate
@@ -16,6 +22,10 @@ __all__ = [
     "cross_entropy_and_grad",
     "perplexity",
     "bits_per_token",
+    "binary_cross_entropy_with_logits",
+    "binary_cross_entropy_with_logits_and_grad",
+    "sigmoid_focal_loss",
+    "sigmoid_focal_loss_and_grad",
     "set_threads",
     "get_threads",
     "__version__",

@@ -47,3 +47,21 @@ def kernel_source(name: str) -> str:
 
 def kernel_names() -> list[str]:
     """Names of the embedded CUDA source files."""
+
+def run_binary(
+    kind: int,
+    x: Desc,
+    t: Desc,
+    w: Desc | None = None,
+    pw: Desc | None = None,
+    loss: Desc | None = None,
+    grad: Desc | None = None,
+    gscale: float = 1.0,
+    gout: Desc | None = None,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    threads: int = 0,
+) -> float:
+    """Elementwise BCE-with-logits (kind 0, weights `w`, `pw`) or sigmoid focal loss (kind 1):
+    per-element losses into `loss`, the gradient times `gscale` (and `gout`) into `grad`;
+    every Desc has the logits' rows and columns. Returns the sum of the losses (f64)."""

@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         "CUDA, else cupy; bfloat16 needs torch)",
     )
     add("--seed", type=int, default=0, help="random seed of the logits and targets (default: %(default)s)")
+    add(
+        "--loss",
+        choices=["ce", "bce"],
+        default="ce",
+        help="ce: cross_entropy (default); bce: binary_cross_entropy_with_logits against PyTorch (CPU; sizes "
+        "default to 16384x4096)",
+    )
     add("--json", metavar="PATH", default=None, help="also write machine-readable results here")
     add("--markdown", metavar="PATH", default=None, help="also write the table as Markdown here")
     add("-q", "--quiet", action="store_true", help="no progress messages on stderr")
@@ -202,7 +209,35 @@ def _to_config(ns: argparse.Namespace, argv: Sequence[str]) -> bench.Config:
     )
 
 
+def _bench_bce(ns: argparse.Namespace) -> int:
+    """``--loss bce``: ce_fast.bench.binary, on the CPU."""
+    from .bench import binary
+
+    if ns.device != "cpu":
+        print("ce-fast bench: error: --loss bce benches the CPU engine only", file=sys.stderr)
+        return 2
+    sizes = ns.sizes or bench.parse_sizes(binary.DEFAULT_SIZES)
+    rows = binary.run_bce(
+        sizes,
+        ns.dtypes,
+        repeat=ns.repeat or 3,
+        warmup=1 if ns.warmup is None else ns.warmup,
+        threads=ns.threads,
+        seed=ns.seed,
+        quiet=ns.quiet,
+    )
+    print(binary.format_bce(rows))
+    if ns.json:
+        import json
+
+        with open(ns.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 def _bench(ns: argparse.Namespace, argv: Sequence[str]) -> int:
+    if ns.loss == "bce":
+        return _bench_bce(ns)
     cfg = _to_config(ns, argv)
     bad = cfg.problem()
     if bad:

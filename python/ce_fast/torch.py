@@ -67,8 +67,10 @@ from torch import Tensor
 from . import _api, _arrays
 from ._rules import Stats
 from ._spec import LossSpec, document_options
+from ._torch_binary import BCEWithLogitsLoss, binary_cross_entropy_with_logits, sigmoid_focal_loss
 
 __all__ = ["cross_entropy", "CrossEntropyLoss"]
+__all__ += ["binary_cross_entropy_with_logits", "sigmoid_focal_loss", "BCEWithLogitsLoss"]
 
 
 # --------------------------------------------------------------------------- helpers
