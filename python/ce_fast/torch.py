@@ -67,8 +67,9 @@ from torch import Tensor
 from . import _api, _arrays
 from ._rules import Stats
 from ._spec import LossSpec, document_options
+from ._vocab_parallel import vocab_parallel_cross_entropy
 
-__all__ = ["cross_entropy", "CrossEntropyLoss"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy"]
 
 
 # --------------------------------------------------------------------------- helpers
