@@ -1,0 +1,238 @@
+"""Cross-entropy on Dask arrays: lazy, chunk by chunk, on any Dask scheduler (the
+distributed one included). Needs the optional extra: ``pip install 'ce_fast[dask]'``.
+
+``logits`` is a Dask array ``(*batch, C)`` (class axis last) chunked along the rows
+and/or the class axis; ``target`` a Dask (or NumPy) array of the batch shape.
+
+- **Rows only** (one chunk along the class axis): each chunk runs the ce_fast engine
+  on its rows and gives float64 per-row losses; every option of
+  :func:`ce_fast.cross_entropy` works (class weights, soft targets, softcap, ...).
+- **Class axis split**: each chunk gives a few per-row statistics of its columns
+  (max, log-sum relative to it, the target logit where the target falls in the chunk,
+  the smoothing sum); a tree reduction (``da.reduction``) combines them exactly, as
+  :func:`ce_fast.torch.vocab_parallel_cross_entropy` combines its shards. Logits are
+  never concatenated into full rows. The options are those of
+  ``vocab_parallel_cross_entropy``: ``ignore_index``, ``label_smoothing``, ``z_loss``,
+  ``reduction``; class weights and soft targets raise ``ValueError``.
+
+Options are checked when the graph is built; targets out of range raise ``IndexError``
+(naming the value and its position in ``target``) when it is computed. The mean and
+sum add per-chunk float64 sums, so they may differ from the single-array result in
+the last bits; :func:`evaluate` is exact under any chunking.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import _errors, _rules, _shards
+from ._spec import LossSpec
+from ._types import Batch
+
+__all__ = ["cross_entropy"]
+
+_SPEC_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale")
+_P = 5  # a partial per row: m, s, zy, swz, width
+
+
+def _da() -> Any:
+    try:
+        import dask.array as da
+    except ImportError as exc:  # pragma: no cover - the extra is installed with the tests
+        raise ImportError("ce_fast.dask needs Dask: pip install 'ce_fast[dask]'") from exc
+    return da
+
+
+def _inputs(logits: Any, target: Any) -> tuple[Any, Any, tuple, int, int]:
+    """(logits as (rows, C), target as (rows,) or (rows, C) with the logits' row chunks,
+    batch shape, rows, C)."""
+    da = _da()
+    x = logits if isinstance(logits, da.Array) else da.asarray(logits)
+    t = target if isinstance(target, da.Array) else da.asarray(target)
+    if x.ndim == 0:
+        raise ValueError("logits must have at least one dimension (the class axis, last); got a 0-d array")
+    C = int(x.shape[-1])
+    if C == 0:
+        raise ValueError(f"logits have zero classes: shape {tuple(x.shape)} (the class axis is the last)")
+    batch = tuple(int(d) for d in x.shape[:-1])
+    rows = math.prod(batch)
+    soft = np.dtype(t.dtype).kind == "f"
+    if soft and tuple(t.shape) != tuple(x.shape):
+        raise ValueError(
+            f"soft (probability) target must have the logits' shape {tuple(x.shape)}, got {tuple(t.shape)}; "
+            f"class-index targets have shape {batch} and an integer dtype"
+        )
+    if not soft and np.dtype(t.dtype).kind not in "iu":
+        raise TypeError(
+            f"target dtype {t.dtype} is not supported; expected an integer dtype "
+            "(class indices) or a floating dtype of the logits' shape (probabilities)"
+        )
+    if not soft and tuple(t.shape) != batch:
+        raise ValueError(
+            f"target shape {tuple(t.shape)} does not match logits shape {tuple(x.shape)}: expected {batch} "
+            "(the class axis is the last axis of logits)"
+        )
+    x2 = x.reshape(rows, C)
+    t2 = t.reshape((rows, C) if soft else (rows,))
+    t2 = t2.rechunk({0: x2.chunks[0], 1: x2.chunks[1]} if soft else {0: x2.chunks[0]})
+    return x2, t2, batch, rows, C
+
+
+def _start(block_info: Any, axis: int) -> int:
+    """The first index along `axis` of the block of the first input."""
+    return int(block_info[0]["array-location"][axis][0])
+
+
+def cross_entropy(logits: Any, target: Any, **options: Any) -> Any:
+    """Lazy :func:`ce_fast.cross_entropy` of a Dask array of logits (class axis last).
+
+    Returns a lazy 0-d Dask array (``mean`` / ``sum``) or the per-row losses of the batch
+    shape (``none``): float32 (float64 for float64 logits). See the module docstring for
+    chunking and options; ``.compute()`` runs it on the current scheduler.
+    """
+    da = _da()
+    weight = options.pop("weight", None)
+    unknown = sorted(set(options) - set(_SPEC_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected option(s) {', '.join(unknown)}; expected weight or {', '.join(_SPEC_OPTIONS)}")
+    spec = LossSpec.make(**options)
+    x2, t2, batch, rows, C = _inputs(logits, target)
+    soft = t2.ndim == 2
+    out_dtype = np.float64 if x2.dtype == np.float64 else np.float32
+    if len(x2.chunks[1]) > 1:
+        _shards.check_split_options(dict(options, weight=weight))
+        if soft:
+            raise _shards.soft_target_error()
+        per = _split_rows(x2, t2, spec, C, batch)
+    else:
+        w = None if weight is None else np.asarray(weight)
+        per = da.map_blocks(
+            _rows_block, x2, t2 if soft else t2[:, None],
+            chunks=(x2.chunks[0], (2,)), dtype=np.float64, spec=spec, weight=w, batch=batch,
+        )  # fmt: skip
+    loss, wy = per[:, 0], per[:, 1]
+    if spec.reduction == "none":
+        return loss.astype(out_dtype).reshape(batch)
+    total = loss.sum()
+    if spec.reduction == "sum":
+        return total.astype(out_dtype)
+    den = da.asarray(np.float64(rows)) if soft else wy.sum()
+    return da.map_blocks(_mean, total, den, dtype=out_dtype, chunks=(), out_dtype=out_dtype)
+
+
+def _mean(total: np.ndarray, den: np.ndarray, out_dtype: Any) -> np.ndarray:
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        t, d = float(total), float(den)
+        return np.asarray(t / d if d != 0.0 else math.nan, dtype=out_dtype)
+
+
+def _check_targets(t: np.ndarray, C: int, ignore_index: int, row0: int, batch: tuple) -> None:
+    """IndexError naming the first bad target and its position in the whole target array."""
+    bad = _errors.first_out_of_range(t, C, ignore_index, np)
+    if bad is not None:
+        (flat,), value = bad
+        pos = tuple(int(i) for i in np.unravel_index(row0 + flat, batch))
+        raise _errors.index_error(pos, value, C, ignore_index)
+
+
+def _rows_block(x: np.ndarray, t: np.ndarray, spec: LossSpec, weight: Any, batch: tuple, block_info: Any = None):
+    """(rows, 2): float64 loss and target weight (the mean's share) of each row of a chunk
+    holding whole rows."""
+    from . import _api, _batch
+
+    if t.shape != x.shape:
+        t = t[:, 0]
+        _check_targets(t, x.shape[-1], spec.ignore_index, _start(block_info, 0), batch)
+    b = _batch.make_batch(x, t, spec, weight)
+    s = _api._stats(b, spec)
+    out = np.empty((x.shape[0], 2))
+    out[:, 0] = _rules.per_row(b, spec, s)
+    out[:, 1] = 1.0 if b.soft is not None else b.wy
+    return out
+
+
+# ------------------------------------------------------------------ class axis split
+
+
+def _split_rows(x2: Any, t2: Any, spec: LossSpec, C: int, batch: tuple) -> Any:
+    """(rows, 2) per-row float64 loss and counted flag, from per-chunk partials combined
+    along the class axis by a tree reduction."""
+    da = _da()
+    t_col = t2[:, None]
+    parts = da.map_blocks(
+        _partial_block, x2, t_col, new_axis=2, chunks=(x2.chunks[0], (1,) * len(x2.chunks[1]), (_P,)),
+        dtype=np.float64, spec=spec,
+    )  # fmt: skip
+    whole = da.reduction(
+        parts,
+        chunk=_keep,
+        combine=_merge,
+        aggregate=_merge_last,
+        axis=1,
+        dtype=np.float64,
+        concatenate=True,
+        meta=np.empty((0, 0)),
+    )
+    return da.map_blocks(
+        _finish_block, whole, t_col, chunks=(x2.chunks[0], (2,)), dtype=np.float64, spec=spec, classes=C, batch=batch
+    )
+
+
+def _partial_block(x: np.ndarray, t: np.ndarray, spec: LossSpec, block_info: Any = None) -> np.ndarray:
+    """(rows, 1, 5): the partial of one chunk of columns."""
+    width = x.shape[-1]
+    local = _shards.local_target(np.asarray(t)[:, 0], _start(block_info, 1), width, spec.ignore_index)
+    # a target outside [0, C) is reported by _finish_block, which sees the whole row
+    _, st = _shards.shard_stats(x, local, spec)
+    with np.errstate(invalid="ignore", over="ignore"):
+        m, s, zy, swz = _shards.partial(st, width, np)
+    return np.stack([m, s, zy, swz, np.full(m.shape, float(width))], axis=-1)[:, None, :]
+
+
+def _keep(p: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    return p
+
+
+def _merge(p: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    """(rows, n, 5) partials of disjoint columns -> (rows, 1, 5)."""
+    m, s, zy, swz, w = (p[..., k] for k in range(_P))
+    with np.errstate(invalid="ignore", over="ignore"):
+        big_m = m.max(axis=1, keepdims=True)
+        s2, zy2, swz2 = _shards.rescale((m, s, zy, swz), w, big_m, np)
+        out = np.stack([big_m[:, 0], s2.sum(1), zy2.sum(1), swz2.sum(1), w.sum(1)], axis=-1)
+    return out[:, None, :]
+
+
+def _merge_last(p: np.ndarray, axis: Any = None, keepdims: bool = False) -> np.ndarray:
+    out = _merge(p)
+    return out if keepdims else out[:, 0, :]
+
+
+def _finish_block(
+    whole: np.ndarray, t: np.ndarray, spec: LossSpec, classes: int, batch: tuple, block_info: Any = None
+) -> np.ndarray:
+    """(rows, 2) float64 loss and counted flag from a row block's combined partial."""
+    t = np.asarray(t)[:, 0]
+    _check_targets(t, classes, spec.ignore_index, _start(block_info, 0), batch)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        st = _shards.finish(whole[:, 0], whole[:, 1], whole[:, 2], whole[:, 3], np)
+    valid = t != spec.ignore_index
+    b = rules_batch(classes, valid)
+    out = np.empty((t.shape[0], 2))
+    out[:, 0] = _rules.per_row(b, spec, st)
+    out[:, 1] = b.wy
+    return out
+
+
+def rules_batch(classes: int, valid: np.ndarray) -> Batch:
+    """What the loss rules read of a batch, for whole rows known only by their statistics."""
+    from ._engines import cpu
+
+    b = Batch(x=None, engine=cpu, xp=np, classes=classes)  # type: ignore[arg-type]
+    b.valid = valid
+    b.wy = valid.astype(np.float64)
+    b.weight_total = float(classes)
+    return b
