@@ -218,3 +218,56 @@ def test_local_cluster_of_two_processes(cluster_client):
         got = cluster_client.compute(cdask.cross_entropy(X, t, **o)).result()
         np.testing.assert_allclose(got, torch_reference(x, t, **o), rtol=1e-12, atol=1e-13)
     assert len(cluster_client.scheduler_info()["workers"]) == 2
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+@pytest.fixture
+def streaming():
+    return pytest.importorskip("ce_fast.streaming", reason="ce_fast.evaluate comes with the evaluation module")
+
+
+def eval_inputs(dtype=np.float32):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((60, C)).astype(dtype)
+    t = rng.integers(0, C, 60)
+    t[::2] = np.argmax(x[::2], axis=-1)  # half the rows right
+    t[::5] = -100
+    x[1, 30] = x[1, 3] = x[1].max() + 1  # a tie across class chunks: the first one counts
+    t[1] = 30
+    return x, t
+
+
+@pytest.mark.parametrize("chunks", [(60, C), (13, C), (1, C), (7, C)])
+def test_evaluate_row_chunks_bitwise_equal_to_one_array(streaming, chunks):
+    x, t = eval_inputs()
+    want = ce_fast.evaluate(x, t)
+    with dask.config.set(scheduler="synchronous"):
+        got = cdask.evaluate(da.from_array(x, chunks=chunks), da.from_array(t, chunks=11))
+    assert got == want
+    assert got.tokens == int((t != -100).sum()) and 0 < got.correct < got.tokens
+
+
+@pytest.mark.parametrize("chunks", [(60, 10), (13, (3, 30, 4)), (7, 1)])
+def test_evaluate_class_chunks(streaming, chunks):
+    x, t = eval_inputs(np.float64)
+    want = ce_fast.evaluate(x, t)
+    with dask.config.set(scheduler="synchronous"):
+        got = cdask.evaluate(da.from_array(x, chunks=chunks), t)
+    assert (got.tokens, got.correct) == (want.tokens, want.correct)
+    assert got.loss == pytest.approx(want.loss, rel=1e-14)
+    assert got.accuracy == want.accuracy
+
+
+def test_evaluate_on_local_cluster(streaming, cluster_client):
+    x, t = eval_inputs()
+    assert cdask.evaluate(da.from_array(x, chunks=(13, C)), t) == ce_fast.evaluate(x, t)
+
+
+def test_evaluate_bad_target(streaming):
+    x, t = eval_inputs()
+    t[44] = C
+    for chunks in ((13, C), (13, 10)):
+        with dask.config.set(scheduler="synchronous"), pytest.raises(IndexError, match=r"position \(44,\)"):
+            cdask.evaluate(da.from_array(x, chunks=chunks), t)

@@ -32,7 +32,7 @@ from . import _errors, _rules, _shards
 from ._spec import LossSpec
 from ._types import Batch
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "evaluate"]
 
 _SPEC_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale")
 _P = 5  # a partial per row: m, s, zy, swz, width
@@ -236,3 +236,171 @@ def rules_batch(classes: int, valid: np.ndarray) -> Batch:
     b.wy = valid.astype(np.float64)
     b.weight_total = float(classes)
     return b
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+def evaluate(logits: Any, target: Any, *, ignore_index: int = -100) -> Any:
+    """:func:`ce_fast.evaluate` of Dask arrays: an :class:`ce_fast.EvalResult` (computed now,
+    on the current Dask scheduler).
+
+    With whole rows in every chunk (one chunk along the class axis) each row chunk is
+    evaluated by a :class:`ce_fast.StreamingCrossEntropy`, and the chunks' states
+    (``state_dict``) are merged in a tree: the result is bitwise identical to
+    ``ce_fast.evaluate`` on the whole array, whatever the chunking. With a split class
+    axis each chunk gives per-row statistics and its first maximum, combined in a tree
+    reduction as in :func:`cross_entropy`; the per-row float64 losses are then summed
+    exactly (the combined statistics may differ from a one-pass row in the last bit).
+    """
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    import dask
+
+    x2, t2, batch, rows, C = _inputs(logits, target)
+    if t2.ndim == 2:
+        raise ValueError("evaluate takes integer class-index targets, not probabilities")
+    ii = int(ignore_index)
+    tb = t2.to_delayed()
+    if len(x2.chunks[1]) == 1:
+        xb = x2.to_delayed()[:, 0]
+        starts = np.cumsum((0,) + x2.chunks[0][:-1])
+        states = [
+            dask.delayed(_chunk_state)(xi, ti, ii, int(r0), batch) for xi, ti, r0 in zip(xb, tb, starts)
+        ]
+        (state,) = dask.compute(_tree(states, dask.delayed(_merge_states)))
+        return _streaming(ii).load_state_dict(state).result()
+    spec = LossSpec.make(ignore_index=ii)
+    parts = _da().map_blocks(
+        _partial_argmax_block, x2, t2[:, None], new_axis=2,
+        chunks=(x2.chunks[0], (1,) * len(x2.chunks[1]), (_P + 1,)), dtype=np.float64, spec=spec,
+    )  # fmt: skip
+    whole = _da().reduction(
+        parts,
+        chunk=_keep,
+        combine=_merge_argmax,
+        aggregate=_merge_argmax_last,
+        axis=1,
+        dtype=np.float64,
+        concatenate=True,
+        meta=np.empty((0, 0)),
+    )
+    wb = whole.to_delayed()[:, 0]
+    starts = np.cumsum((0,) + x2.chunks[0][:-1])
+    sums = [
+        dask.delayed(_exact_rows)(wi, ti, spec, C, int(r0), batch) for wi, ti, r0 in zip(wb, tb, starts)
+    ]
+    (total,) = dask.compute(_tree(sums, dask.delayed(_add_sums)))
+    return _result(*total)
+
+
+def _streaming(ignore_index: int) -> Any:
+    from .streaming import StreamingCrossEntropy
+
+    return StreamingCrossEntropy(ignore_index=ignore_index)
+
+
+def _chunk_state(x: np.ndarray, t: np.ndarray, ignore_index: int, row0: int, batch: tuple) -> dict:
+    """The StreamingCrossEntropy state of one chunk of whole rows."""
+    _check_targets(np.asarray(t), x.shape[-1], ignore_index, row0, batch)
+    return _streaming(ignore_index).update(x, t).state_dict()
+
+
+def _merge_states(a: dict, b: dict) -> dict:
+    ii = a["ignore_index"]
+    return _streaming(ii).load_state_dict(a).merge(_streaming(ii).load_state_dict(b)).state_dict()
+
+
+def _tree(items: list, pair: Any) -> Any:
+    """A balanced binary tree of `pair` over `items` (at least one)."""
+    while len(items) > 1:
+        items = [pair(items[i], items[i + 1]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
+    return items[0]
+
+
+def _partial_argmax_block(x: np.ndarray, t: np.ndarray, spec: LossSpec, block_info: Any = None) -> np.ndarray:
+    """(rows, 1, 6): the partial of one chunk of columns and its first maximum's column."""
+    p = _partial_block(x, t, spec, block_info)
+    first = np.argmax(np.asarray(x, dtype=np.float64), axis=-1) + _start(block_info, 1) if x.shape[0] else np.zeros(0)
+    return np.concatenate([p, np.asarray(first, dtype=np.float64).reshape(-1, 1, 1)], axis=-1)
+
+
+def _merge_argmax(p: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    """(rows, n, 6) -> (rows, 1, 6): statistics combined, and the first column holding the
+    row's maximum (the chunks are in column order, each with its own first maximum)."""
+    merged = _merge(p[..., :_P])
+    m = p[..., 0]
+    first_chunk = np.argmax(m == m.max(axis=1, keepdims=True), axis=1)
+    col = np.take_along_axis(p[..., _P], first_chunk[:, None], axis=1)
+    return np.concatenate([merged, col[:, :, None]], axis=-1)
+
+
+def _merge_argmax_last(p: np.ndarray, axis: Any = None, keepdims: bool = False) -> np.ndarray:
+    out = _merge_argmax(p)
+    return out if keepdims else out[:, 0, :]
+
+
+def _exact_rows(whole: np.ndarray, t: np.ndarray, spec: LossSpec, classes: int, row0: int, batch: tuple) -> tuple:
+    """(tokens, correct, exact loss sum * 2**1074, NaN, +inf, -inf counts) of a row block."""
+    t = np.asarray(t)
+    per = _finish_block(whole[:, :_P], t[:, None], spec, classes, batch, {0: {"array-location": [(row0, None)]}})
+    valid = t != spec.ignore_index
+    nan_row = np.isnan(whole[:, 1])
+    correct = valid & ~nan_row & (whole[:, _P].astype(np.int64) == t)
+    loss = per[valid, 0]
+    finite = np.isfinite(loss)
+    fixed = sum(_fixed(v) for v in loss[finite].tolist())
+    return (
+        int(valid.sum()),
+        int(correct.sum()),
+        fixed,
+        int(np.isnan(loss).sum()),
+        int((loss == np.inf).sum()),
+        int((loss == -np.inf).sum()),
+    )
+
+
+def _fixed(v: float) -> int:
+    """v * 2**1074 as an exact int (every finite double is a multiple of 2**-1074)."""
+    num, den = v.as_integer_ratio()
+    return num * ((1 << 1074) // den)
+
+
+def _add_sums(a: tuple, b: tuple) -> tuple:
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def _result(tokens: int, correct: int, fixed: int, nan: int, posinf: int, neginf: int) -> Any:
+    """The EvalResult of exact sums: every float rounded once from the exact value."""
+    from .streaming import EvalResult
+
+    if nan or (posinf and neginf):
+        loss_sum = math.nan
+    elif posinf or neginf:
+        loss_sum = math.inf if posinf else -math.inf
+    else:
+        loss_sum = _div(fixed, 1 << 1074)
+    if tokens == 0:
+        return EvalResult(math.nan, math.nan, math.nan, math.nan, 0, loss_sum, 0)
+    loss = loss_sum if not math.isfinite(loss_sum) else _div(fixed, tokens << 1074)
+    try:
+        ppl = math.exp(loss)
+    except OverflowError:
+        ppl = math.inf
+    return EvalResult(
+        loss=loss,
+        perplexity=ppl,
+        bits_per_token=loss / math.log(2.0),
+        accuracy=correct / tokens,
+        tokens=tokens,
+        loss_sum=loss_sum,
+        correct=correct,
+    )
+
+
+def _div(num: int, den: int) -> float:
+    """num / den correctly rounded (Python's int division), inf past float's range."""
+    try:
+        return num / den
+    except OverflowError:
+        return math.inf if num > 0 else -math.inf
