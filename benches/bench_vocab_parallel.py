@@ -111,7 +111,11 @@ def _single(args):
         leaf.grad = None
         cet.cross_entropy(leaf, target).backward()
 
-    return dict(forward_s=_timed(fwd, args.repeat), forward_backward_s=_timed(fwd_bwd, args.repeat), threads=ce_fast.get_threads())
+    return dict(
+        forward_s=_timed(fwd, args.repeat),
+        forward_backward_s=_timed(fwd_bwd, args.repeat),
+        threads=ce_fast.get_threads(),
+    )
 
 
 def machine_info():
@@ -130,8 +134,13 @@ def machine_info():
             if not line.strip():
                 break
     cpu = f"{fields.get('model name')} (family {fields.get('cpu family')}, model {fields.get('model')})"
-    return dict(cpu_model=cpu, cores=os.cpu_count(), torch=torch.__version__, ce_fast=ce_fast.__version__,
-                platform=platform.platform())
+    return dict(
+        cpu_model=cpu,
+        cores=os.cpu_count(),
+        torch=torch.__version__,
+        ce_fast=ce_fast.__version__,
+        platform=platform.platform(),
+    )
 
 
 def main(argv=None):
@@ -171,12 +180,16 @@ def main(argv=None):
     )
     print(out["machine"])
     print(f"{args.rows} x {args.classes} float32 ({logits_bytes / 2**30:.2f} GiB of logits)")
-    print(f"one process, {single['threads']} threads: forward {single['forward_s'] * 1e3:.1f} ms, "
-          f"forward+backward {single['forward_backward_s'] * 1e3:.1f} ms")
+    print(
+        f"one process, {single['threads']} threads: forward {single['forward_s'] * 1e3:.1f} ms, "
+        f"forward+backward {single['forward_backward_s'] * 1e3:.1f} ms"
+    )
     for r in ranks:
-        print(f"rank {r['rank']} of {args.ranks}, {r['threads']} threads: {r['all_reduces']} all-reduces, "
-              f"{r['bytes']} bytes sent per call ({r['bytes'] / args.rows:.1f} per row); forward "
-              f"{r['forward_s'] * 1e3:.1f} ms, forward+backward {r['forward_backward_s'] * 1e3:.1f} ms")
+        print(
+            f"rank {r['rank']} of {args.ranks}, {r['threads']} threads: {r['all_reduces']} all-reduces, "
+            f"{r['bytes']} bytes sent per call ({r['bytes'] / args.rows:.1f} per row); forward "
+            f"{r['forward_s'] * 1e3:.1f} ms, forward+backward {r['forward_backward_s'] * 1e3:.1f} ms"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)

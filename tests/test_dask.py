@@ -146,9 +146,7 @@ def test_row_chunks_take_every_option():
         got = sync(cdask.cross_entropy(X, t, reduction=reduction, **opts))
         want = ce_fast.cross_entropy(x, t, reduction=reduction, **opts)
         np.testing.assert_allclose(got, want, rtol=1e-13)
-    np.testing.assert_allclose(
-        sync(cdask.cross_entropy(X, t, weight=w)), torch_reference(x, t, weight=w), rtol=1e-12
-    )
+    np.testing.assert_allclose(sync(cdask.cross_entropy(X, t, weight=w)), torch_reference(x, t, weight=w), rtol=1e-12)
     p = rng.dirichlet(np.ones(C), 40)
     got = sync(cdask.cross_entropy(X, da.from_array(p, chunks=(7, C)), label_smoothing=0.2))
     want = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(p), label_smoothing=0.2).numpy()

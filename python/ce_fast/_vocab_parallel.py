@@ -11,7 +11,7 @@ from the combined per-row statistics saved by the forward pass.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,12 +38,12 @@ def vocab_parallel_cross_entropy(
     target: Tensor,
     *,
     vocab_start: int,
-    group: Optional[Any] = None,
+    group: Any | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     reduction: str = "mean",
-    weight: Optional[Tensor] = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy of logits split along the class axis over a torch.distributed group.
 
@@ -90,7 +90,7 @@ def vocab_parallel_cross_entropy(
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_cross_entropy needs torch.distributed: call init_process_group first")
-    err: Optional[Exception] = None
+    err: Exception | None = None
     spec = None
     try:
         spec = _check_local(logits_shard, target, vocab_start, weight, ignore_index, label_smoothing, z_loss, reduction)
@@ -102,7 +102,9 @@ def vocab_parallel_cross_entropy(
     bad = (t != spec.ignore_index) & ((t < 0) | (t >= classes))
     if bool(bad.any()):
         flat = int(torch.nonzero(bad)[0, 0])
-        pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(target.shape))) if target.dim() else ()
+        pos = (
+            tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(target.shape))) if target.dim() else ()
+        )
         raise _errors.index_error(pos, int(t[flat]), classes, spec.ignore_index)
     return _VocabParallel.apply(logits_shard, target, int(vocab_start), classes, group, spec)
 
@@ -141,7 +143,7 @@ def _comm_device(shard: Any, group: Any) -> torch.device:
     return shard.device if isinstance(shard, Tensor) else torch.device("cpu")
 
 
-def _check_tiling(shard: Any, target: Any, vocab_start: Any, group: Any, err: Optional[Exception]) -> int:
+def _check_tiling(shard: Any, target: Any, vocab_start: Any, group: Any, err: Exception | None) -> int:
     """All-reduces every rank's (start, end, rows, refused) and checks them on every
     rank alike; returns the vocabulary size."""
     world = dist.get_world_size(group)
@@ -186,7 +188,7 @@ def _as_tensor(a: Any, like: Tensor) -> Tensor:
 
 class _VocabParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, target, start, classes, group, spec):  # type: ignore[override]
+    def forward(ctx, shard, target, start, classes, group, spec):
         width = shard.shape[-1]
         local = _shards.local_target(target, start, width, spec.ignore_index)
         b, st = _shards.shard_stats(shard.detach(), local, spec)
@@ -207,7 +209,10 @@ class _VocabParallel(torch.autograd.Function):
         whole = _shards.finish(big_m, sums[0], sums[1], sums[2] if smoothing else torch.zeros_like(s), torch)
         valid = target.reshape(-1) != spec.ignore_index
         engine_whole = Stats(
-            mx=_engine_array(whole.mx), ls=_engine_array(whole.ls), zy=_engine_array(whole.zy), swz=_engine_array(whole.swz)
+            mx=_engine_array(whole.mx),
+            ls=_engine_array(whole.ls),
+            zy=_engine_array(whole.zy),
+            swz=_engine_array(whole.swz),
         )
         bg = _shards.global_batch(b, classes, _engine_array(valid))
         loss = b.engine.wrap(_shards.reduce(bg, spec, _shards.loss_rows(bg, spec, engine_whole)), b.x)
@@ -218,7 +223,7 @@ class _VocabParallel(torch.autograd.Function):
         return _as_tensor(loss, shard).to(device=dev, dtype=out_dtype)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         shard, local, valid, mx, ls = ctx.saved_tensors
         b = _shards.shard_grad_batch(shard.detach(), local, ctx.spec, grad)
         whole = Stats(mx=_engine_array(mx), ls=_engine_array(ls))

@@ -23,6 +23,7 @@ the last bits; :func:`evaluate` is exact under any chunking.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -265,9 +266,7 @@ def evaluate(logits: Any, target: Any, *, ignore_index: int = -100) -> Any:
     if len(x2.chunks[1]) == 1:
         xb = x2.to_delayed()[:, 0]
         starts = np.cumsum((0,) + x2.chunks[0][:-1])
-        states = [
-            dask.delayed(_chunk_state)(xi, ti, ii, int(r0), batch) for xi, ti, r0 in zip(xb, tb, starts)
-        ]
+        states = [dask.delayed(_chunk_state)(xi, ti, ii, int(r0), batch) for xi, ti, r0 in zip(xb, tb, starts)]
         (state,) = dask.compute(_tree(states, dask.delayed(_merge_states)))
         return _streaming(ii).load_state_dict(state).result()
     spec = LossSpec.make(ignore_index=ii)
@@ -287,17 +286,18 @@ def evaluate(logits: Any, target: Any, *, ignore_index: int = -100) -> Any:
     )
     wb = whole.to_delayed()[:, 0]
     starts = np.cumsum((0,) + x2.chunks[0][:-1])
-    sums = [
-        dask.delayed(_exact_rows)(wi, ti, spec, C, int(r0), batch) for wi, ti, r0 in zip(wb, tb, starts)
-    ]
+    sums = [dask.delayed(_exact_rows)(wi, ti, spec, C, int(r0), batch) for wi, ti, r0 in zip(wb, tb, starts)]
     (total,) = dask.compute(_tree(sums, dask.delayed(_add_sums)))
     return _result(*total)
 
 
-def _streaming(ignore_index: int) -> Any:
-    from .streaming import StreamingCrossEntropy
+def _evaluation() -> Any:
+    """ce_fast.streaming (StreamingCrossEntropy, EvalResult), imported when evaluate runs."""
+    return importlib.import_module(f"{__package__}.streaming")
 
-    return StreamingCrossEntropy(ignore_index=ignore_index)
+
+def _streaming(ignore_index: int) -> Any:
+    return _evaluation().StreamingCrossEntropy(ignore_index=ignore_index)
 
 
 def _chunk_state(x: np.ndarray, t: np.ndarray, ignore_index: int, row0: int, batch: tuple) -> dict:
@@ -372,8 +372,7 @@ def _add_sums(a: tuple, b: tuple) -> tuple:
 
 def _result(tokens: int, correct: int, fixed: int, nan: int, posinf: int, neginf: int) -> Any:
     """The EvalResult of exact sums: every float rounded once from the exact value."""
-    from .streaming import EvalResult
-
+    EvalResult = _evaluation().EvalResult
     if nan or (posinf and neginf):
         loss_sum = math.nan
     elif posinf or neginf:

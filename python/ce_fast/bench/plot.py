@@ -108,7 +108,9 @@ def plot(results: dict, path: str) -> list[Panel]:
         ax.legend(fontsize="small")
     machine = results.get("machine", {})
     threads = machine.get("ce_fast_threads")
-    fig.suptitle(f"ce-fast bench on {machine.get('cpu_model', 'this machine')}" + (f", {threads} threads" if threads else ""))
+    fig.suptitle(
+        f"ce-fast bench on {machine.get('cpu_model', 'this machine')}" + (f", {threads} threads" if threads else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
