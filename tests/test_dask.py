@@ -269,3 +269,22 @@ def test_evaluate_bad_target(streaming):
     for chunks in ((13, C), (13, 10)):
         with dask.config.set(scheduler="synchronous"), pytest.raises(IndexError, match=r"position \(44,\)"):
             cdask.evaluate(da.from_array(x, chunks=chunks), t)
+
+
+def test_open_npy_ships_the_path_not_the_data(tmp_path, cluster_client):
+    import cloudpickle
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((400, 300)).astype(np.float32)
+    t = rng.integers(0, 300, 400)
+    path = tmp_path / "logits.npy"
+    np.save(path, x)
+    X = cdask.open_npy(str(path), chunks=(128, 100))
+    assert X.shape == x.shape and X.dtype == np.float32
+    assert len(cloudpickle.dumps(dict(X.__dask_graph__()))) < 20_000 < x.nbytes // 2
+    got = cluster_client.compute(cdask.cross_entropy(X, t, label_smoothing=0.1)).result()
+    want = torch_reference(x, t, label_smoothing=0.1)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    np.save(tmp_path / "objects.npy", np.array([1, "a"], dtype=object))
+    with pytest.raises(ValueError, match="Python objects in dtype"):
+        cdask.open_npy(str(tmp_path / "objects.npy"))

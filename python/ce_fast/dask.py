@@ -33,7 +33,7 @@ from . import _errors, _rules, _shards
 from ._spec import LossSpec
 from ._types import Batch
 
-__all__ = ["cross_entropy", "evaluate"]
+__all__ = ["cross_entropy", "evaluate", "open_npy"]
 
 _SPEC_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale")
 _P = 5  # a partial per row: m, s, zy, swz, width
@@ -80,6 +80,30 @@ def _inputs(logits: Any, target: Any) -> tuple[Any, Any, tuple, int, int]:
     t2 = t.reshape((rows, C) if soft else (rows,))
     t2 = t2.rechunk({0: x2.chunks[0], 1: x2.chunks[1]} if soft else {0: x2.chunks[0]})
     return x2, t2, batch, rows, C
+
+
+class _NpyFile:
+    """A ``.npy`` file as an array-like Dask reads chunk by chunk: it pickles as its path
+    (a NumPy memmap would pickle as all of its data), and each chunk is read through a
+    memory map opened where the chunk is computed."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        a = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        self.shape, self.dtype, self.ndim = a.shape, a.dtype, a.ndim
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return np.array(np.load(self.path, mmap_mode="r", allow_pickle=False)[index])
+
+
+def open_npy(path: str, chunks: Any = "auto") -> Any:
+    """A lazy Dask array of the ``.npy`` file at `path`, in `chunks` (as ``da.from_array``).
+
+    Workers read their chunks from the file themselves (a shared filesystem on a real
+    cluster); only the path travels in the task graph. Files are data, never code: the
+    file is opened with ``allow_pickle=False`` and object arrays raise ``ValueError``.
+    """
+    return _da().from_array(_NpyFile(path), chunks=chunks)
 
 
 def _start(block_info: Any, axis: int) -> int:
