@@ -108,8 +108,10 @@ def test_tree_reduction_over_many_class_chunks():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((6, 400)) * 5
     t = rng.integers(0, 400, 6)
-    got = sync(cdask.cross_entropy(da.from_array(x, chunks=(3, 7)), t, label_smoothing=0.3, reduction="none"))
-    np.testing.assert_allclose(got, torch_reference(x, t, label_smoothing=0.3, reduction="none"), rtol=1e-12)
+    want = torch_reference(x, t, label_smoothing=0.3, reduction="none")
+    for tt in (t, t.astype(np.uint16), t.astype(np.int32)):  # narrow and unsigned targets do not wrap
+        got = sync(cdask.cross_entropy(da.from_array(x, chunks=(3, 7)), tt, label_smoothing=0.3, reduction="none"))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_leading_dims_and_float32():

@@ -67,13 +67,10 @@ def local_target(target: Any, start: int, width: int, ignore_index: int) -> Any:
     """int64 indices into the shard, -1 where the row is ignored or its target lies in
     another shard (same library as `target`, flattened)."""
     t = target.reshape(-1)
+    # int64 before any arithmetic: unsigned or narrow targets would wrap
+    t = t.astype("int64") if hasattr(t, "astype") else t.long()  # NumPy / CuPy, torch
     inside = (t != ignore_index) & (t >= start) & (t < start + width)
-    local = t - start
-    if hasattr(local, "astype"):
-        local = local.astype("int64")
-    else:
-        local = local.long()  # torch
-    return local * inside + (-1) * ~inside
+    return (t - start) * inside + (-1) * ~inside
 
 
 def shard_stats(shard: Any, local: Any, spec: LossSpec) -> tuple[Batch, Stats]:
