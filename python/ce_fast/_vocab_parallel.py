@@ -33,6 +33,7 @@ def comm_bytes(rows: int, world_size: int, label_smoothing: float = 0.0) -> int:
     return 8 * (_SLOT * world_size) + 8 * per_row * rows
 
 
+@torch.compiler.disable  # collectives and host checks: Dynamo calls it eagerly, one graph break
 def vocab_parallel_cross_entropy(
     logits_shard: Tensor,
     target: Tensor,
@@ -84,9 +85,14 @@ def vocab_parallel_cross_entropy(
     differ; IndexError (on every rank) for a target outside ``[0, V)`` that is not
     ``ignore_index``.
 
-    torch.compile: the function runs eagerly; under ``torch.compile`` Dynamo breaks the
-    graph around it (the tiling check reads the all-reduced bounds on the host), so
-    ``fullgraph=True`` is refused and the default mode compiles the code around it.
+    torch.compile: the function is ``torch.compiler.disable``-d, so a compiled model calls
+    it eagerly with one graph break and compiles the code around it, forward and backward
+    (checked: same loss and gradients as eager); ``fullgraph=True`` raises Dynamo's
+    ``Unsupported``. Traced as it stands Dynamo breaks the graph 13 times: the tiling check
+    reads the all-reduced bounds on the host to raise on every rank, and the engine's
+    statistics come back as NumPy / CuPy arrays. The functional collectives
+    (``torch.distributed._functional_collectives``) would trace the two per-row
+    all-reduces, but not that host check.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_cross_entropy needs torch.distributed: call init_process_group first")
