@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--json", metavar="PATH", default=None, help="also write machine-readable results here")
     add("--markdown", metavar="PATH", default=None, help="also write the table as Markdown here")
+    add(
+        "--plot",
+        metavar="PATH",
+        default=None,
+        help="also draw GB/s against vocabulary size (ce_fast, NumPy, PyTorch, the read pass as the roof) into "
+        "this PNG; without --sizes the sizes are 1024 rows x 8k..256k classes (needs ce_fast[plot])",
+    )
     add("-q", "--quiet", action="store_true", help="no progress messages on stderr")
     _eval_parser(sub)
     return p
@@ -189,9 +196,14 @@ def _eval(ns: argparse.Namespace) -> int:
 
 def _to_config(ns: argparse.Namespace, argv: Sequence[str]) -> bench.Config:
     """The ``bench`` options with their device-dependent defaults filled in."""
+    sizes = ns.sizes
+    if sizes is None and getattr(ns, "plot", None):
+        from .bench.plot import PLOT_SIZES
+
+        sizes = PLOT_SIZES
     return bench.Config.create(
         device=ns.device,
-        sizes=ns.sizes,
+        sizes=sizes,
         dtypes=ns.dtypes,
         ops=ns.ops,
         repeat=ns.repeat,
@@ -243,6 +255,14 @@ def _bench(ns: argparse.Namespace, argv: Sequence[str]) -> int:
     if bad:
         print(f"ce-fast bench: error: {bad}", file=sys.stderr)
         return 2
+    if ns.plot:
+        from .bench import plot
+
+        try:
+            plot.require_matplotlib()  # before the bench runs, not after
+        except plot.PlotUnavailable as e:
+            print(f"ce-fast bench: error: {e}", file=sys.stderr)
+            return 2
     try:
         results = bench.run_bench(cfg, quiet=ns.quiet)
     except bench.DeviceUnavailable as e:
@@ -255,6 +275,8 @@ def _bench(ns: argparse.Namespace, argv: Sequence[str]) -> int:
     if ns.markdown:
         with open(ns.markdown, "w") as f:
             f.write(bench.format_markdown(results))
+    if ns.plot:
+        plot.plot(results, ns.plot)
     return 0
 
 
