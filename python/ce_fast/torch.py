@@ -67,8 +67,9 @@ from torch import Tensor
 from . import _api, _arrays
 from ._rules import Stats
 from ._spec import LossSpec, document_options
+from ._torch_kl_focal import focal_loss, kl_divergence
 
-__all__ = ["cross_entropy", "CrossEntropyLoss"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "kl_divergence", "focal_loss"]
 
 
 # --------------------------------------------------------------------------- helpers
