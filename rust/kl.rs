@@ -34,14 +34,16 @@ pub struct Fused<F> {
     pub nan: bool,
 }
 
-/// Per-chunk kernel of the pass; the terms are only meaningful where the chunk's maxima
-/// stay below the given ones plus 88 (callers check the returned maxima).
+/// Per-chunk kernel of the pass over the values `s * r` and `s * o` (s = 1/T > 0, applied
+/// in registers); the terms are only meaningful where the chunk's maxima stay below the
+/// given ones plus 88 (callers check the returned maxima).
 pub trait KlKernels<F: Float>: Kernels<F> {
-    fn kl_chunk(self, r: &[F], o: &[F], mr: F, mo: F) -> Fused<F> {
+    fn kl_chunk(self, r: &[F], o: &[F], s: F, mr: F, mo: F) -> Fused<F> {
         let (mut sr, mut so, mut x) = ([0.0f64; 2], [0.0f64; 2], [0.0f64; 2]);
         let (mut maxr, mut maxo, mut nan) = (F::NEG_INF, F::NEG_INF, false);
         for (i, (&ri, &oi)) in r.iter().zip(o).enumerate() {
             let k = i & 1;
+            let (ri, oi) = (s * ri, s * oi);
             if ri > maxr {
                 maxr = ri;
             }
@@ -141,8 +143,8 @@ fn kl_of(reverse: bool, [ms, ls, mt, lt, cross]: [f64; 5]) -> f64 {
 }
 
 impl<'a, K> Ctx<'a, K> {
-    /// The `n` values of a row from `start`, divided by T: the stored f32 values in place
-    /// when they need no conversion, else converted into `buf`.
+    /// The `n` stored values of a row from `start`: in place when they need no conversion,
+    /// else converted into `buf` (the kernel divides them by T in registers).
     fn chunk<'b, F: Compute>(
         &self,
         m: &Matrix,
@@ -154,16 +156,10 @@ impl<'a, K> Ctx<'a, K> {
         K: Kernels<F>,
     {
         let n = buf.len();
-        let scaled = self.p.inv_t != 1.0;
-        if !scaled {
-            if let Some(v) = F::view(m, off, start, n) {
-                return v;
-            }
+        if let Some(v) = F::view(m, off, start, n) {
+            return v;
         }
         F::load(m, off, start, buf, self.k.level());
-        if scaled {
-            self.k.transform(buf, F::from_f64(self.p.inv_t), F::ZERO, None);
-        }
         buf
     }
 
@@ -197,6 +193,7 @@ impl<'a, K> Ctx<'a, K> {
         let (mut mr, mut mo) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
         let (mut sr, mut so, mut x) = (0.0f64, 0.0f64, 0.0f64);
         let mut bad = false;
+        let sc = F::from_f64(p.inv_t);
         let mut start = 0;
         while start < cols {
             let n = CHUNK.min(cols - start);
@@ -208,7 +205,7 @@ impl<'a, K> Ctx<'a, K> {
             // With maxima from earlier chunks one pass gives everything; a chunk whose max
             // jumps far above them (or the first chunk) takes the two-pass route.
             if mr.is_finite() && mo.is_finite() {
-                let f = k.kl_chunk(rv, ov, F::from_f64(mr), F::from_f64(mo));
+                let f = k.kl_chunk(rv, ov, sc, F::from_f64(mr), F::from_f64(mo));
                 if f.nan {
                     bad = true;
                     break;
@@ -234,7 +231,8 @@ impl<'a, K> Ctx<'a, K> {
                 }
             }
             let ((cr, nr), (co, no)) = (k.max_nan(rv), k.max_nan(ov));
-            let (cr, co) = (cr.to_f64(), co.to_f64());
+            // Scaling by 1/T > 0 is monotonic, also after rounding: the max of the scaled values.
+            let (cr, co) = ((sc * cr).to_f64(), (sc * co).to_f64());
             // float64 log_softmax of a row holding NaN or +inf is NaN throughout.
             if nr || no || cr == f64::INFINITY || co == f64::INFINITY {
                 bad = true;
@@ -257,7 +255,7 @@ impl<'a, K> Ctx<'a, K> {
             }
             // A max still -inf means a chunk of -inf only: any finite stand-in gives exact zeros.
             let fin = |m: f64| F::from_f64(if m.is_finite() { m } else { 0.0 });
-            let f = k.kl_chunk(rv, ov, fin(mr), fin(mo));
+            let f = k.kl_chunk(rv, ov, sc, fin(mr), fin(mo));
             sr += f.sr;
             so += f.so;
             x += f.x;
@@ -388,12 +386,14 @@ mod avx2 {
     use crate::simd::avx2::Avx2;
     use std::arch::x86_64::*;
 
-    /// exp(x) for x <= 92 with an exact 0 below -87.3 (so -inf gives 0): 2^n * p(f), the
-    /// degree-5 minimax polynomial of the engine's AVX2 kernels (their helpers are private).
+    /// (exp(x), x >= -87.3) for x <= 92: 2^n * p(f), the degree-5 minimax polynomial of the
+    /// engine's AVX2 kernels (their helpers are private). Below -87.3 (-inf included) the
+    /// value is ~1e-38, which no sum holding its own max (exp(0) = 1) can notice; the mask
+    /// says where it is a true exponential.
     // The coefficients are the fitted minimax values, written as fitted.
     #[allow(clippy::approx_constant, clippy::excessive_precision)]
     #[inline(always)]
-    unsafe fn exp_ps(x: __m256) -> __m256 {
+    unsafe fn exp_ps(x: __m256) -> (__m256, __m256) {
         let t = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E));
         let lo = _mm256_set1_ps(-126.0);
         let keep = _mm256_cmp_ps(t, lo, _CMP_NLT_UQ);
@@ -409,7 +409,7 @@ mod avx2 {
         p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0));
         let e = _mm256_slli_epi32(_mm256_castps_si256(nf), 23);
         let v = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-        _mm256_and_ps(v, keep)
+        (v, keep)
     }
 
     #[inline(always)]
@@ -440,18 +440,19 @@ mod avx2 {
         nan: __m256,
     }
 
+    /// One vector of raw values r, o: maxima and the cross term unscaled (the caller
+    /// scales them by s once), the exponentials of s * x - m.
     #[inline(always)]
-    unsafe fn step(acc: &mut Acc, r: __m256, o: __m256, vmr: __m256, vmo: __m256) {
+    unsafe fn step(acc: &mut Acc, r: __m256, o: __m256, vs: __m256, vmr: __m256, vmo: __m256) {
         // max(x, acc) returns acc when x is NaN: NaN is skipped here, flagged below.
         acc.mr = _mm256_max_ps(r, acc.mr);
         acc.mo = _mm256_max_ps(o, acc.mo);
         acc.nan = _mm256_or_ps(acc.nan, _mm256_cmp_ps(r, o, _CMP_UNORD_Q));
-        let er = exp_ps(_mm256_sub_ps(r, vmr));
-        let eo = exp_ps(_mm256_sub_ps(o, vmo));
+        let (er, live) = exp_ps(_mm256_fmsub_ps(r, vs, vmr));
+        let (eo, _) = exp_ps(_mm256_fmsub_ps(o, vs, vmo));
         acc.sr = _mm256_add_ps(acc.sr, er);
         acc.so = _mm256_add_ps(acc.so, eo);
-        // A zero weight contributes 0, also where r - o is inf or NaN (-inf logits).
-        let live = _mm256_cmp_ps(er, _mm256_setzero_ps(), _CMP_NEQ_UQ);
+        // Only true exponentials weigh r - o: a -inf logit (r - o inf or NaN) contributes 0.
         let term = _mm256_mul_ps(er, _mm256_sub_ps(r, o));
         acc.x = _mm256_add_ps(acc.x, _mm256_and_ps(term, live));
     }
@@ -459,8 +460,9 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2 and FMA; `o` is at least as long as `r`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kl_chunk(r: &[f32], o: &[f32], mr: f32, mo: f32) -> Fused<f32> {
+    unsafe fn kl_chunk(r: &[f32], o: &[f32], s: f32, mr: f32, mo: f32) -> Fused<f32> {
         let n = r.len();
+        let vs = _mm256_set1_ps(s);
         let (pr, po) = (r.as_ptr(), o.as_ptr());
         let (vmr, vmo) = (_mm256_set1_ps(mr), _mm256_set1_ps(mo));
         let zero = _mm256_setzero_ps();
@@ -481,6 +483,7 @@ mod avx2 {
                 &mut a0,
                 _mm256_loadu_ps(pr.add(i)),
                 _mm256_loadu_ps(po.add(i)),
+                vs,
                 vmr,
                 vmo,
             );
@@ -488,6 +491,7 @@ mod avx2 {
                 &mut a1,
                 _mm256_loadu_ps(pr.add(i + 8)),
                 _mm256_loadu_ps(po.add(i + 8)),
+                vs,
                 vmr,
                 vmo,
             );
@@ -503,28 +507,30 @@ mod avx2 {
                 &mut a0,
                 _mm256_loadu_ps(tr.as_ptr()),
                 _mm256_loadu_ps(to.as_ptr()),
+                vs,
                 vmr,
                 vmo,
             );
             i += len;
         }
+        // Scaling by s > 0 is monotonic, also after rounding: the max of the scaled values.
         Fused {
             sr: hsum_f64(_mm256_add_ps(a0.sr, a1.sr)),
             so: hsum_f64(_mm256_add_ps(a0.so, a1.so)),
-            x: hsum_f64(_mm256_add_ps(a0.x, a1.x)),
-            maxr: hmax(_mm256_max_ps(a0.mr, a1.mr)),
-            maxo: hmax(_mm256_max_ps(a0.mo, a1.mo)),
+            x: s as f64 * hsum_f64(_mm256_add_ps(a0.x, a1.x)),
+            maxr: s * hmax(_mm256_max_ps(a0.mr, a1.mr)),
+            maxo: s * hmax(_mm256_max_ps(a0.mo, a1.mo)),
             nan: _mm256_movemask_ps(_mm256_or_ps(a0.nan, a1.nan)) != 0,
         }
     }
 
     impl KlKernels<f32> for Avx2 {
-        fn kl_chunk(self, r: &[f32], o: &[f32], mr: f32, mo: f32) -> Fused<f32> {
+        fn kl_chunk(self, r: &[f32], o: &[f32], s: f32, mr: f32, mo: f32) -> Fused<f32> {
             // A short `o` panics here instead of being read past its end.
             let o = &o[..r.len()];
             // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C,
             // and `o` now has exactly r.len() elements.
-            unsafe { kl_chunk(r, o, mr, mo) }
+            unsafe { kl_chunk(r, o, s, mr, mo) }
         }
     }
 }
