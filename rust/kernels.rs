@@ -5,7 +5,10 @@ use pyo3::exceptions::PyKeyError;
 use pyo3::prelude::*;
 
 /// (file name, source text); include_str! makes cargo rebuild when a file changes.
-const KERNELS: &[(&str, &str)] = &[("ce.cu", include_str!("../kernels/ce.cu"))];
+const KERNELS: &[(&str, &str)] = &[
+    ("ce.cu", include_str!("../kernels/ce.cu")),
+    ("kl.cu", include_str!("../kernels/kl.cu")),
+];
 
 /// The embedded source of the kernel file `name` (e.g. "ce.cu"), byte for byte.
 #[pyfunction]

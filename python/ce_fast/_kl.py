@@ -46,16 +46,20 @@ class KlSpec:
         return LossSpec(ignore_index=self.ignore_index, reduction=self.reduction)
 
 
-def _engine_pass(b: Batch, teacher, spec: KlSpec, *, g=None, given: KlStats | None = None) -> KlStats:
-    kw = dict(inv_temp=1.0 / spec.temperature, reverse=spec.reverse, g=g, out=b.out if g is not None else None)
-    if b.x.is_cuda:
+def _kl_engine(b: Batch):
+    """The KL pass of the batch's engine: kl_cuda beside the CUDA engine, kl_cpu beside the CPU one."""
+    if getattr(b.engine, "__name__", "").endswith(".cuda"):
         from ._engines import kl_cuda
 
-        s = kl_cuda.kl_pass(b.x, teacher, given=given, **kw)
-    else:
-        from ._engines import kl_cpu
+        return kl_cuda
+    from ._engines import kl_cpu
 
-        s = kl_cpu.kl_pass(b.x, teacher, given=given, **kw)
+    return kl_cpu
+
+
+def _engine_pass(b: Batch, teacher, spec: KlSpec, *, g=None, given: KlStats | None = None) -> KlStats:
+    kw = dict(inv_temp=1.0 / spec.temperature, reverse=spec.reverse, g=g, out=b.out if g is not None else None)
+    s = _kl_engine(b).kl_pass(b.x, teacher, given=given, **kw)
     if g is not None:
         _arrays.mark_written(b.out)
     return s
