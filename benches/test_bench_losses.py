@@ -81,7 +81,9 @@ def test_kl_torch(loss_case, benchmark):
     torch, (zt, tt) = _torch(z, t)
     yt = torch.from_numpy(y)
     with torch.no_grad():
-        ref = _time(benchmark, _label(shape, dtype, "kl"), lambda: L.LOSSES["kl"].torch(zt, tt, yt), z.nbytes + t.nbytes, 1, 0)
+        ref = _time(
+            benchmark, _label(shape, dtype, "kl"), lambda: L.LOSSES["kl"].torch(zt, tt, yt), z.nbytes + t.nbytes, 1, 0
+        )
     mine = float(L.LOSSES["kl"].ce_fast(z, t, y))
     assert abs(float(ref) - mine) <= 1e-2 * abs(mine)
 

@@ -96,7 +96,10 @@ pub struct KlStats {
 impl KlStats {
     #[inline]
     fn put(&self, r: usize, v: [f64; 5]) {
-        for (p, v) in [self.ms, self.ls, self.mt, self.lt, self.cross].into_iter().zip(v) {
+        for (p, v) in [self.ms, self.ls, self.mt, self.lt, self.cross]
+            .into_iter()
+            .zip(v)
+        {
             // SAFETY: the binding checked every pointer is non-null and 8-byte aligned; ce_fast
             // passes fresh float64 arrays of `rows` values (r < rows), each row written by one worker.
             unsafe { *(p as *mut f64).add(r) = v }

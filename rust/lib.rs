@@ -366,10 +366,8 @@ fn kl_run(
     py.detach(move || {
         // SAFETY: non-null and aligned (checked above); ce_fast passes a fresh float64 array
         // of `rows` coefficients that it keeps alive and nothing writes during the call.
-        let g = gout_ref.map(|out| kl::KlGrad {
-            g: unsafe { slice(g_ptr, rows) }.unwrap_or(&[]),
-            out,
-        });
+        let gs: &[f64] = unsafe { slice(g_ptr, rows) }.unwrap_or(&[]);
+        let g = gout_ref.map(|out| kl::KlGrad { g: gs, out });
         let pool = &*pool;
         let both_f64 = p_ref.student.dtype == DType::F64 || p_ref.teacher.dtype == DType::F64;
         if both_f64 {

@@ -27,7 +27,9 @@ def kl_rows_ref(s, t, *, temperature=1.0, reverse=False, target=None, ignore_ind
     return np.where(_valid(rows.shape, target, ignore_index), rows, 0.0)
 
 
-def kl_grad_ref(s, t, *, temperature=1.0, reverse=False, target=None, ignore_index=-100, reduction="mean", grad_output=1.0):
+def kl_grad_ref(
+    s, t, *, temperature=1.0, reverse=False, target=None, ignore_index=-100, reduction="mean", grad_output=1.0
+):
     """d(grad_output * loss) / d s in float64."""
     T = temperature
     lq = log_softmax_ref(f64(s) / T)

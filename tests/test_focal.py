@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ce_fast
+
 from conftest import assert_grad_close, assert_loss_dtype, assert_reduced_close, assert_rows_close, use_simd
 from oracle import f64
 from oracle_kl_focal import focal_rows_ref, reduce_ref
@@ -200,13 +201,21 @@ _Y = np.array([0, 1])
         (lambda: ce_fast.focal_loss(_z(), _Y, alpha=np.ones(4)), ValueError, "alpha must have shape (3,)"),
         (lambda: ce_fast.focal_loss(_z(), _Y, alpha=np.array([1.0, -1.0, 1.0])), ValueError, "alpha[1] = -1.0"),
         (lambda: ce_fast.focal_loss(_z(), _Y, alpha=np.array([1.0, np.nan, 1.0])), ValueError, "alpha must be finite"),
-        (lambda: ce_fast.focal_loss(_z(), _Y, alpha=np.array(["a", "b", "c"])), TypeError, "alpha must hold real numbers"),
+        (
+            lambda: ce_fast.focal_loss(_z(), _Y, alpha=np.array(["a", "b", "c"])),
+            TypeError,
+            "alpha must hold real numbers",
+        ),
         (lambda: ce_fast.focal_loss(_z(), np.zeros((2, 3), np.float32)), TypeError, "integer class-index targets"),
         (lambda: ce_fast.focal_loss(_z(), np.array([0, 3])), IndexError, "target value 3 at position (1,)"),
         (lambda: ce_fast.focal_loss(_z(), np.array([0, 1, 2])), ValueError, "target shape (3,)"),
         (lambda: ce_fast.focal_loss(_z(), _Y, reduction="avg"), ValueError, "reduction must be one of"),
         (lambda: ce_fast.focal_loss(np.zeros((2, 3), np.int32), _Y), TypeError, "logits dtype int32"),
-        (lambda: ce_fast.focal_loss_and_grad(_z(), _Y, out=np.zeros((2, 2), np.float32)), ValueError, "out must have shape"),
+        (
+            lambda: ce_fast.focal_loss_and_grad(_z(), _Y, out=np.zeros((2, 2), np.float32)),
+            ValueError,
+            "out must have shape",
+        ),
     ],
 )
 def test_bad_input(call, exc, msg):

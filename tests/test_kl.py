@@ -12,7 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ce_fast
-from conftest import LAYOUTS, assert_grad_close, assert_loss_dtype, assert_reduced_close, assert_rows_close, use_simd, with_layout
+
+from conftest import (
+    LAYOUTS,
+    assert_grad_close,
+    assert_loss_dtype,
+    assert_reduced_close,
+    assert_rows_close,
+    use_simd,
+    with_layout,
+)
 from oracle import f64
 from oracle_kl_focal import kl_grad_ref, kl_rows_ref, reduce_ref
 
@@ -130,7 +139,9 @@ def test_maxima_move_across_chunks(simd_path, dtype, reverse):
     t[3, 2100:] += 50.0
     s, t = s.astype(dtype), t.astype(dtype)
     ref = kl_rows_ref(s, t, reverse=reverse)
-    assert_rows_close(ce_fast.kl_divergence(s, t, reverse=reverse, reduction="none"), ref, dtype, scale=_scale(s, t, 1.0))
+    assert_rows_close(
+        ce_fast.kl_divergence(s, t, reverse=reverse, reduction="none"), ref, dtype, scale=_scale(s, t, 1.0)
+    )
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -261,7 +272,11 @@ def _s():
         (lambda: ce_fast.kl_divergence(_s(), np.zeros((2, 4), np.float32)), ValueError, "does not match logits shape"),
         (lambda: ce_fast.kl_divergence(_s(), np.zeros((2, 3), np.int32)), TypeError, "teacher_logits dtype int32"),
         (lambda: ce_fast.kl_divergence(np.zeros((2, 3), np.int64), _s()), TypeError, "logits dtype int64"),
-        (lambda: ce_fast.kl_divergence(np.zeros((2, 0), np.float32), np.zeros((2, 0), np.float32)), ValueError, "zero classes"),
+        (
+            lambda: ce_fast.kl_divergence(np.zeros((2, 0), np.float32), np.zeros((2, 0), np.float32)),
+            ValueError,
+            "zero classes",
+        ),
         (lambda: ce_fast.kl_divergence(_s(), _s(), temperature=0.0), ValueError, "temperature must be finite and > 0"),
         (lambda: ce_fast.kl_divergence(_s(), _s(), temperature=-1), ValueError, "temperature must be finite and > 0"),
         (lambda: ce_fast.kl_divergence(_s(), _s(), temperature=float("nan")), ValueError, "temperature must be"),
@@ -272,11 +287,31 @@ def _s():
         (lambda: ce_fast.kl_divergence(_s(), _s(), ignore_index=1.5), TypeError, "ignore_index must be an int"),
         (lambda: ce_fast.kl_divergence(_s(), _s(), target=np.zeros(2, np.float32)), TypeError, "target dtype float32"),
         (lambda: ce_fast.kl_divergence(_s(), _s(), target=np.zeros(3, np.int64)), ValueError, "target shape (3,)"),
-        (lambda: ce_fast.kl_divergence(_s(), _s(), target=np.array([0, 3])), IndexError, "target value 3 at position (1,)"),
-        (lambda: ce_fast.kl_divergence_and_grad(_s(), _s(), out=np.zeros((2, 4), np.float32)), ValueError, "out must have shape"),
-        (lambda: ce_fast.kl_divergence_and_grad(_s(), _s(), out=np.zeros((2, 3), np.float64)), TypeError, "out must be float32"),
-        (lambda: ce_fast.kl_divergence_and_grad(_s(), _s(), grad_output=np.ones(2)), ValueError, "grad_output must be a scalar"),
-        (lambda: ce_fast.kl_divergence_and_grad(_s(), _s(), grad_output="x"), TypeError, "grad_output must be a real number"),
+        (
+            lambda: ce_fast.kl_divergence(_s(), _s(), target=np.array([0, 3])),
+            IndexError,
+            "target value 3 at position (1,)",
+        ),
+        (
+            lambda: ce_fast.kl_divergence_and_grad(_s(), _s(), out=np.zeros((2, 4), np.float32)),
+            ValueError,
+            "out must have shape",
+        ),
+        (
+            lambda: ce_fast.kl_divergence_and_grad(_s(), _s(), out=np.zeros((2, 3), np.float64)),
+            TypeError,
+            "out must be float32",
+        ),
+        (
+            lambda: ce_fast.kl_divergence_and_grad(_s(), _s(), grad_output=np.ones(2)),
+            ValueError,
+            "grad_output must be a scalar",
+        ),
+        (
+            lambda: ce_fast.kl_divergence_and_grad(_s(), _s(), grad_output="x"),
+            TypeError,
+            "grad_output must be a real number",
+        ),
     ],
 )
 def test_bad_input(call, exc, msg):

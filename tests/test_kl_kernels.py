@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 import ce_fast
-import kernel_emulator
 from ce_fast._engines import cuda as _cuda
 from ce_fast._engines import kl_cuda
+
+import kernel_emulator
 from conftest import assert_grad_close, assert_rows_close, with_layout
 from oracle_kl_focal import kl_grad_ref, kl_rows_ref
 from test_kernels_compile import _signature, compile_module

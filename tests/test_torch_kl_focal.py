@@ -137,7 +137,9 @@ def test_opcheck_custom_ops():
         torch.library.opcheck(torch.ops.ce_fast.focal_loss.default, fargs)
         loss, stats = torch.ops.ce_fast.focal_loss(*fargs)
         grad = torch.rand(loss.shape, dtype=loss.dtype)
-        torch.library.opcheck(torch.ops.ce_fast.focal_loss_backward.default, (grad, s, y, alpha, stats.detach()) + fargs[3:])
+        torch.library.opcheck(
+            torch.ops.ce_fast.focal_loss_backward.default, (grad, s, y, alpha, stats.detach()) + fargs[3:]
+        )
 
 
 def test_torch_compile_fullgraph():

@@ -7,9 +7,9 @@ back as the input's library, on the input's device.
 
 from ._api import bits_per_token, cross_entropy, cross_entropy_and_grad, logsumexp, perplexity
 from ._core import __version__
+from ._engines.cpu import get_threads, set_threads
 from ._focal import focal_loss, focal_loss_and_grad
 from ._kl import kl_divergence, kl_divergence_and_grad
-from ._engines.cpu import get_threads, set_threads
 
 __all__ = [
     "logsumexp",

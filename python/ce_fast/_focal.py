@@ -47,7 +47,9 @@ def _batch_for(logits, target, spec: LossSpec, alpha, **grad) -> Batch:
 
 
 def _stats(b: Batch, *, grad=None, given: Stats | None = None) -> Stats:
-    s = b.engine.run(b, scale=1.0, softcap=0.0, want_wz=False, grad=grad, out=b.out if grad is not None else None, given=given)
+    s = b.engine.run(
+        b, scale=1.0, softcap=0.0, want_wz=False, grad=grad, out=b.out if grad is not None else None, given=given
+    )
     if grad is not None:
         _arrays.mark_written(b.out)
     return s
@@ -95,7 +97,9 @@ def focal_loss(
     ValueError for wrong shapes, bad option values or mixed devices; TypeError for
     unsupported dtypes; IndexError for a target outside ``[0, C)`` that is not ``ignore_index``.
     """
-    return _focal_loss_and_stats(logits, target, gamma=gamma, alpha=alpha, ignore_index=ignore_index, reduction=reduction)[0]
+    return _focal_loss_and_stats(
+        logits, target, gamma=gamma, alpha=alpha, ignore_index=ignore_index, reduction=reduction
+    )[0]
 
 
 def _focal_loss_and_stats(logits, target, *, gamma, alpha, ignore_index, reduction):
@@ -139,7 +143,9 @@ def focal_loss_and_grad(
         return loss, b.result
 
 
-def _focal_grad_with_saved(logits, target, saved: Stats, *, gamma, alpha, ignore_index, reduction, grad_output=1.0, out=None):
+def _focal_grad_with_saved(
+    logits, target, saved: Stats, *, gamma, alpha, ignore_index, reduction, grad_output=1.0, out=None
+):
     """The gradient only, from statistics saved by a forward call (for ce_fast.torch)."""
     g = _gamma(gamma)
     spec = LossSpec.make(ignore_index=ignore_index, reduction=reduction)

@@ -13,9 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import bench
-from ._core import simd_level
+from ._core import MAX_THREADS, simd_level
 from .bench.losses import DEFAULT_LOSS_SIZES, LOSSES, bench_loss, format_loss_table
-from ._core import MAX_THREADS
 
 
 def _option(parse: Callable[[str], Any]) -> Callable[[str], Any]:

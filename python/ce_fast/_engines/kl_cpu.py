@@ -29,7 +29,9 @@ def kl_pass(
     statistics (from an earlier call) only the gradient pass runs."""
     rows = x.rows
     if given is not None:
-        s = KlStats(*(np.ascontiguousarray(a, dtype=np.float64) for a in (given.ms, given.ls, given.mt, given.lt, given.cross)))
+        s = KlStats(
+            *(np.ascontiguousarray(a, dtype=np.float64) for a in (given.ms, given.ls, given.mt, given.lt, given.cross))
+        )
     else:
         s = KlStats(*(np.empty(rows) for _ in range(5)))
     if rows == 0:
@@ -41,7 +43,7 @@ def kl_pass(
         teacher.desc(),
         float(inv_temp),
         bool(reverse),
-        tuple(_ptr(a) for a in (s.ms, s.ls, s.mt, s.lt, s.cross)),
+        (_ptr(s.ms), _ptr(s.ls), _ptr(s.mt), _ptr(s.lt), _ptr(s.cross)),
         grad,
         given is not None,
         cpu._threads,

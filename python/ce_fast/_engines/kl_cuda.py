@@ -114,7 +114,12 @@ def kl_pass(
         bad = x if x.code not in TYPES else teacher
         raise TypeError(f"logits dtype {bad.dtype_name} is not supported on the GPU")
     if given is not None:
-        s = KlStats(*(cp.ascontiguousarray(cp.asarray(a, dtype=f64)) for a in (given.ms, given.ls, given.mt, given.lt, given.cross)))
+        s = KlStats(
+            *(
+                cp.ascontiguousarray(cp.asarray(a, dtype=f64))
+                for a in (given.ms, given.ls, given.mt, given.lt, given.cross)
+            )
+        )
     else:
         s = KlStats(*(cp.empty(rows, dtype=f64) for _ in range(5)))
     if rows == 0:

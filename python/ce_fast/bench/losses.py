@@ -9,6 +9,7 @@ logits and targets of :func:`~ce_fast.bench.inputs.make_logits` and names what i
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -113,6 +114,10 @@ LOSSES: dict[str, LossBench] = {
 }
 
 
+def _all(calls: list) -> list:
+    return [c() for c in calls]
+
+
 def _best(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any]:
     out = None
     for _ in range(warmup):
@@ -150,12 +155,12 @@ def bench_loss(
             nbytes = sum(a.nbytes for a in inp.arrays)
             reads = [read_pass_fn(a, threads) for a in inp.arrays]
             rec: dict[str, Any] = {"loss": name, "shape": list(shape), "dtype": dtype, "bytes": nbytes}
-            rec["read"], _ = _best(lambda: [r() for r in reads], repeat, warmup)
-            rec["ce_fast"], loss = _best(lambda: lb.ce_fast(*inp.arrays, y), repeat, warmup)
+            rec["read"], _ = _best(functools.partial(_all, reads), repeat, warmup)
+            rec["ce_fast"], loss = _best(functools.partial(lb.ce_fast, *inp.arrays, y), repeat, warmup)
             rec["value"] = float(loss)
             rec["cross_entropy"] = None
             if lb.compare_ce:
-                rec["cross_entropy"], _ = _best(lambda: _ce_fast_ce(z, y), repeat, warmup)
+                rec["cross_entropy"], _ = _best(functools.partial(_ce_fast_ce, z, y), repeat, warmup)
             rec["torch"] = None
             if torch:
                 import torch as _torch
@@ -165,7 +170,7 @@ def bench_loss(
                 ts = [as_torch(a) for a in inp.arrays]
                 yt = _torch.from_numpy(y)
                 with _torch.no_grad():
-                    rec["torch"], ref = _best(lambda: lb.torch(*ts, yt), 1, 0)
+                    rec["torch"], ref = _best(functools.partial(lb.torch, *ts, yt), 1, 0)
                 rec["torch_value"] = float(ref)
             records.append(rec)
     return records
@@ -173,7 +178,19 @@ def bench_loss(
 
 def format_loss_table(records: list[dict]) -> str:
     """A plain-text table of :func:`bench_loss` records."""
-    head = ("loss", "size", "dtype", "read ms", "ce_fast ms", "GB/s", "% read", "torch ms", "vs torch", "CE ms", "vs CE")
+    head = (
+        "loss",
+        "size",
+        "dtype",
+        "read ms",
+        "ce_fast ms",
+        "GB/s",
+        "% read",
+        "torch ms",
+        "vs torch",
+        "CE ms",
+        "vs CE",
+    )
     rows = [head]
     for r in records:
         gbs = r["bytes"] / r["ce_fast"] / 1e9
