@@ -38,15 +38,16 @@ def test_embedded_source_is_the_checkout_file_byte_for_byte():
 
 
 def test_every_kernel_file_is_embedded():
-    assert _checkout_files() == ["ce.cu"]
-    assert _core.kernel_names() == _checkout_files()
+    assert "ce.cu" in _checkout_files()
+    assert sorted(_core.kernel_names()) == _checkout_files()
     assert _cuda.KERNEL_NAME in _core.kernel_names()
 
 
 def test_unknown_kernel_file():
     with pytest.raises(KeyError) as exc:
         _core.kernel_source("nope.cu")
-    assert exc.value.args == ('no embedded kernel file "nope.cu"; have ["ce.cu"]',)
+    have = ", ".join(f'"{n}"' for n in _core.kernel_names())
+    assert exc.value.args == (f'no embedded kernel file "nope.cu"; have [{have}]',)
 
 
 def test_loader_returns_the_embedded_text(monkeypatch):
