@@ -23,7 +23,7 @@ from ce_fast._engines import kl_cuda
 import kernel_emulator
 from conftest import assert_grad_close, assert_rows_close, with_layout
 from oracle_kl_focal import kl_grad_ref, kl_rows_ref
-from test_kernels_compile import _signature, compile_module
+from test_kernels_compile import _nvrtc, _signature, compile_module
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
@@ -34,7 +34,7 @@ def _src() -> str:
 
 
 def test_every_kl_kernel_compiles():
-    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+    nvrtc = _nvrtc()  # fails (never skips) without NVRTC, as the ce.cu compile test
     failures = []
     for key, names in kl_cuda.modules().items():
         result, log, lowered, cubin = compile_module(_src(), names, "sm_80")
@@ -48,7 +48,7 @@ def test_every_kl_kernel_compiles():
 
 
 def test_kl_compiles_as_cxx17_and_sm90():
-    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+    nvrtc = _nvrtc()
     names = kl_cuda.kernel_names(kl_cuda.BF16, kl_cuda.F16)
     result, log, _, _ = compile_module(_src(), names, "sm_90", ("-std=c++17",))
     assert result == nvrtc.nvrtcResult.NVRTC_SUCCESS, log
