@@ -9,6 +9,7 @@ const KERNELS: &[(&str, &str)] = &[
     ("ce.cu", include_str!("../kernels/ce.cu")),
     ("eval.cu", include_str!("../kernels/eval.cu")),
     ("binary.cu", include_str!("../kernels/binary.cu")),
+    ("kl.cu", include_str!("../kernels/kl.cu")),
 ];
 
 /// The embedded source of the kernel file `name` (e.g. "ce.cu"), byte for byte.

@@ -13,6 +13,7 @@ mod binary;
 mod elem;
 mod float;
 mod kernels;
+mod kl;
 mod rows;
 mod simd;
 
@@ -371,6 +372,96 @@ fn run_binary(
     }))
 }
 
+/// Distillation KL over student logits `x` and `teacher` of the same shape, divided by
+/// the temperature (`inv_temp` = 1 / T). stats = (ms, ls, mt, lt, cross) f64 pointers of
+/// length rows: written by the pass, or read when `given` (then only the gradient runs).
+/// grad = (g pointer, out descriptor): the gradient with respect to `x` into `out`.
+#[pyfunction]
+#[pyo3(signature = (x, teacher, inv_temp, reverse, stats, grad=None, given=false, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn kl_run(
+    py: Python<'_>,
+    x: Desc,
+    teacher: Desc,
+    inv_temp: f64,
+    reverse: bool,
+    stats: (usize, usize, usize, usize, usize),
+    grad: Option<(usize, Desc)>,
+    given: bool,
+    threads: usize,
+) -> PyResult<()> {
+    let x = matrix(x, "logits")?;
+    let teacher = matrix(teacher, "teacher logits")?;
+    if teacher.cols != x.cols || teacher.batch_shape != x.batch_shape {
+        return Err(PyValueError::new_err(
+            "teacher logits shape differs from logits",
+        ));
+    }
+    if given && grad.is_none() {
+        return Err(PyValueError::new_err("given statistics need a gradient"));
+    }
+    let ptrs = [
+        (stats.0, "ms"),
+        (stats.1, "ls"),
+        (stats.2, "mt"),
+        (stats.3, "lt"),
+        (stats.4, "cross"),
+        (grad.as_ref().map_or(8, |g| g.0), "g"),
+    ];
+    if let Some((_, what)) = ptrs.iter().find(|(p, _)| *p == 0) {
+        return Err(PyValueError::new_err(format!("{what}: null pointer")));
+    }
+    check_aligned(&ptrs)?;
+    let rows = x.rows();
+    let gout = match &grad {
+        Some((_, d)) => {
+            let m = matrix(d.clone(), "grad out")?;
+            if m.cols != x.cols || m.batch_shape != x.batch_shape {
+                return Err(PyValueError::new_err(
+                    "gradient out shape differs from logits",
+                ));
+            }
+            Some(m)
+        }
+        None => None,
+    };
+    let pool = pool(py, threads)?;
+    let st = kl::KlStats {
+        ms: stats.0,
+        ls: stats.1,
+        mt: stats.2,
+        lt: stats.3,
+        cross: stats.4,
+    };
+    let p = kl::KlProblem {
+        student: &x,
+        teacher: &teacher,
+        inv_t: inv_temp,
+        reverse,
+        given,
+    };
+    let g_ptr = grad.as_ref().map_or(0, |g| g.0);
+    let gout_ref = gout.as_ref();
+    let p_ref = &p;
+    py.detach(move || {
+        // SAFETY: non-null and aligned (checked above); ce_fast passes a fresh float64 array
+        // of `rows` coefficients that it keeps alive and nothing writes during the call.
+        let gs: &[f64] = unsafe { slice(g_ptr, rows) }.unwrap_or(&[]);
+        let g = gout_ref.map(|out| kl::KlGrad { g: gs, out });
+        let pool = &*pool;
+        let both_f64 = p_ref.student.dtype == DType::F64 || p_ref.teacher.dtype == DType::F64;
+        if both_f64 {
+            return kl::run::<f64, _>(Scalar, p_ref, st, g.as_ref(), pool);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (simd::Level::Avx2, Some(k)) = (simd::current(), simd::avx2::Avx2::new()) {
+            return kl::run::<f32, _>(k, p_ref, st, g.as_ref(), pool);
+        }
+        kl::run::<f32, _>(Scalar, p_ref, st, g.as_ref(), pool);
+    });
+    Ok(())
+}
+
 /// Reads every byte of a C-contiguous buffer once, on the engine's threads: the
 /// memory-bandwidth yardstick the benchmarks compare against. Returns a checksum
 /// so the reads cannot be optimised away.
@@ -455,6 +546,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     simd::init_from_env().map_err(PyValueError::new_err)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(run_binary, m)?)?;
+    m.add_function(wrap_pyfunction!(kl_run, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

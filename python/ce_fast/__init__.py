@@ -15,6 +15,8 @@ from ._binary import (
 from ._core import __version__
 from ._engines.cpu import get_threads, set_threads
 from .streaming import EvalResult, StreamingCrossEntropy, evaluate
+from ._focal import focal_loss, focal_loss_and_grad
+from ._kl import kl_divergence, kl_divergence_and_grad
 
 __all__ = [
     "logsumexp",
@@ -26,6 +28,10 @@ __all__ = [
     "binary_cross_entropy_with_logits_and_grad",
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_and_grad",
+    "kl_divergence",
+    "kl_divergence_and_grad",
+    "focal_loss",
+    "focal_loss_and_grad",
     "set_threads",
     "get_threads",
     "__version__",

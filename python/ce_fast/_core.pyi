@@ -30,6 +30,20 @@ def run(
     swz, swtz, swt; 0 = not wanted), and with `grad` the gradient into its last Desc.
     `argmax`: an i64 buffer (0 = not wanted) for each row's first maximum, -1 for NaN rows."""
 
+def kl_run(
+    x: Desc,
+    teacher: Desc,
+    inv_temp: float,
+    reverse: bool,
+    stats: tuple[int, int, int, int, int],
+    grad: tuple[int, Desc] | None = None,
+    given: bool = False,
+    threads: int = 0,
+) -> None:
+    """Distillation KL of student `x` against `teacher` over T = 1/inv_temp: per-row f64
+    statistics (ms, ls, mt, lt, cross) written at `stats` (read when `given`), and with
+    `grad` = (per-row factor pointer, out Desc) the student's gradient."""
+
 def read_pass(ptr: int, nbytes: int, threads: int = 0) -> int:
     """Reads `nbytes` at `ptr` once on the engine's threads; an xor checksum."""
 

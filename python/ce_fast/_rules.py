@@ -25,7 +25,7 @@ sum of the target weights of counted rows (integer targets) or the row count
 from __future__ import annotations
 
 from ._spec import LossSpec
-from ._types import Batch, GradCoef, Stats
+from ._types import Batch, GradCoef, KlStats, Stats
 
 __all__ = ["GradCoef", "Stats", "denominator", "grad_coef", "per_row", "reduce", "wants_wz"]
 
@@ -147,3 +147,97 @@ class _quiet:
     def __exit__(self, *exc):
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- distillation KL
+
+
+def count_reduce(b: Batch, spec: LossSpec, rows_loss):
+    """As :func:`reduce`, the mean dividing by the number of counted rows (KL, focal)."""
+    xp = b.xp
+    with _quiet(xp):
+        if spec.reduction == "none":
+            return rows_loss.astype(b.out_dtype).reshape(b.x.batch_shape)
+        total = float(rows_loss.sum())
+        if spec.reduction == "mean":
+            den = float(b.valid.sum())
+            total = total / den if den != 0.0 else float("nan")
+        return xp.asarray(total, dtype=b.out_dtype)
+
+
+def row_grad_scale(b: Batch, spec: LossSpec):
+    """float64 factor of each row's gradient: grad_output, over the number of counted rows
+    for ``mean``, 0 for rows that do not count."""
+    xp = b.xp
+    if spec.reduction == "none":
+        go = xp.broadcast_to(xp.asarray(b.grad_output, dtype=xp.float64), b.x.batch_shape).reshape(b.rows)
+    else:
+        go = xp.full(b.rows, float(b.grad_output), dtype=xp.float64)
+        if spec.reduction == "mean":
+            den = float(b.valid.sum())
+            go = go / den if den != 0.0 else go * 0.0
+    return xp.where(b.valid, go, 0.0)
+
+
+def kl_per_row(b: Batch, s: KlStats, reverse: bool):
+    """float64 KL of every row (0 for rows left out) from the engines' KL statistics.
+
+    With r the reference distribution's logits over T (the teacher's for KL(p || q), the
+    student's for KL(q || p)) and o the other's, ``cross = E_r[r - o]`` and
+    ``KL = cross - lse_r + lse_o``, the maxima and log-sums kept apart so that large
+    common offsets cancel exactly. A row holding NaN or +inf, or only -inf, in either
+    array is NaN (its float64 log_softmax is).
+    """
+    xp = b.xp
+    with _quiet(xp):
+        if reverse:
+            (mr, lr), (mo, lo) = (s.ms, s.ls), (s.mt, s.lt)
+        else:
+            (mr, lr), (mo, lo) = (s.mt, s.lt), (s.ms, s.ls)
+        loss = s.cross - (mr - mo) - (lr - lo)
+        return xp.where(b.valid, loss, 0.0)
+
+
+# ---------------------------------------------------------------- focal loss
+
+
+def _focal_parts(b: Batch, s: Stats, gamma: float):
+    """Per-row float64 (u, om, p) of the focal rules: u = -log p_y = (mx - zy) + ls (the
+    cross-entropy of the row, the very value cross_entropy uses), p = p_y = exp(-u) and
+    om = 1 - p_y = -expm1(-u) (exact near p_y = 1)."""
+    xp = b.xp
+    u = (s.mx - s.zy) + s.ls
+    p = xp.exp(-u)
+    om = xp.maximum(-xp.expm1(-u), 0.0)  # u may round a hair below 0
+    return u, om, p
+
+
+def focal_per_row(b: Batch, s: Stats, gamma: float):
+    """float64 focal loss ``-alpha_y (1 - p_y)**gamma log p_y`` of every row (0 for ignored
+    rows); ``b.wy`` holds alpha_y (1 without alpha). gamma = 0 gives
+    ``wy * ((mx - zy) + ls)``, cross_entropy's own rule, exactly."""
+    xp = b.xp
+    with _quiet(xp):
+        u, om, _ = _focal_parts(b, s, gamma)
+        loss = b.wy * u if gamma == 0.0 else b.wy * (om**gamma) * u
+        loss = xp.where(xp.isfinite(s.mx), loss, xp.nan)
+        return xp.where(b.valid, loss, 0.0)
+
+
+def focal_grad_coef(b: Batch, spec: LossSpec, s: Stats, gamma: float) -> GradCoef:
+    """Gradient coefficients of ``grad_output * focal loss`` in the engines' form
+    ``g (a p_c - b [c == y])`` with a = b = alpha_y om**gamma (1 + gamma p_y u / om):
+    d/dz_c of -(1-p)**gamma log p is (p_c - [c == y]) (1-p)**gamma (1 + gamma p u / (1-p)),
+    where u / (1-p) -> 1 as p -> 1 (and gamma p u / om is 0 where p_y = 0).
+    gamma = 0 gives a = b = alpha_y: cross-entropy's coefficients."""
+    xp = b.xp
+    with _quiet(xp):
+        u, om, p = _focal_parts(b, s, gamma)
+        if gamma == 0.0:
+            k = b.wy
+        else:
+            ratio = xp.where(u == 0.0, 1.0, u / xp.where(om == 0.0, 1.0, om))
+            extra = xp.where(p == 0.0, 0.0, gamma * p * ratio)
+            k = b.wy * (om**gamma) * (1.0 + extra)
+        k = xp.where(b.valid, k, 0.0)
+    return GradCoef(a0=k, b=k, g=row_grad_scale(b, spec), a_lse=0.0, a_swt=0.0, d=0.0, e=0.0)

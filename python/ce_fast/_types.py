@@ -34,6 +34,21 @@ class Stats:
 
 
 @dataclass
+class KlStats:
+    """Per-row statistics of the distillation KL, float64 arrays of the engine's array
+    module, all over T: the student's max ``ms`` and log-sum ``ls`` (lse = ms + ls), the
+    teacher's ``mt`` and ``lt``, and ``cross = E_r[r - o]``, the expectation under the
+    reference distribution (the teacher's, or the student's for the reverse KL) of its
+    logits minus the other's."""
+
+    ms: Any
+    ls: Any
+    mt: Any
+    lt: Any
+    cross: Any
+
+
+@dataclass
 class GradCoef:
     """``grad_c = g * chain_c * ((a0 + a_lse*lse + a_swt*swt) p_c - d w_c - e w_c t_c - b [c == y])``
     with ``p_c = exp(z_c - lse)``: the rules give the coefficients, engines apply them."""

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import bench
-from ._core import MAX_THREADS
+from ._core import MAX_THREADS, simd_level
+from .bench.losses import DEFAULT_LOSS_SIZES, LOSSES, bench_loss, format_loss_table
 
 
 def _option(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -121,14 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="--device cuda inputs: torch CUDA tensors or CuPy arrays (default: torch when PyTorch has "
         "CUDA, else cupy; bfloat16 needs torch)",
     )
-    add("--seed", type=int, default=0, help="random seed of the logits and targets (default: %(default)s)")
     add(
         "--loss",
-        choices=["ce", "bce"],
+        choices=sorted({*LOSSES, "bce"}),
         default="ce",
-        help="ce: cross_entropy (default); bce: binary_cross_entropy_with_logits against PyTorch (CPU; sizes "
-        "default to 16384x4096)",
+        help="the loss to bench (default: %(default)s, the full cross-entropy bench); another name times that "
+        "loss against the PyTorch way of computing it and a read pass of its inputs (CPU; default size "
+        f"{DEFAULT_LOSS_SIZES}; bce: binary_cross_entropy_with_logits at 16384x4096)",
     )
+    add("--seed", type=int, default=0, help="random seed of the logits and targets (default: %(default)s)")
     add("--json", metavar="PATH", default=None, help="also write machine-readable results here")
     add("--markdown", metavar="PATH", default=None, help="also write the table as Markdown here")
     add(
@@ -244,12 +246,38 @@ def _bench_bce(ns: argparse.Namespace) -> int:
 
         with open(ns.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def _bench_loss(ns: argparse.Namespace) -> int:
+    """``--loss NAME`` (not ce): that loss against PyTorch and the read pass, on the CPU."""
+    if ns.device != "cpu":
+        print(f"ce-fast bench: error: --loss {ns.loss} benches the CPU engine only", file=sys.stderr)
+        return 2
+    import json
+
+    records = bench_loss(
+        ns.loss,
+        ns.sizes or bench.parse_sizes(DEFAULT_LOSS_SIZES),
+        ns.dtypes,
+        repeat=ns.repeat or 3,
+        warmup=1 if ns.warmup is None else ns.warmup,
+        threads=ns.threads or 0,
+        torch=ns.torch,
+        seed=ns.seed,
+        quiet=ns.quiet,
+    )
+    print(format_loss_table(records))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump({"machine": {"simd": simd_level()}, "losses": records}, f, indent=1)
     return 0
 
 
 def _bench(ns: argparse.Namespace, argv: Sequence[str]) -> int:
     if ns.loss == "bce":
         return _bench_bce(ns)
+    if getattr(ns, "loss", "ce") != "ce":
+        return _bench_loss(ns)
     cfg = _to_config(ns, argv)
     bad = cfg.problem()
     if bad:

@@ -68,9 +68,11 @@ from . import _api, _arrays
 from ._rules import Stats
 from ._spec import LossSpec, document_options
 from ._torch_binary import BCEWithLogitsLoss, binary_cross_entropy_with_logits, sigmoid_focal_loss
+from ._torch_kl_focal import focal_loss, kl_divergence
 from ._vocab_parallel import vocab_parallel_cross_entropy
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy"]
+__all__ += ["kl_divergence", "focal_loss"]
 __all__ += ["binary_cross_entropy_with_logits", "sigmoid_focal_loss", "BCEWithLogitsLoss"]
 
 
