@@ -18,13 +18,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from test_kernels_compile import CUPY_OPTIONS, _signature, compile_module
 
 from ce_fast import _arrays, _eval_cuda, evaluate
 from ce_fast._engines import cuda as _cuda
 from ce_fast.streaming import exact_sum
 
 from kernel_emulator import PRELUDE, compiler
+from test_kernels_compile import CUPY_OPTIONS, _signature, compile_module
 
 HERE = Path(__file__).resolve().parent
 

@@ -14,9 +14,9 @@ from ._binary import (
 )
 from ._core import __version__
 from ._engines.cpu import get_threads, set_threads
-from .streaming import EvalResult, StreamingCrossEntropy, evaluate
 from ._focal import focal_loss, focal_loss_and_grad
 from ._kl import kl_divergence, kl_divergence_and_grad
+from .streaming import EvalResult, StreamingCrossEntropy, evaluate
 
 __all__ = [
     "logsumexp",

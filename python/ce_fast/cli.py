@@ -246,6 +246,7 @@ def _bench_bce(ns: argparse.Namespace) -> int:
 
         with open(ns.json, "w") as f:
             json.dump(rows, f, indent=2)
+    return 0
 
 
 def _bench_loss(ns: argparse.Namespace) -> int:
