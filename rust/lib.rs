@@ -12,6 +12,7 @@
 mod elem;
 mod float;
 mod kernels;
+mod plain;
 mod rows;
 mod simd;
 
@@ -19,7 +20,6 @@ use elem::{DType, Matrix};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rows::{GradSpec, Problem, StatsOut};
-use simd::scalar::Scalar;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// (address, dtype code, columns, column stride, batch shape, batch strides)
@@ -278,17 +278,149 @@ fn run(
                 out: m,
             }
         });
-        let pool = &*pool;
-        if x_ref.dtype == DType::F64 {
-            return rows::run::<f64, _>(Scalar, &p, gspec.as_ref(), out, pool);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let (simd::Level::Avx2, Some(k)) = (simd::current(), simd::avx2::Avx2::new()) {
-            return rows::run::<f32, _>(k, &p, gspec.as_ref(), out, pool);
-        }
-        rows::run::<f32, _>(Scalar, &p, gspec.as_ref(), out, pool);
+        rows::run_auto(&p, gspec.as_ref(), out, &pool);
     });
     Ok(())
+}
+
+/// The int64 targets at `target` as class indices (-1 for ignored rows) and the counted
+/// rows; `Err(r)` for the first row whose target is out of range.
+fn plain_targets(
+    target: usize,
+    rows: usize,
+    cols: usize,
+    ignore_index: i64,
+) -> PyResult<Result<(Vec<i64>, usize), usize>> {
+    if target == 0 && rows > 0 {
+        return Err(PyValueError::new_err("target: null data pointer"));
+    }
+    check_aligned(&[(target, "target")])?;
+    // SAFETY: non-null for rows > 0 and aligned (checked above); ce_fast passes a
+    // contiguous int64 array of `rows` values, kept alive and unwritten for the call.
+    let t = unsafe { slice::<i64>(target, rows) }.unwrap_or(&[]);
+    Ok(plain::targets(t, cols, ignore_index))
+}
+
+/// `len` float64 values at a non-null, 8-byte aligned `ptr`, checked.
+///
+/// # Safety
+/// `ptr` addresses `len` float64 values that the caller keeps alive for the call, and
+/// nothing else reads or writes them while the slice lives.
+unsafe fn f64s_mut<'a>(ptr: usize, len: usize, what: &str) -> PyResult<&'a mut [f64]> {
+    if ptr == 0 || !ptr.is_multiple_of(8) {
+        return Err(PyValueError::new_err(format!(
+            "{what}: address {ptr:#x} is null or not 8-byte aligned"
+        )));
+    }
+    // SAFETY: the caller's obligation above; null and misalignment were refused.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr as *mut f64, len) })
+}
+
+/// The plain cross-entropy's forward (integer targets and `ignore_index`, no other
+/// option): `target` int64, contiguous, one per row; `lse` float64 (2, rows), contiguous,
+/// receives the row maxima then the log-sums; `loss` float64 (rows,) the per-row losses
+/// (0 for ignored rows). With `grad = (go, mean, out)` the gradient of `go * loss` (go
+/// divided by the counted rows when `mean`) is written into `out` in the same pass.
+/// Returns the counted rows, or -1 - r for the first row r whose target is out of range
+/// (then nothing is computed).
+#[pyfunction]
+#[pyo3(signature = (x, target, ignore_index, lse, loss, grad=None, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn plain_forward(
+    py: Python<'_>,
+    x: Desc,
+    target: usize,
+    ignore_index: i64,
+    lse: usize,
+    loss: usize,
+    grad: Option<(f64, bool, Desc)>,
+    threads: usize,
+) -> PyResult<i64> {
+    let x = matrix(x, "logits")?;
+    let rows = x.rows();
+    let (idx, counted) = match plain_targets(target, rows, x.cols, ignore_index)? {
+        Ok(v) => v,
+        Err(r) => return Ok(-1 - r as i64),
+    };
+    let gout = match grad {
+        Some((go, mean, d)) => Some((go, mean, grad_matrix(d, &x)?)),
+        None => None,
+    };
+    // SAFETY: ce_fast passes fresh float64 arrays, (2, rows) and (rows,), that it keeps
+    // alive for the call and that nothing else touches meanwhile.
+    let (lse, loss) = unsafe {
+        (
+            f64s_mut(lse, 2 * rows, "lse")?,
+            f64s_mut(loss, rows, "loss")?,
+        )
+    };
+    let (mx, ls) = lse.split_at_mut(rows);
+    let pool = pool(py, threads)?;
+    py.detach(|| {
+        let grad = gout.as_ref().map(|(go, mean, m)| {
+            let up = if *mean {
+                plain::Upstream::Mean(*go)
+            } else {
+                plain::Upstream::Sum(*go)
+            };
+            (up, m)
+        });
+        plain::forward(&x, &idx, counted, mx, ls, loss, grad, &pool)
+    });
+    Ok(counted as i64)
+}
+
+/// The plain cross-entropy's gradient from the `lse` a `plain_forward` call filled: `go`
+/// for the batch (divided by the counted rows when `mean`), or float64 per-row values at
+/// `go_rows` (0 = none), into `out`.
+#[pyfunction]
+#[pyo3(signature = (x, target, ignore_index, lse, go, go_rows, mean, out, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn plain_backward(
+    py: Python<'_>,
+    x: Desc,
+    target: usize,
+    ignore_index: i64,
+    lse: usize,
+    go: f64,
+    go_rows: usize,
+    mean: bool,
+    out: Desc,
+    threads: usize,
+) -> PyResult<()> {
+    let x = matrix(x, "logits")?;
+    let rows = x.rows();
+    let (idx, counted) = plain_targets(target, rows, x.cols, ignore_index)?
+        .map_err(|r| PyValueError::new_err(format!("target of row {r} out of range")))?;
+    let out = grad_matrix(out, &x)?;
+    // SAFETY: ce_fast passes the float64 statistics saved by the forward, (2, rows), and
+    // per-row upstream gradients (rows,), alive and unwritten for the call; only read here.
+    let (lse, up) = unsafe {
+        let lse: &[f64] = f64s_mut(lse, 2 * rows, "lse")?;
+        let up = if go_rows != 0 {
+            plain::Upstream::Rows(f64s_mut(go_rows, rows, "go_rows")?)
+        } else if mean {
+            plain::Upstream::Mean(go)
+        } else {
+            plain::Upstream::Sum(go)
+        };
+        (lse, up)
+    };
+    let (mx, ls) = lse.split_at(rows);
+    let pool = pool(py, threads)?;
+    py.detach(|| plain::backward(&x, &idx, counted, mx, ls, up, &out, &pool));
+    Ok(())
+}
+
+/// A gradient destination: the logits' class count and batch shape.
+fn grad_matrix(d: Desc, x: &Matrix) -> PyResult<Matrix> {
+    let m = matrix(d, "grad out")?;
+    if m.cols != x.cols || m.batch_shape != x.batch_shape {
+        return Err(PyValueError::new_err(
+            "gradient out shape differs from logits",
+        ));
+    }
+    Ok(m)
 }
 
 /// Reads every byte of a C-contiguous buffer once, on the engine's threads: the
@@ -374,6 +506,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // A bad CE_FAST_SIMD fails the import rather than silently meaning "auto".
     simd::init_from_env().map_err(PyValueError::new_err)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
+    m.add_function(wrap_pyfunction!(plain_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(plain_backward, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

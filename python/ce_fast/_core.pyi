@@ -28,6 +28,34 @@ def run(
     """Per-row statistics of the logits `x` into the f64 buffers at `stats` (mx, ls, zy,
     swz, swtz, swt; 0 = not wanted), and with `grad` the gradient into its last Desc."""
 
+def plain_forward(
+    x: Desc,
+    target: int,
+    ignore_index: int,
+    lse: int,
+    loss: int,
+    grad: tuple[float, bool, Desc] | None = None,
+    threads: int = 0,
+) -> int:
+    """The plain cross-entropy (int64 `target`, one per row): row maxima and log-sums
+    into the float64 (2, rows) `lse`, per-row losses into `loss`; with `grad = (go, mean,
+    out)` also the gradient of go * loss. The counted rows, or -1 - r for the first row r
+    whose target is out of range."""
+
+def plain_backward(
+    x: Desc,
+    target: int,
+    ignore_index: int,
+    lse: int,
+    go: float,
+    go_rows: int,
+    mean: bool,
+    out: Desc,
+    threads: int = 0,
+) -> None:
+    """The plain cross-entropy's gradient from `plain_forward`'s lse into `out`: `go` for
+    the batch (over the counted rows when `mean`) or float64 per-row values at `go_rows`."""
+
 def read_pass(ptr: int, nbytes: int, threads: int = 0) -> int:
     """Reads `nbytes` at `ptr` once on the engine's threads; an xor checksum."""
 
