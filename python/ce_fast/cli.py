@@ -14,6 +14,7 @@ from typing import Any
 
 from . import bench
 from ._core import MAX_THREADS
+from .bench.training import TRAINING_SIZES
 
 
 def _option(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -121,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--device cuda inputs: torch CUDA tensors or CuPy arrays (default: torch when PyTorch has "
         "CUDA, else cupy; bfloat16 needs torch)",
     )
+    add(
+        "--training",
+        type=_option(_training_sizes),
+        default=None,
+        help="sizes of the training-step table (ce_fast.torch fwd+bwd vs F.cross_entropy, CPU), 'none' to "
+        f"skip it (default: {TRAINING_SIZES} when --sizes is not given, else none)",
+    )
     add("--seed", type=int, default=0, help="random seed of the logits and targets (default: %(default)s)")
     add("--json", metavar="PATH", default=None, help="also write machine-readable results here")
     add("--markdown", metavar="PATH", default=None, help="also write the table as Markdown here")
@@ -147,7 +155,13 @@ def _to_config(ns: argparse.Namespace, argv: Sequence[str]) -> bench.Config:
         seed=ns.seed,
         compile=ns.compile,
         arrays=ns.arrays,
+        training=_training_sizes(TRAINING_SIZES) if ns.training is None and ns.sizes is None else ns.training or [],
     )
+
+
+def _training_sizes(text: str) -> list:
+    """The training-step table's sizes; "none" for no table."""
+    return [] if text.strip().lower() == "none" else bench.parse_sizes(text)
 
 
 def _bench(ns: argparse.Namespace, argv: Sequence[str]) -> int:
