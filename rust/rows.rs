@@ -139,9 +139,34 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         let (mut swz, mut swtz, mut swt, mut wdone) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
         let scale = F::from_f64(p.scale);
         let softcap = F::from_f64(p.softcap);
+        // Half-precision chunks go from their bits straight into the fused sum (converted in
+        // registers) when no other sum needs the chunk in the compute type.
+        let direct_half = !self.transform && !p.want_wz && p.soft.is_none();
+        let bf16 = x.dtype == DType::BF16;
         let mut start = 0;
         while start < cols {
             let n = CHUNK.min(cols - start);
+            let half = if direct_half && m.is_finite() {
+                x.halves(off, start, n)
+            } else {
+                None
+            };
+            let fused = half
+                .and_then(|src| self.k.sum_exp_max_half(src, bf16, F::from_f64(m)))
+                .filter(|(_, cm)| cm.to_f64() <= m + FUSED_MAX_JUMP);
+            if let Some((se, cm)) = fused {
+                // As the fused branch below; the smoothing and soft-target sums are off here.
+                let cm = cm.to_f64();
+                nan |= se.is_nan();
+                if cm > m {
+                    s = (s + se) * (m - cm).exp();
+                    m = cm;
+                } else {
+                    s += se;
+                }
+                start += n;
+                continue;
+            }
             // Contiguous logits of the compute type are read in place, others converted.
             let buf: &[F] = match F::view(x, off, start, n) {
                 Some(v) if !self.transform => v,
@@ -297,6 +322,20 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         };
         let softcap = p.softcap > 0.0;
         let mut start = 0;
+        // The common case reads and writes the stored type directly (converted in registers).
+        let plain = g != 0.0 && !self.transform && self.w.is_none() && p.soft.is_none();
+        if let (true, Some(src), Some(dst)) = (
+            plain && p.x.dtype == gs.out.dtype,
+            p.x.contiguous_row(off),
+            gs.out.contiguous_row(ooff),
+        ) {
+            // SAFETY: both rows are contiguous and aligned with `cols` live elements of the one
+            // dtype; `out` shares no element with the logits unless it is the logits exactly
+            // (ce_fast checks), and then the two rows are the same memory.
+            if unsafe { self.k.grad_stored(p.x.dtype, src, dst, cols, &params) } {
+                start = cols;
+            }
+        }
         while start < cols {
             let n = CHUNK.min(cols - start);
             let buf = &mut bufs.x[..n];
