@@ -9,6 +9,7 @@
 
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod args;
 mod elem;
 mod float;
 mod kernels;
@@ -16,7 +17,9 @@ mod plain;
 mod rows;
 mod simd;
 
+use args::{ArrayDesc, Coefficients, Outputs, Saved};
 use elem::{DType, Matrix};
+use numpy::PyReadonlyArray1;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rows::{GradSpec, Problem, StatsOut};
@@ -24,9 +27,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// (address, dtype code, columns, column stride, batch shape, batch strides)
 type Desc = (usize, u8, usize, isize, Vec<usize>, Vec<isize>);
-
-/// (a0, b, g pointers, a_lse, a_swt, d, e, out descriptor): the gradient's coefficients.
-type GradArgs = (usize, usize, usize, f64, f64, f64, f64, Desc);
 
 fn matrix(d: Desc, what: &str) -> PyResult<Matrix> {
     let (ptr, code, cols, col_stride, batch_shape, batch_strides) = d;
@@ -149,35 +149,40 @@ fn check_aligned(ptrs: &[(usize, &str)]) -> PyResult<()> {
     }
 }
 
-/// Per-row statistics of `x`, and the gradient into `grad.7` when `grad` is given.
-///
-/// grad = (a0_ptr, b_ptr, g_ptr, a_lse, a_swt, d, e, out_desc); pointers are f64 of length rows.
+/// Per-row statistics of the logits `x` (an `Operand`) into the float64 vectors of
+/// `stats` (a `Stats`, None fields not wanted); with `grad` (a `GradCoef`) the gradient
+/// into `out` (an `Operand` of the logits' shape); with `given` (a `Stats` saved by an
+/// earlier call: mx, ls, and swt for soft targets) only the gradient pass runs.
+/// `target`: int64 class indices, -1 for no target, one per row; `weight`: float64, one
+/// per class; `soft`: an `Operand` of the logits' shape.
 #[pyfunction]
-/// stats = (mx, ls, zy, swz, swtz, swt) destinations (f64, length rows, 0 = not wanted);
-/// given = (mx, ls, swt) pointers: statistics saved by an earlier call; only the gradient pass runs.
-#[pyo3(signature = (x, target, weight, soft, scale, softcap, want_wz, stats, grad=None, threads=0, given=None))]
+#[pyo3(signature = (
+    x, *, target=None, weight=None, soft=None, scale=1.0, softcap=0.0, want_wz=false,
+    stats=None, grad=None, out=None, given=None, threads=0
+))]
 #[allow(clippy::too_many_arguments)]
 fn run(
     py: Python<'_>,
-    x: Desc,
-    target: usize,
-    weight: usize,
-    soft: Option<Desc>,
+    x: ArrayDesc,
+    target: Option<PyReadonlyArray1<'_, i64>>,
+    weight: Option<PyReadonlyArray1<'_, f64>>,
+    soft: Option<ArrayDesc>,
     scale: f64,
     softcap: f64,
     want_wz: bool,
-    stats: (usize, usize, usize, usize, usize, usize),
-    grad: Option<GradArgs>,
+    stats: Option<Outputs<'_>>,
+    grad: Option<Coefficients<'_>>,
+    out: Option<ArrayDesc>,
+    given: Option<Saved<'_>>,
     threads: usize,
-    given: Option<(usize, usize, usize)>,
 ) -> PyResult<()> {
-    if given.is_some_and(|g| g.0 == 0 || g.1 == 0) || (given.is_some() && grad.is_none()) {
-        return Err(PyValueError::new_err(
-            "given statistics need mx and ls pointers and a gradient",
-        ));
+    let x = x.matrix("logits")?;
+    let rows = x.rows();
+    let cols = x.cols;
+    if given.is_some() && grad.is_none() {
+        return Err(PyValueError::new_err("given statistics need a gradient"));
     }
-    let x = matrix(x, "logits")?;
-    let soft = soft.map(|d| matrix(d, "soft target")).transpose()?;
+    let soft = soft.map(|d| d.matrix("soft target")).transpose()?;
     if let Some(s) = &soft {
         if s.cols != x.cols || s.batch_shape != x.batch_shape {
             return Err(PyValueError::new_err(
@@ -185,101 +190,67 @@ fn run(
             ));
         }
     }
-    let rows = x.rows();
-    let out = StatsOut {
-        mx: stats.0,
-        ls: stats.1,
-        zy: stats.2,
-        swz: stats.3,
-        swtz: stats.4,
-        swt: stats.5,
+    let gout = match (&grad, out) {
+        (Some(_), Some(d)) => Some(like_logits(d.matrix("grad out")?, &x)?),
+        (None, None) => None,
+        _ => return Err(PyValueError::new_err("grad and out go together")),
     };
-    let gout = match &grad {
-        Some(g) => {
-            let m = matrix(g.7.clone(), "grad out")?;
-            if m.cols != x.cols || m.batch_shape != x.batch_shape {
-                return Err(PyValueError::new_err(
-                    "gradient out shape differs from logits",
-                ));
-            }
-            Some(m)
-        }
+    let target = target
+        .as_ref()
+        .map(|t| args::vector(t, rows, "target"))
+        .transpose()?;
+    if let Some(&bad) = target.and_then(|t| t.iter().find(|&&y| y >= cols as i64)) {
+        // The engine indexes rows with these: refuse what validation should have caught.
+        return Err(PyValueError::new_err(format!(
+            "target index {bad} out of range"
+        )));
+    }
+    let weight = weight
+        .as_ref()
+        .map(|w| args::vector(w, cols, "weight"))
+        .transpose()?;
+    let saved = match &given {
+        Some(g) => Some((
+            args::vector(&g.mx, rows, "given mx")?,
+            args::vector(&g.ls, rows, "given ls")?,
+            g.swt
+                .as_ref()
+                .map(|s| args::vector(s, rows, "given swt"))
+                .transpose()?,
+        )),
         None => None,
     };
-    let (gv, gr) = (
-        given.unwrap_or_default(),
-        grad.as_ref().map_or((0, 0, 0), |g| (g.0, g.1, g.2)),
-    );
-    check_aligned(&[
-        (target, "target"),
-        (weight, "weight"),
-        (stats.0, "mx"),
-        (stats.1, "ls"),
-        (stats.2, "zy"),
-        (stats.3, "swz"),
-        (stats.4, "swtz"),
-        (stats.5, "swt"),
-        (gv.0, "given mx"),
-        (gv.1, "given ls"),
-        (gv.2, "given swt"),
-        (gr.0, "a0"),
-        (gr.1, "b"),
-        (gr.2, "g"),
-    ])?;
-    if target != 0 {
-        // The engine indexes rows with these: refuse what validation should have caught.
-        // SAFETY: non-null and aligned (checked above); ce_fast passes an int64 array of
-        // `rows` values that it keeps alive for the call, and nothing writes it meanwhile.
-        let t = unsafe { std::slice::from_raw_parts(target as *const i64, rows) };
-        if let Some(&bad) = t.iter().find(|&&y| y >= x.cols as i64) {
-            return Err(PyValueError::new_err(format!(
-                "target index {bad} out of range"
-            )));
-        }
-    }
+    let gspec = match (&grad, &gout) {
+        (Some(c), Some(m)) => Some(GradSpec {
+            a0: args::vector(&c.a0, rows, "a0")?,
+            b: args::vector(&c.b, rows, "b")?,
+            g: args::vector(&c.g, rows, "g")?,
+            a_lse: c.a_lse,
+            a_swt: c.a_swt,
+            d: c.d,
+            e: c.e,
+            out: m,
+        }),
+        _ => None,
+    };
+    let mut stats = stats;
+    let sout = match stats.as_mut() {
+        Some(s) => s.stats_out(rows)?,
+        None => StatsOut::default(),
+    };
     let pool = pool(py, threads)?;
-    let x_ref = &x;
-    let soft_ref = soft.as_ref();
-    let gout_ref = gout.as_ref();
-    let cols = x.cols;
-    py.detach(move || {
-        // SAFETY: aligned (checked above); ce_fast passes its own int64 targets (`rows`) and
-        // float64 weights (`cols`, a private copy), kept alive and unwritten for the call.
-        let (target, weight) = unsafe { (slice::<i64>(target, rows), slice::<f64>(weight, cols)) };
-        let p = Problem {
-            x: x_ref,
-            target,
-            weight,
-            soft: soft_ref,
-            scale,
-            softcap,
-            want_wz,
-            // SAFETY: aligned, mx and ls non-null (checked above); ce_fast passes float64
-            // statistics of `rows` values from an earlier call, kept alive for this one.
-            given: given.map(|(m, l, s)| unsafe {
-                (
-                    slice(m, rows).unwrap(),
-                    slice(l, rows).unwrap(),
-                    slice(s, rows),
-                )
-            }),
-        };
-        // SAFETY: aligned (checked above); ce_fast passes float64 coefficients of `rows`
-        // values, fresh arrays that it keeps alive and nothing writes during the call.
-        let gspec = grad.as_ref().zip(gout_ref).map(|(g, m)| unsafe {
-            GradSpec {
-                a0: slice(g.0, rows).unwrap_or(&[]),
-                b: slice(g.1, rows).unwrap_or(&[]),
-                g: slice(g.2, rows).unwrap_or(&[]),
-                a_lse: g.3,
-                a_swt: g.4,
-                d: g.5,
-                e: g.6,
-                out: m,
-            }
-        });
-        rows::run_auto(&p, gspec.as_ref(), out, &pool);
-    });
+    let p = Problem {
+        x: &x,
+        target,
+        weight,
+        soft: soft.as_ref(),
+        scale,
+        softcap,
+        want_wz,
+        given: saved,
+    };
+    py.detach(|| rows::run_auto(&p, gspec.as_ref(), sout, &pool));
+    drop(stats); // the destinations stay borrowed until the pass is done
     Ok(())
 }
 
@@ -414,7 +385,10 @@ fn plain_backward(
 
 /// A gradient destination: the logits' class count and batch shape.
 fn grad_matrix(d: Desc, x: &Matrix) -> PyResult<Matrix> {
-    let m = matrix(d, "grad out")?;
+    like_logits(matrix(d, "grad out")?, x)
+}
+
+fn like_logits(m: Matrix, x: &Matrix) -> PyResult<Matrix> {
     if m.cols != x.cols || m.batch_shape != x.batch_shape {
         return Err(PyValueError::new_err(
             "gradient out shape differs from logits",
