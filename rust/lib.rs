@@ -19,7 +19,7 @@ mod simd;
 
 use args::{ArrayDesc, Coefficients, Outputs, Saved};
 use elem::{DType, Matrix};
-use numpy::PyReadonlyArray1;
+use numpy::{PyReadonlyArray1, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rows::{GradSpec, Problem, StatsOut};
@@ -128,27 +128,6 @@ fn pool(_py: Python<'_>, threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     Ok(p)
 }
 
-/// The `len` values at `ptr`, or None for a null `ptr`.
-///
-/// # Safety
-/// A non-null `ptr` is aligned for `T` and holds `len` initialised values that nothing
-/// writes while the slice lives.
-unsafe fn slice<'a, T>(ptr: usize, len: usize) -> Option<&'a [T]> {
-    // SAFETY: the caller's obligation above; null was mapped to None.
-    (ptr != 0).then(|| unsafe { std::slice::from_raw_parts(ptr as *const T, len) })
-}
-
-/// The f64 / i64 side arrays (targets, weights, statistics, coefficients) are used as
-/// slices and written through `*mut f64`: an address that is not 8-byte aligned is refused.
-fn check_aligned(ptrs: &[(usize, &str)]) -> PyResult<()> {
-    match ptrs.iter().find(|(p, _)| !p.is_multiple_of(8)) {
-        Some((p, what)) => Err(PyValueError::new_err(format!(
-            "{what}: address {p:#x} is not 8-byte aligned"
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// Per-row statistics of the logits `x` (an `Operand`) into the float64 vectors of
 /// `stats` (a `Stats`, None fields not wanted); with `grad` (a `GradCoef`) the gradient
 /// into `out` (an `Operand` of the logits' shape); with `given` (a `Stats` saved by an
@@ -254,62 +233,53 @@ fn run(
     Ok(())
 }
 
-/// The int64 targets at `target` as class indices (-1 for ignored rows) and the counted
-/// rows; `Err(r)` for the first row whose target is out of range.
+/// The int64 targets (one per row) as class indices (-1 for ignored rows) and the
+/// counted rows; `Err(r)` for the first row whose target is out of range.
 fn plain_targets(
-    target: usize,
+    target: &PyReadonlyArray1<'_, i64>,
     rows: usize,
     cols: usize,
     ignore_index: i64,
 ) -> PyResult<Result<(Vec<i64>, usize), usize>> {
-    if target == 0 && rows > 0 {
-        return Err(PyValueError::new_err("target: null data pointer"));
-    }
-    check_aligned(&[(target, "target")])?;
-    // SAFETY: non-null for rows > 0 and aligned (checked above); ce_fast passes a
-    // contiguous int64 array of `rows` values, kept alive and unwritten for the call.
-    let t = unsafe { slice::<i64>(target, rows) }.unwrap_or(&[]);
+    let t = args::vector(target, rows, "target")?;
     Ok(plain::targets(t, cols, ignore_index))
 }
 
-/// `len` float64 values at a non-null, 8-byte aligned `ptr`, checked.
-///
-/// # Safety
-/// `ptr` addresses `len` float64 values that the caller keeps alive for the call, and
-/// nothing else reads or writes them while the slice lives.
-unsafe fn f64s_mut<'a>(ptr: usize, len: usize, what: &str) -> PyResult<&'a mut [f64]> {
-    if ptr == 0 || !ptr.is_multiple_of(8) {
+/// The (2, rows) float64 statistics as one contiguous slice, checked.
+fn lse_slice<'a>(lse: &'a mut PyReadwriteArray2<'_, f64>, rows: usize) -> PyResult<&'a mut [f64]> {
+    if lse.shape() != [2, rows] {
         return Err(PyValueError::new_err(format!(
-            "{what}: address {ptr:#x} is null or not 8-byte aligned"
+            "lse: shape {:?}, expected [2, {rows}]",
+            lse.shape()
         )));
     }
-    // SAFETY: the caller's obligation above; null and misalignment were refused.
-    Ok(unsafe { std::slice::from_raw_parts_mut(ptr as *mut f64, len) })
+    lse.as_slice_mut()
+        .map_err(|_| PyValueError::new_err("lse: not a contiguous array"))
 }
 
 /// The plain cross-entropy's forward (integer targets and `ignore_index`, no other
-/// option): `target` int64, contiguous, one per row; `lse` float64 (2, rows), contiguous,
-/// receives the row maxima then the log-sums; `loss` float64 (rows,) the per-row losses
-/// (0 for ignored rows). With `grad = (go, mean, out)` the gradient of `go * loss` (go
-/// divided by the counted rows when `mean`) is written into `out` in the same pass.
-/// Returns the counted rows, or -1 - r for the first row r whose target is out of range
-/// (then nothing is computed).
+/// option): `target` int64, one per row; `lse` float64 (2, rows) receives the row
+/// maxima then the log-sums; `loss` float64 (rows,) the per-row losses (0 for ignored
+/// rows). With `grad = (go, mean, out)` the gradient of `go * loss` (go divided by the
+/// counted rows when `mean`) is written into `out` in the same pass. Returns the counted
+/// rows, or -1 - r for the first row r whose target is out of range (then nothing is
+/// computed).
 #[pyfunction]
 #[pyo3(signature = (x, target, ignore_index, lse, loss, grad=None, threads=0))]
 #[allow(clippy::too_many_arguments)]
 fn plain_forward(
     py: Python<'_>,
     x: Desc,
-    target: usize,
+    target: PyReadonlyArray1<'_, i64>,
     ignore_index: i64,
-    lse: usize,
-    loss: usize,
+    mut lse: PyReadwriteArray2<'_, f64>,
+    mut loss: PyReadwriteArray1<'_, f64>,
     grad: Option<(f64, bool, Desc)>,
     threads: usize,
 ) -> PyResult<i64> {
     let x = matrix(x, "logits")?;
     let rows = x.rows();
-    let (idx, counted) = match plain_targets(target, rows, x.cols, ignore_index)? {
+    let (idx, counted) = match plain_targets(&target, rows, x.cols, ignore_index)? {
         Ok(v) => v,
         Err(r) => return Ok(-1 - r as i64),
     };
@@ -317,14 +287,16 @@ fn plain_forward(
         Some((go, mean, d)) => Some((go, mean, grad_matrix(d, &x)?)),
         None => None,
     };
-    // SAFETY: ce_fast passes fresh float64 arrays, (2, rows) and (rows,), that it keeps
-    // alive for the call and that nothing else touches meanwhile.
-    let (lse, loss) = unsafe {
-        (
-            f64s_mut(lse, 2 * rows, "lse")?,
-            f64s_mut(loss, rows, "loss")?,
-        )
-    };
+    let lse = lse_slice(&mut lse, rows)?;
+    let loss = loss
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("loss: not a contiguous array"))?;
+    if loss.len() != rows {
+        return Err(PyValueError::new_err(format!(
+            "loss: {} values, expected {rows}",
+            loss.len()
+        )));
+    }
     let (mx, ls) = lse.split_at_mut(rows);
     let pool = pool(py, threads)?;
     py.detach(|| {
@@ -342,40 +314,33 @@ fn plain_forward(
 }
 
 /// The plain cross-entropy's gradient from the `lse` a `plain_forward` call filled: `go`
-/// for the batch (divided by the counted rows when `mean`), or float64 per-row values at
-/// `go_rows` (0 = none), into `out`.
+/// for the batch (divided by the counted rows when `mean`), or the float64 per-row
+/// values `go_rows`, into `out`.
 #[pyfunction]
 #[pyo3(signature = (x, target, ignore_index, lse, go, go_rows, mean, out, threads=0))]
 #[allow(clippy::too_many_arguments)]
 fn plain_backward(
     py: Python<'_>,
     x: Desc,
-    target: usize,
+    target: PyReadonlyArray1<'_, i64>,
     ignore_index: i64,
-    lse: usize,
+    mut lse: PyReadwriteArray2<'_, f64>,
     go: f64,
-    go_rows: usize,
+    go_rows: Option<PyReadonlyArray1<'_, f64>>,
     mean: bool,
     out: Desc,
     threads: usize,
 ) -> PyResult<()> {
     let x = matrix(x, "logits")?;
     let rows = x.rows();
-    let (idx, counted) = plain_targets(target, rows, x.cols, ignore_index)?
+    let (idx, counted) = plain_targets(&target, rows, x.cols, ignore_index)?
         .map_err(|r| PyValueError::new_err(format!("target of row {r} out of range")))?;
     let out = grad_matrix(out, &x)?;
-    // SAFETY: ce_fast passes the float64 statistics saved by the forward, (2, rows), and
-    // per-row upstream gradients (rows,), alive and unwritten for the call; only read here.
-    let (lse, up) = unsafe {
-        let lse: &[f64] = f64s_mut(lse, 2 * rows, "lse")?;
-        let up = if go_rows != 0 {
-            plain::Upstream::Rows(f64s_mut(go_rows, rows, "go_rows")?)
-        } else if mean {
-            plain::Upstream::Mean(go)
-        } else {
-            plain::Upstream::Sum(go)
-        };
-        (lse, up)
+    let lse: &[f64] = lse_slice(&mut lse, rows)?;
+    let up = match &go_rows {
+        Some(v) => plain::Upstream::Rows(args::vector(v, rows, "go_rows")?),
+        None if mean => plain::Upstream::Mean(go),
+        None => plain::Upstream::Sum(go),
     };
     let (mx, ls) = lse.split_at(rows);
     let pool = pool(py, threads)?;

@@ -69,10 +69,10 @@ def run(
 
 def plain_forward(
     x: Desc,
-    target: int,
+    target: NDArray[np.int64],
     ignore_index: int,
-    lse: int,
-    loss: int,
+    lse: NDArray[np.float64],
+    loss: NDArray[np.float64],
     grad: tuple[float, bool, Desc] | None = None,
     threads: int = 0,
 ) -> int:
@@ -83,17 +83,17 @@ def plain_forward(
 
 def plain_backward(
     x: Desc,
-    target: int,
+    target: NDArray[np.int64],
     ignore_index: int,
-    lse: int,
+    lse: NDArray[np.float64],
     go: float,
-    go_rows: int,
+    go_rows: NDArray[np.float64] | None,
     mean: bool,
     out: Desc,
     threads: int = 0,
 ) -> None:
     """The plain cross-entropy's gradient from `plain_forward`'s lse into `out`: `go` for
-    the batch (over the counted rows when `mean`) or float64 per-row values at `go_rows`."""
+    the batch (over the counted rows when `mean`) or the float64 per-row values `go_rows`."""
 
 def read_pass(ptr: int, nbytes: int, threads: int = 0) -> int:
     """Reads `nbytes` at `ptr` once on the engine's threads; an xor checksum."""

@@ -91,7 +91,7 @@ def torch_forward(
     lse = torch.empty((2, rows), dtype=torch.float64)
     per = torch.empty(rows, dtype=torch.float64)
     grad = (1.0, reduction == "mean", d) if inplace else None
-    n = plain_forward(d, t.data_ptr(), ignore_index, lse.data_ptr(), per.data_ptr(), grad, cpu._threads)
+    n = plain_forward(d, t.numpy().reshape(-1), ignore_index, lse.numpy(), per.numpy(), grad, cpu._threads)
     if n < 0:
         raise _target_error(t.numpy(), -1 - n, d[2], ignore_index)
     f64 = input.dtype is torch.float64
@@ -116,11 +116,13 @@ def torch_backward(grad: Any, input: Any, d: tuple, target: Any, ignore_index: i
     od = (out.data_ptr(),) + d[1:] if input.is_contiguous() else torch_desc(out)
     assert od is not None  # a fresh dense tensor of a supported dtype
     if reduction == "none":
-        go = grad.to(torch.float64).contiguous()
-        plain_backward(d, target.data_ptr(), ignore_index, lse.data_ptr(), 0.0, go.data_ptr(), False, od, cpu._threads)
+        go = grad.to(torch.float64).contiguous().reshape(-1).numpy()
+        plain_backward(d, target.numpy().reshape(-1), ignore_index, lse.numpy(), 0.0, go, False, od, cpu._threads)
     else:
-        go = float(grad)
-        plain_backward(d, target.data_ptr(), ignore_index, lse.data_ptr(), go, 0, reduction == "mean", od, cpu._threads)
+        mean = reduction == "mean"
+        plain_backward(
+            d, target.numpy().reshape(-1), ignore_index, lse.numpy(), float(grad), None, mean, od, cpu._threads
+        )
     return out
 
 
@@ -160,7 +162,7 @@ def numpy_loss(logits: Any, target: Any, ignore_index: int, reduction: str) -> A
         list(shape[:-1]),
         [s // item for s in strides[:-1]],
     )
-    n = plain_forward(d, _ptr(t), ignore_index, _ptr(lse), _ptr(per), None, cpu._threads)
+    n = plain_forward(d, t.reshape(-1), ignore_index, lse, per, None, cpu._threads)
     if n < 0:
         raise _target_error(t, -1 - n, shape[-1], ignore_index)
     dtype = np.float64 if code == _arrays.F64 else np.float32
@@ -168,7 +170,3 @@ def numpy_loss(logits: Any, target: Any, ignore_index: int, reduction: str) -> A
         if reduction == "none":
             return per.astype(dtype).reshape(shape[:-1])
         return np.asarray(_total(per, reduction, n), dtype=dtype)
-
-
-def _ptr(a: np.ndarray) -> int:
-    return a.__array_interface__["data"][0]
