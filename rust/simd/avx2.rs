@@ -204,6 +204,15 @@ mod imp {
         /// # Safety
         /// The CPU has AVX2, FMA and F16C, and `p` points at 8 readable elements.
         unsafe fn load8(p: *const Self) -> __m256;
+        /// 16 elements at `p` as two vectors of f32 lanes, in any order (for sums and maxima).
+        ///
+        /// # Safety
+        /// The CPU has AVX2, FMA and F16C, and `p` points at 16 readable elements.
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> (__m256, __m256) {
+            // SAFETY: the caller's obligation: 16 readable elements from p.
+            unsafe { (Self::load8(p), Self::load8(p.add(8))) }
+        }
         fn to_f32(self) -> f32;
     }
 
@@ -231,6 +240,18 @@ mod imp {
             unsafe {
                 let h = _mm_loadu_si128(p as *const __m128i);
                 _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            }
+        }
+        /// One 256-bit load: the even elements shifted into the high halves, the odd ones
+        /// already there once the low halves are cleared (one operation per 8 each).
+        #[inline(always)]
+        unsafe fn load16(p: *const Bf16) -> (__m256, __m256) {
+            // SAFETY: the caller's obligation (16 readable bf16 at p; unaligned load).
+            unsafe {
+                let v = _mm256_loadu_si256(p as *const __m256i);
+                let even = _mm256_slli_epi32(v, 16);
+                let odd = _mm256_and_si256(v, _mm256_set1_epi32(-65536));
+                (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
             }
         }
         #[inline(always)]
@@ -291,10 +312,8 @@ mod imp {
         let mut mx1 = mx0;
         let mut i = 0;
         while i < n32 {
-            let x0 = L::load8(p.add(i));
-            let x1 = L::load8(p.add(i + 8));
-            let x2 = L::load8(p.add(i + 16));
-            let x3 = L::load8(p.add(i + 24));
+            let (x0, x1) = L::load16(p.add(i));
+            let (x2, x3) = L::load16(p.add(i + 16));
             if MAX {
                 // max(x, acc) returns acc when x is NaN: NaN shows in the sum instead.
                 mx0 = _mm256_max_ps(x0, mx0);
@@ -829,9 +848,22 @@ mod tests {
             let bf: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
             let wide: Vec<f32> = bf.iter().map(|&b| crate::elem::bf16_to_f32(b)).collect();
             let m = 3.0f32;
+            // The same terms, summed in other lanes: equal maxima, sums to rounding.
+            let (a, am) = Kernels::<f32>::sum_exp_max_half(k, &bf, true, m).unwrap();
+            let (b, bm) = Kernels::<f32>::sum_exp_max(k, &wide, m).unwrap();
+            assert_eq!(am, bm);
+            assert!((a - b).abs() <= 1e-6 * b, "{a} vs {b}");
+            let hf: Vec<u16> = wide
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            let hw: Vec<f32> = hf
+                .iter()
+                .map(|&h| half::f16::from_bits(h).to_f32())
+                .collect();
             assert_eq!(
-                Kernels::<f32>::sum_exp_max_half(k, &bf, true, m),
-                Kernels::<f32>::sum_exp_max(k, &wide, m)
+                Kernels::<f32>::sum_exp_max_half(k, &hf, false, m),
+                Kernels::<f32>::sum_exp_max(k, &hw, m)
             );
             let p = GradParams {
                 m: 5.0,
