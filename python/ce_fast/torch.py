@@ -54,6 +54,12 @@ traces too. ``torch.compile(model, fullgraph=True)`` therefore traces a model th
 forward and backward. Under compilation the options are validated when the ops run
 rather than at trace time (Dynamo cannot trace the validation on symbolic floats).
 Functionalization may give the compiled in-place path a copy where eager has none.
+
+Small calls. In eager mode, CPU tensors with int64 targets and no option but
+``ignore_index`` and ``reduction`` (a training loop's call) skip the custom-op dispatch:
+an ``autograd.Function`` runs one Rust call for the forward (targets checked once, per-row
+losses formed there) and one for the backward, which reuses the forward's checks
+(``ce_fast._plain``). The numbers are the custom ops' bit for bit.
 """
 
 from __future__ import annotations
