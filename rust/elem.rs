@@ -75,6 +75,24 @@ impl Matrix {
         (self.ptr as isize + off * self.dtype.itemsize()) as *mut u8
     }
 
+    /// Elements start..start + n of a row as stored bits, when they are contiguous,
+    /// aligned float16 or bfloat16.
+    #[inline]
+    pub fn halves<'a>(&self, row_off: isize, start: usize, n: usize) -> Option<&'a [u16]> {
+        let half = matches!(self.dtype, DType::F16 | DType::BF16);
+        // SAFETY: aligned 2-byte elements start..start + n of one row (n <= cols - start),
+        // live for the call; the row is written (out=logits) only after its reads are done.
+        (half && self.col_stride == 1 && self.aligned()).then(|| unsafe {
+            std::slice::from_raw_parts(self.addr(row_off + start as isize) as *const u16, n)
+        })
+    }
+
+    /// Address of a row's first element when the row is contiguous and aligned.
+    #[inline]
+    pub fn contiguous_row(&self, row_off: isize) -> Option<*mut u8> {
+        (self.col_stride == 1 && self.aligned()).then(|| self.addr(row_off))
+    }
+
     /// Reads one element as f64.
     #[inline]
     pub fn get(&self, row_off: isize, col: usize) -> f64 {

@@ -9,15 +9,19 @@
 
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod args;
 mod binary;
 mod elem;
 mod float;
 mod kernels;
 mod kl;
+mod plain;
 mod rows;
 mod simd;
 
+use args::{ArrayDesc, Coefficients, Outputs, Saved};
 use elem::{DType, Matrix};
+use numpy::{PyReadonlyArray1, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rows::{GradSpec, Problem, StatsOut};
@@ -26,9 +30,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// (address, dtype code, columns, column stride, batch shape, batch strides)
 type Desc = (usize, u8, usize, isize, Vec<usize>, Vec<isize>);
-
-/// (a0, b, g pointers, a_lse, a_swt, d, e, out descriptor): the gradient's coefficients.
-type GradArgs = (usize, usize, usize, f64, f64, f64, f64, Desc);
 
 fn matrix(d: Desc, what: &str) -> PyResult<Matrix> {
     let (ptr, code, cols, col_stride, batch_shape, batch_strides) = d;
@@ -130,6 +131,122 @@ fn pool(_py: Python<'_>, threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     Ok(p)
 }
 
+/// Per-row statistics of the logits `x` (an `Operand`) into the float64 vectors of
+/// `stats` (a `Stats`, None fields not wanted); with `grad` (a `GradCoef`) the gradient
+/// into `out` (an `Operand` of the logits' shape); with `given` (a `Stats` saved by an
+/// earlier call: mx, ls, and swt for soft targets) only the gradient pass runs.
+/// `target`: int64 class indices, -1 for no target, one per row; `weight`: float64, one
+/// per class; `soft`: an `Operand` of the logits' shape; `argmax`: int64, one per row,
+/// receives each row's first maximum (-1 for a row holding NaN) from the same pass.
+#[pyfunction]
+#[pyo3(signature = (
+    x, *, target=None, weight=None, soft=None, scale=1.0, softcap=0.0, want_wz=false,
+    stats=None, grad=None, out=None, given=None, threads=0, argmax=None
+))]
+#[allow(clippy::too_many_arguments)]
+fn run(
+    py: Python<'_>,
+    x: ArrayDesc,
+    target: Option<PyReadonlyArray1<'_, i64>>,
+    weight: Option<PyReadonlyArray1<'_, f64>>,
+    soft: Option<ArrayDesc>,
+    scale: f64,
+    softcap: f64,
+    want_wz: bool,
+    stats: Option<Outputs<'_>>,
+    grad: Option<Coefficients<'_>>,
+    out: Option<ArrayDesc>,
+    given: Option<Saved<'_>>,
+    threads: usize,
+    argmax: Option<PyReadwriteArray1<'_, i64>>,
+) -> PyResult<()> {
+    let x = x.matrix("logits")?;
+    let rows = x.rows();
+    let cols = x.cols;
+    if given.is_some() && grad.is_none() {
+        return Err(PyValueError::new_err("given statistics need a gradient"));
+    }
+    let soft = soft.map(|d| d.matrix("soft target")).transpose()?;
+    if let Some(s) = &soft {
+        if s.cols != x.cols || s.batch_shape != x.batch_shape {
+            return Err(PyValueError::new_err(
+                "soft target shape differs from logits",
+            ));
+        }
+    }
+    let gout = match (&grad, out) {
+        (Some(_), Some(d)) => Some(like_logits(d.matrix("grad out")?, &x)?),
+        (None, None) => None,
+        _ => return Err(PyValueError::new_err("grad and out go together")),
+    };
+    let target = target
+        .as_ref()
+        .map(|t| args::vector(t, rows, "target"))
+        .transpose()?;
+    if let Some(&bad) = target.and_then(|t| t.iter().find(|&&y| y >= cols as i64)) {
+        // The engine indexes rows with these: refuse what validation should have caught.
+        return Err(PyValueError::new_err(format!(
+            "target index {bad} out of range"
+        )));
+    }
+    let weight = weight
+        .as_ref()
+        .map(|w| args::vector(w, cols, "weight"))
+        .transpose()?;
+    let saved = match &given {
+        Some(g) => Some((
+            args::vector(&g.mx, rows, "given mx")?,
+            args::vector(&g.ls, rows, "given ls")?,
+            g.swt
+                .as_ref()
+                .map(|s| args::vector(s, rows, "given swt"))
+                .transpose()?,
+        )),
+        None => None,
+    };
+    let gspec = match (&grad, &gout) {
+        (Some(c), Some(m)) => Some(GradSpec {
+            a0: args::vector(&c.a0, rows, "a0")?,
+            b: args::vector(&c.b, rows, "b")?,
+            g: args::vector(&c.g, rows, "g")?,
+            a_lse: c.a_lse,
+            a_swt: c.a_swt,
+            d: c.d,
+            e: c.e,
+            out: m,
+        }),
+        _ => None,
+    };
+    let mut stats = stats;
+    let sout = match stats.as_mut() {
+        Some(s) => s.stats_out(rows)?,
+        None => StatsOut::default(),
+    };
+    let mut argmax = argmax;
+    let sout = StatsOut {
+        am: args::destination(&mut argmax, rows, "argmax")?,
+        ..sout
+    };
+    let pool = pool(py, threads)?;
+    let p = Problem {
+        x: &x,
+        target,
+        weight,
+        soft: soft.as_ref(),
+        scale,
+        softcap,
+        want_wz,
+        given: saved,
+    };
+    py.detach(|| rows::run_auto(&p, gspec.as_ref(), sout, &pool));
+    drop((stats, argmax)); // the destinations stay borrowed until the pass is done
+    Ok(())
+}
+
+/// Elementwise binary losses: `kind` 0 is binary cross-entropy with logits (weights `w`,
+/// `pw`), 1 the sigmoid focal loss (`alpha`, `gamma`). Every descriptor has the logits'
+/// batch shape and columns (broadcast operands with stride 0); `loss` receives the
+/// per-element losses, `grad` the gradient times `gscale` (and `gout` per element).
 /// The `len` values at `ptr`, or None for a null `ptr`.
 ///
 /// # Safety
@@ -151,156 +268,6 @@ fn check_aligned(ptrs: &[(usize, &str)]) -> PyResult<()> {
     }
 }
 
-/// Per-row statistics of `x`, and the gradient into `grad.7` when `grad` is given.
-///
-/// grad = (a0_ptr, b_ptr, g_ptr, a_lse, a_swt, d, e, out_desc); pointers are f64 of length rows.
-#[pyfunction]
-/// stats = (mx, ls, zy, swz, swtz, swt) destinations (f64, length rows, 0 = not wanted);
-/// given = (mx, ls, swt) pointers: statistics saved by an earlier call; only the gradient pass runs.
-/// argmax: i64 destination (length rows, 0 = not wanted) of each row's first maximum, -1 for NaN rows.
-#[pyo3(signature = (x, target, weight, soft, scale, softcap, want_wz, stats, grad=None, threads=0, given=None, argmax=0))]
-#[allow(clippy::too_many_arguments)]
-fn run(
-    py: Python<'_>,
-    x: Desc,
-    target: usize,
-    weight: usize,
-    soft: Option<Desc>,
-    scale: f64,
-    softcap: f64,
-    want_wz: bool,
-    stats: (usize, usize, usize, usize, usize, usize),
-    grad: Option<GradArgs>,
-    threads: usize,
-    given: Option<(usize, usize, usize)>,
-    argmax: usize,
-) -> PyResult<()> {
-    if given.is_some_and(|g| g.0 == 0 || g.1 == 0) || (given.is_some() && grad.is_none()) {
-        return Err(PyValueError::new_err(
-            "given statistics need mx and ls pointers and a gradient",
-        ));
-    }
-    let x = matrix(x, "logits")?;
-    let soft = soft.map(|d| matrix(d, "soft target")).transpose()?;
-    if let Some(s) = &soft {
-        if s.cols != x.cols || s.batch_shape != x.batch_shape {
-            return Err(PyValueError::new_err(
-                "soft target shape differs from logits",
-            ));
-        }
-    }
-    let rows = x.rows();
-    let out = StatsOut {
-        mx: stats.0,
-        ls: stats.1,
-        zy: stats.2,
-        swz: stats.3,
-        swtz: stats.4,
-        swt: stats.5,
-        am: argmax,
-    };
-    let gout = match &grad {
-        Some(g) => {
-            let m = matrix(g.7.clone(), "grad out")?;
-            if m.cols != x.cols || m.batch_shape != x.batch_shape {
-                return Err(PyValueError::new_err(
-                    "gradient out shape differs from logits",
-                ));
-            }
-            Some(m)
-        }
-        None => None,
-    };
-    let (gv, gr) = (
-        given.unwrap_or_default(),
-        grad.as_ref().map_or((0, 0, 0), |g| (g.0, g.1, g.2)),
-    );
-    check_aligned(&[
-        (target, "target"),
-        (weight, "weight"),
-        (stats.0, "mx"),
-        (stats.1, "ls"),
-        (stats.2, "zy"),
-        (stats.3, "swz"),
-        (stats.4, "swtz"),
-        (stats.5, "swt"),
-        (argmax, "argmax"),
-        (gv.0, "given mx"),
-        (gv.1, "given ls"),
-        (gv.2, "given swt"),
-        (gr.0, "a0"),
-        (gr.1, "b"),
-        (gr.2, "g"),
-    ])?;
-    if target != 0 {
-        // The engine indexes rows with these: refuse what validation should have caught.
-        // SAFETY: non-null and aligned (checked above); ce_fast passes an int64 array of
-        // `rows` values that it keeps alive for the call, and nothing writes it meanwhile.
-        let t = unsafe { std::slice::from_raw_parts(target as *const i64, rows) };
-        if let Some(&bad) = t.iter().find(|&&y| y >= x.cols as i64) {
-            return Err(PyValueError::new_err(format!(
-                "target index {bad} out of range"
-            )));
-        }
-    }
-    let pool = pool(py, threads)?;
-    let x_ref = &x;
-    let soft_ref = soft.as_ref();
-    let gout_ref = gout.as_ref();
-    let cols = x.cols;
-    py.detach(move || {
-        // SAFETY: aligned (checked above); ce_fast passes its own int64 targets (`rows`) and
-        // float64 weights (`cols`, a private copy), kept alive and unwritten for the call.
-        let (target, weight) = unsafe { (slice::<i64>(target, rows), slice::<f64>(weight, cols)) };
-        let p = Problem {
-            x: x_ref,
-            target,
-            weight,
-            soft: soft_ref,
-            scale,
-            softcap,
-            want_wz,
-            // SAFETY: aligned, mx and ls non-null (checked above); ce_fast passes float64
-            // statistics of `rows` values from an earlier call, kept alive for this one.
-            given: given.map(|(m, l, s)| unsafe {
-                (
-                    slice(m, rows).unwrap(),
-                    slice(l, rows).unwrap(),
-                    slice(s, rows),
-                )
-            }),
-        };
-        // SAFETY: aligned (checked above); ce_fast passes float64 coefficients of `rows`
-        // values, fresh arrays that it keeps alive and nothing writes during the call.
-        let gspec = grad.as_ref().zip(gout_ref).map(|(g, m)| unsafe {
-            GradSpec {
-                a0: slice(g.0, rows).unwrap_or(&[]),
-                b: slice(g.1, rows).unwrap_or(&[]),
-                g: slice(g.2, rows).unwrap_or(&[]),
-                a_lse: g.3,
-                a_swt: g.4,
-                d: g.5,
-                e: g.6,
-                out: m,
-            }
-        });
-        let pool = &*pool;
-        if x_ref.dtype == DType::F64 {
-            return rows::run::<f64, _>(Scalar, &p, gspec.as_ref(), out, pool);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let (simd::Level::Avx2, Some(k)) = (simd::current(), simd::avx2::Avx2::new()) {
-            return rows::run::<f32, _>(k, &p, gspec.as_ref(), out, pool);
-        }
-        rows::run::<f32, _>(Scalar, &p, gspec.as_ref(), out, pool);
-    });
-    Ok(())
-}
-
-/// Elementwise binary losses: `kind` 0 is binary cross-entropy with logits (weights `w`,
-/// `pw`), 1 the sigmoid focal loss (`alpha`, `gamma`). Every descriptor has the logits'
-/// batch shape and columns (broadcast operands with stride 0); `loss` receives the
-/// per-element losses, `grad` the gradient times `gscale` (and `gout` per element).
 /// Returns the sum of the losses in f64.
 #[pyfunction]
 #[pyo3(signature = (kind, x, t, w=None, pw=None, loss=None, grad=None, gscale=1.0, gout=None, alpha=0.25, gamma=2.0, threads=0))]
@@ -462,6 +429,135 @@ fn kl_run(
     Ok(())
 }
 
+/// The int64 targets (one per row) as class indices (-1 for ignored rows) and the
+/// counted rows; `Err(r)` for the first row whose target is out of range.
+fn plain_targets(
+    target: &PyReadonlyArray1<'_, i64>,
+    rows: usize,
+    cols: usize,
+    ignore_index: i64,
+) -> PyResult<Result<(Vec<i64>, usize), usize>> {
+    let t = args::vector(target, rows, "target")?;
+    Ok(plain::targets(t, cols, ignore_index))
+}
+
+/// The (2, rows) float64 statistics as one contiguous slice, checked.
+fn lse_slice<'a>(lse: &'a mut PyReadwriteArray2<'_, f64>, rows: usize) -> PyResult<&'a mut [f64]> {
+    if lse.shape() != [2, rows] {
+        return Err(PyValueError::new_err(format!(
+            "lse: shape {:?}, expected [2, {rows}]",
+            lse.shape()
+        )));
+    }
+    lse.as_slice_mut()
+        .map_err(|_| PyValueError::new_err("lse: not a contiguous array"))
+}
+
+/// The plain cross-entropy's forward (integer targets and `ignore_index`, no other
+/// option): `target` int64, one per row; `lse` float64 (2, rows) receives the row
+/// maxima then the log-sums; `loss` float64 (rows,) the per-row losses (0 for ignored
+/// rows). With `grad = (go, mean, out)` the gradient of `go * loss` (go divided by the
+/// counted rows when `mean`) is written into `out` in the same pass. Returns the counted
+/// rows, or -1 - r for the first row r whose target is out of range (then nothing is
+/// computed).
+#[pyfunction]
+#[pyo3(signature = (x, target, ignore_index, lse, loss, grad=None, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn plain_forward(
+    py: Python<'_>,
+    x: Desc,
+    target: PyReadonlyArray1<'_, i64>,
+    ignore_index: i64,
+    mut lse: PyReadwriteArray2<'_, f64>,
+    mut loss: PyReadwriteArray1<'_, f64>,
+    grad: Option<(f64, bool, Desc)>,
+    threads: usize,
+) -> PyResult<i64> {
+    let x = matrix(x, "logits")?;
+    let rows = x.rows();
+    let (idx, counted) = match plain_targets(&target, rows, x.cols, ignore_index)? {
+        Ok(v) => v,
+        Err(r) => return Ok(-1 - r as i64),
+    };
+    let gout = match grad {
+        Some((go, mean, d)) => Some((go, mean, grad_matrix(d, &x)?)),
+        None => None,
+    };
+    let lse = lse_slice(&mut lse, rows)?;
+    let loss = loss
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("loss: not a contiguous array"))?;
+    if loss.len() != rows {
+        return Err(PyValueError::new_err(format!(
+            "loss: {} values, expected {rows}",
+            loss.len()
+        )));
+    }
+    let (mx, ls) = lse.split_at_mut(rows);
+    let pool = pool(py, threads)?;
+    py.detach(|| {
+        let grad = gout.as_ref().map(|(go, mean, m)| {
+            let up = if *mean {
+                plain::Upstream::Mean(*go)
+            } else {
+                plain::Upstream::Sum(*go)
+            };
+            (up, m)
+        });
+        plain::forward(&x, &idx, counted, mx, ls, loss, grad, &pool)
+    });
+    Ok(counted as i64)
+}
+
+/// The plain cross-entropy's gradient from the `lse` a `plain_forward` call filled: `go`
+/// for the batch (divided by the counted rows when `mean`), or the float64 per-row
+/// values `go_rows`, into `out`.
+#[pyfunction]
+#[pyo3(signature = (x, target, ignore_index, lse, go, go_rows, mean, out, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn plain_backward(
+    py: Python<'_>,
+    x: Desc,
+    target: PyReadonlyArray1<'_, i64>,
+    ignore_index: i64,
+    mut lse: PyReadwriteArray2<'_, f64>,
+    go: f64,
+    go_rows: Option<PyReadonlyArray1<'_, f64>>,
+    mean: bool,
+    out: Desc,
+    threads: usize,
+) -> PyResult<()> {
+    let x = matrix(x, "logits")?;
+    let rows = x.rows();
+    let (idx, counted) = plain_targets(&target, rows, x.cols, ignore_index)?
+        .map_err(|r| PyValueError::new_err(format!("target of row {r} out of range")))?;
+    let out = grad_matrix(out, &x)?;
+    let lse: &[f64] = lse_slice(&mut lse, rows)?;
+    let up = match &go_rows {
+        Some(v) => plain::Upstream::Rows(args::vector(v, rows, "go_rows")?),
+        None if mean => plain::Upstream::Mean(go),
+        None => plain::Upstream::Sum(go),
+    };
+    let (mx, ls) = lse.split_at(rows);
+    let pool = pool(py, threads)?;
+    py.detach(|| plain::backward(&x, &idx, counted, mx, ls, up, &out, &pool));
+    Ok(())
+}
+
+/// A gradient destination: the logits' class count and batch shape.
+fn grad_matrix(d: Desc, x: &Matrix) -> PyResult<Matrix> {
+    like_logits(matrix(d, "grad out")?, x)
+}
+
+fn like_logits(m: Matrix, x: &Matrix) -> PyResult<Matrix> {
+    if m.cols != x.cols || m.batch_shape != x.batch_shape {
+        return Err(PyValueError::new_err(
+            "gradient out shape differs from logits",
+        ));
+    }
+    Ok(m)
+}
+
 /// Reads every byte of a C-contiguous buffer once, on the engine's threads: the
 /// memory-bandwidth yardstick the benchmarks compare against. Returns a checksum
 /// so the reads cannot be optimised away.
@@ -547,6 +643,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(run_binary, m)?)?;
     m.add_function(wrap_pyfunction!(kl_run, m)?)?;
+    m.add_function(wrap_pyfunction!(plain_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(plain_backward, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

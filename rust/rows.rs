@@ -4,9 +4,10 @@
 //! (still in L2) and writes the gradient chunk by chunk, so `out` may alias the
 //! logits. The loss rules themselves live in Python (`ce_fast._rules`).
 
+use crate::elem::DType;
 use crate::elem::{Compute, Matrix};
 use crate::float::Float;
-use crate::simd::{GradParams, Kernels};
+use crate::simd::{self, scalar::Scalar, GradParams, Kernels};
 use rayon::prelude::*;
 
 /// Elements per chunk: 8 KiB of f32, so a chunk and its weights stay in L1.
@@ -157,9 +158,34 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         let (mut swz, mut swtz, mut swt, mut wdone) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
         let scale = F::from_f64(p.scale);
         let softcap = F::from_f64(p.softcap);
+        // Half-precision chunks go from their bits straight into the fused sum (converted in
+        // registers) when no other sum needs the chunk in the compute type.
+        let direct_half = !self.transform && !p.want_wz && p.soft.is_none();
+        let bf16 = x.dtype == DType::BF16;
         let mut start = 0;
         while start < cols {
             let n = CHUNK.min(cols - start);
+            let half = if direct_half && m.is_finite() {
+                x.halves(off, start, n)
+            } else {
+                None
+            };
+            let fused = half
+                .and_then(|src| self.k.sum_exp_max_half(src, bf16, F::from_f64(m)))
+                .filter(|(_, cm)| cm.to_f64() <= m + FUSED_MAX_JUMP);
+            if let Some((se, cm)) = fused {
+                // As the fused branch below; the smoothing and soft-target sums are off here.
+                let cm = cm.to_f64();
+                nan |= se.is_nan();
+                if cm > m {
+                    s = (s + se) * (m - cm).exp();
+                    m = cm;
+                } else {
+                    s += se;
+                }
+                start += n;
+                continue;
+            }
             // Contiguous logits of the compute type are read in place, others converted.
             let buf: &[F] = match F::view(x, off, start, n) {
                 Some(v) if !self.transform => v,
@@ -327,6 +353,20 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         };
         let softcap = p.softcap > 0.0;
         let mut start = 0;
+        // The common case reads and writes the stored type directly (converted in registers).
+        let plain = g != 0.0 && !self.transform && self.w.is_none() && p.soft.is_none();
+        if let (true, Some(src), Some(dst)) = (
+            plain && p.x.dtype == gs.out.dtype,
+            p.x.contiguous_row(off),
+            gs.out.contiguous_row(ooff),
+        ) {
+            // SAFETY: both rows are contiguous and aligned with `cols` live elements of the one
+            // dtype; `out` shares no element with the logits unless it is the logits exactly
+            // (ce_fast checks), and then the two rows are the same memory.
+            if unsafe { self.k.grad_stored(p.x.dtype, src, dst, cols, &params) } {
+                start = cols;
+            }
+        }
         while start < cols {
             let n = CHUNK.min(cols - start);
             let buf = &mut bufs.x[..n];
@@ -401,4 +441,17 @@ pub fn run<F: Compute, K: Kernels<F>>(
             .for_each_init(Bufs::new, |bufs, r| ctx.row(bufs, r));
     };
     pool.install(work);
+}
+
+/// `run` with the kernels chosen once for the call: float64 logits on the scalar f64
+/// kernels, every other dtype on the best f32 kernel set allowed now.
+pub fn run_auto(p: &Problem, grad: Option<&GradSpec>, out: StatsOut, pool: &rayon::ThreadPool) {
+    if p.x.dtype == DType::F64 {
+        return run::<f64, _>(Scalar, p, grad, out, pool);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (simd::Level::Avx2, Some(k)) = (simd::current(), simd::avx2::Avx2::new()) {
+        return run::<f32, _>(k, p, grad, out, pool);
+    }
+    run::<f32, _>(Scalar, p, grad, out, pool);
 }

@@ -325,17 +325,38 @@ def test_weight_sharing_memory_with_out_is_read_before_the_pass(simd_path):
 
 
 def test_engine_refuses_side_arrays_that_are_not_8_byte_aligned():
-    """The engine's own float64 / int64 arrays come aligned from ce_fast; a caller of
-    `_core` that passes another address gets an error, not a misaligned read."""
-    x = np.zeros((2, 5), np.float32)
-    t = np.zeros(3, np.int64)
-    desc = (x.ctypes.data, 0, 5, 1, [2], [5])
-    stats = (0,) * 6
-    addr = t.ctypes.data + 4
+    """The engine's own float64 / int64 vectors come aligned from ce_fast; a caller of
+    `_core` that passes a view at another byte offset gets an error, not a misaligned read."""
+    x = ce_fast._arrays.operand(np.zeros((2, 5), np.float32), "logits")
+    t = np.frombuffer(np.zeros(3, np.int64).tobytes(), dtype=np.int64, count=2, offset=4)
     with pytest.raises(ValueError) as e:
-        _core.run(desc, addr, 0, None, 1.0, 0.0, False, stats)
+        _core.run(x, target=t)
     assert type(e.value) is ValueError
-    assert str(e.value) == f"target: address {addr:#x} is not 8-byte aligned"
+    assert str(e.value) == "target: values not aligned"
+
+
+def test_engine_checks_every_vector_it_is_given():
+    """Typed arguments: a vector of the wrong dtype is a TypeError, of the wrong length a
+    ValueError naming it; an object without the descriptor's attributes an AttributeError."""
+    from ce_fast._types import Stats
+
+    x = ce_fast._arrays.operand(np.zeros((2, 5), np.float32), "logits")
+    with pytest.raises(TypeError):
+        _core.run(x, target=np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="^target: 3 values, expected 2$"):
+        _core.run(x, target=np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="^weight: 4 values, expected 5$"):
+        _core.run(x, weight=np.ones(4))
+    with pytest.raises(ValueError, match="^ls: 3 values, expected 2$"):
+        _core.run(x, stats=Stats(mx=np.empty(2), ls=np.empty(3)))
+    with pytest.raises(ValueError, match="^mx: not a contiguous array$"):
+        _core.run(x, stats=Stats(mx=np.empty(4)[::2], ls=np.empty(2)))
+    with pytest.raises(AttributeError, match="no attribute 'ptr'"):
+        _core.run((x.ptr, 0, 5, 1, [2], [5]))
+    s = Stats(mx=np.empty(2), ls=np.empty(2))
+    _core.run(x, stats=s)
+    np.testing.assert_array_equal(s.mx, 0.0)
+    np.testing.assert_allclose(s.ls, np.log(5.0))
 
 
 def test_read_pass_takes_empty_and_unaligned_spans():

@@ -8,7 +8,7 @@ import functools
 import math
 from typing import Any
 
-from . import _arrays, _batch, _rules
+from . import _arrays, _batch, _plain, _rules
 from ._spec import LossSpec, document_options
 from ._types import Batch, Stats
 
@@ -115,6 +115,10 @@ def cross_entropy(
     unsupported dtypes; IndexError for a target outside ``[0, C)`` that is not
     ``ignore_index``.
     """
+    if _plain.plain_options(weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
+        loss = _plain_loss(logits, target, ignore_index, reduction)
+        if loss is not None:
+            return loss
     spec = LossSpec.make(
         ignore_index=ignore_index,
         reduction=reduction,
@@ -124,6 +128,17 @@ def cross_entropy(
         logit_scale=logit_scale,
     )
     return _loss_and_stats(logits, target, spec, weight)[0]
+
+
+def _plain_loss(logits, target, ignore_index: int, reduction: str) -> Any:
+    """The lean path's result for host arrays with the plain options, or None."""
+    if _arrays.is_torch(logits) and _arrays.is_torch(target):
+        prep = _plain.torch_prepare(logits, target)
+        if prep is None:
+            return None
+        d, t = prep
+        return _plain.torch_forward(logits.detach(), d, t, ignore_index, reduction)[0]
+    return _plain.numpy_loss(logits, target, ignore_index, reduction)
 
 
 @_on_device

@@ -1,6 +1,11 @@
 """Type stubs of ce_fast._core, the Rust engine (rust/lib.rs). Private: the Python
 package validates every argument before it reaches these functions."""
 
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
 __version__: str
 #: Elements per chunk of a row (stays in L1).
 CHUNK: int
@@ -12,23 +17,85 @@ MAX_THREADS: int
 #: (address, dtype code, columns, column stride, batch shape, batch strides), strides in elements.
 Desc = tuple[int, int, int, int, list[int], list[int]]
 
+class _ArrayDesc(Protocol):
+    """What `run` reads of an array argument (ce_fast._arrays.Operand has it): address,
+    dtype code, shape and strides in elements, the class axis last."""
+
+    ptr: int
+    code: int | None
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+class _Stats(Protocol):
+    """Per-row float64 vectors (ce_fast._types.Stats); None where not wanted."""
+
+    mx: Any
+    ls: Any
+    zy: Any
+    swz: Any
+    swtz: Any
+    swt: Any
+
+class _GradCoef(Protocol):
+    """The gradient's coefficients (ce_fast._types.GradCoef): float64 vectors a0, b, g."""
+
+    a0: Any
+    b: Any
+    g: Any
+    a_lse: float
+    a_swt: float
+    d: float
+    e: float
+
 def run(
-    x: Desc,
-    target: int,
-    weight: int,
-    soft: Desc | None,
-    scale: float,
-    softcap: float,
-    want_wz: bool,
-    stats: tuple[int, int, int, int, int, int],
-    grad: tuple[int, int, int, float, float, float, float, Desc] | None = None,
+    x: _ArrayDesc,
+    *,
+    target: NDArray[np.int64] | None = None,
+    weight: NDArray[np.float64] | None = None,
+    soft: _ArrayDesc | None = None,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    want_wz: bool = False,
+    stats: _Stats | None = None,
+    grad: _GradCoef | None = None,
+    out: _ArrayDesc | None = None,
+    given: _Stats | None = None,
     threads: int = 0,
-    given: tuple[int, int, int] | None = None,
-    argmax: int = 0,
+    argmax: NDArray[np.int64] | None = None,
 ) -> None:
-    """Per-row statistics of the logits `x` into the f64 buffers at `stats` (mx, ls, zy,
-    swz, swtz, swt; 0 = not wanted), and with `grad` the gradient into its last Desc.
-    `argmax`: an i64 buffer (0 = not wanted) for each row's first maximum, -1 for NaN rows."""
+    """Per-row statistics of the logits `x` into `stats`'s float64 vectors (one per row,
+    contiguous, None = not wanted); with `grad` the gradient into `out`; with `given`
+    (saved mx, ls, swt) only the gradient pass. Every vector's dtype and length is
+    checked: a mismatch is a ValueError (a TypeError for a non-array). `argmax`: each row's
+    first maximum, -1 for a row holding NaN, from the same pass."""
+
+def plain_forward(
+    x: Desc,
+    target: NDArray[np.int64],
+    ignore_index: int,
+    lse: NDArray[np.float64],
+    loss: NDArray[np.float64],
+    grad: tuple[float, bool, Desc] | None = None,
+    threads: int = 0,
+) -> int:
+    """The plain cross-entropy (int64 `target`, one per row): row maxima and log-sums
+    into the float64 (2, rows) `lse`, per-row losses into `loss`; with `grad = (go, mean,
+    out)` also the gradient of go * loss. The counted rows, or -1 - r for the first row r
+    whose target is out of range."""
+
+def plain_backward(
+    x: Desc,
+    target: NDArray[np.int64],
+    ignore_index: int,
+    lse: NDArray[np.float64],
+    go: float,
+    go_rows: NDArray[np.float64] | None,
+    mean: bool,
+    out: Desc,
+    threads: int = 0,
+) -> None:
+    """The plain cross-entropy's gradient from `plain_forward`'s lse into `out`: `go` for
+    the batch (over the counted rows when `mean`) or the float64 per-row values `go_rows`."""
 
 def kl_run(
     x: Desc,

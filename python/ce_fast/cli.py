@@ -15,6 +15,7 @@ from typing import Any
 from . import bench
 from ._core import MAX_THREADS, simd_level
 from .bench.losses import DEFAULT_LOSS_SIZES, LOSSES, bench_loss, format_loss_table
+from .bench.training import TRAINING_SIZES
 
 
 def _option(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -130,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         "loss against the PyTorch way of computing it and a read pass of its inputs (CPU; default size "
         f"{DEFAULT_LOSS_SIZES}; bce: binary_cross_entropy_with_logits at 16384x4096)",
     )
+    add(
+        "--training",
+        type=_option(_training_sizes),
+        default=None,
+        help="sizes of the training-step table (ce_fast.torch fwd+bwd vs F.cross_entropy, CPU), 'none' to "
+        f"skip it (default: {TRAINING_SIZES} when --sizes is not given, else none)",
+    )
     add("--seed", type=int, default=0, help="random seed of the logits and targets (default: %(default)s)")
     add("--json", metavar="PATH", default=None, help="also write machine-readable results here")
     add("--markdown", metavar="PATH", default=None, help="also write the table as Markdown here")
@@ -220,6 +228,7 @@ def _to_config(ns: argparse.Namespace, argv: Sequence[str]) -> bench.Config:
         seed=ns.seed,
         compile=ns.compile,
         arrays=ns.arrays,
+        training=_training_sizes(TRAINING_SIZES) if ns.training is None and ns.sizes is None else ns.training or [],
     )
 
 
@@ -272,6 +281,11 @@ def _bench_loss(ns: argparse.Namespace) -> int:
         with open(ns.json, "w") as f:
             json.dump({"machine": {"simd": simd_level()}, "losses": records}, f, indent=1)
     return 0
+
+
+def _training_sizes(text: str) -> list:
+    """The training-step table's sizes; "none" for no table."""
+    return [] if text.strip().lower() == "none" else bench.parse_sizes(text)
 
 
 def _bench(ns: argparse.Namespace, argv: Sequence[str]) -> int:

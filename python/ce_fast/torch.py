@@ -54,6 +54,12 @@ traces too. ``torch.compile(model, fullgraph=True)`` therefore traces a model th
 forward and backward. Under compilation the options are validated when the ops run
 rather than at trace time (Dynamo cannot trace the validation on symbolic floats).
 Functionalization may give the compiled in-place path a copy where eager has none.
+
+Small calls. In eager mode, CPU tensors with int64 targets and no option but
+``ignore_index`` and ``reduction`` (a training loop's call) skip the custom-op dispatch:
+an ``autograd.Function`` runs one Rust call for the forward (targets checked once, per-row
+losses formed there) and one for the backward, which reuses the forward's checks
+(``ce_fast._plain``). The numbers are the custom ops' bit for bit.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _api, _arrays
+from . import _api, _arrays, _plain
 from ._rules import Stats
 from ._spec import LossSpec, document_options
 from ._torch_binary import BCEWithLogitsLoss, binary_cross_entropy_with_logits, sigmoid_focal_loss
@@ -269,11 +275,73 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         (g,) = ctx.saved_tensors
         # Scale in place. A 0-d grad is given dims so that the product is formed in the
         # grad's (wider) dtype and rounded once into float16/bfloat16, not the other way round.
-        if ctx.reduction == "none":
-            scale = grad.unsqueeze(-1)
-        else:
-            scale = grad.reshape((1,) * g.dim())
-        return (g.mul_(scale), None, None) + (None,) * _N_OPTIONS
+        return (_scale_inplace(g, grad, ctx.reduction), None, None) + (None,) * _N_OPTIONS
+
+
+def _scale_inplace(g: Tensor, grad: Tensor, reduction: str) -> Tensor:
+    """The in-place gradient `g` times the incoming gradient, in place. An incoming 1 on
+    the CPU (the usual `loss.backward()`) costs no pass over `g` and no second rounding;
+    the version is bumped all the same, so a second backward fails as with the multiply."""
+    eager = not torch.compiler.is_compiling()  # traced graphs cannot branch on the value
+    if eager and grad.dim() == 0 and grad.device.type == "cpu" and grad.item() == 1.0:
+        torch.autograd.graph.increment_version(g)
+        return g
+    if reduction == "none":
+        scale = grad.unsqueeze(-1)
+    else:
+        scale = grad.reshape((1,) * g.dim())
+    return g.mul_(scale)
+
+
+class _PlainCrossEntropy(torch.autograd.Function):
+    """The lean eager path (CPU, int64 targets, no option but ignore_index and reduction):
+    no custom-op dispatch, options and targets checked once in the forward, the backward
+    reusing them (see ce_fast._plain)."""
+
+    @staticmethod
+    def forward(ctx, input, target, d, ignore_index, reduction):
+        loss, lse, _ = _plain.torch_forward(input, d, target, ignore_index, reduction)
+        ctx.plain = (d, ignore_index, reduction)
+        ctx.save_for_backward(input, target, lse)  # the version check guards `d`'s memory
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, target, lse = ctx.saved_tensors
+        d, ignore_index, reduction = ctx.plain
+        g = _plain.torch_backward(grad, input, d, target, ignore_index, reduction, lse)
+        return g, None, None, None, None
+
+
+class _PlainInplace(torch.autograd.Function):
+    """The lean eager path of ``inplace_backward=True``: as _InplaceCrossEntropy."""
+
+    @staticmethod
+    def forward(ctx, input, target, d, ignore_index, reduction):
+        loss, _, _ = _plain.torch_forward(input, d, target, ignore_index, reduction, inplace=True)
+        torch.autograd.graph.increment_version(input)  # as the general path's mark_written
+        ctx.reduction = reduction
+        ctx.save_for_backward(input)  # after the pass, the logits' buffer holds the gradient
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        return _scale_inplace(g, grad, ctx.reduction), None, None, None, None
+
+
+def _plain_call(input: Tensor, target: Tensor, ignore_index: int, reduction: str, inplace: bool) -> Optional[Tensor]:
+    """The lean path's loss, or None where it does not apply."""
+    needs_grad = input.requires_grad and torch.is_grad_enabled()
+    inplace = inplace and needs_grad
+    prep = _plain.torch_prepare(input, target, inplace)
+    if prep is None:
+        return None
+    d, t = prep
+    if not needs_grad:
+        return _plain.torch_forward(input, d, t, ignore_index, reduction)[0]
+    fn = _PlainInplace if inplace else _PlainCrossEntropy
+    return fn.apply(input, t, d, ignore_index, reduction)
 
 
 # ------------------------------------------------------------------ public API
@@ -331,6 +399,10 @@ def cross_entropy(
             float(logit_scale),
         )
     else:
+        if _plain.plain_options(weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
+            loss = _plain_call(input, target, ignore_index, reduction, inplace_backward)
+            if loss is not None:
+                return loss
         spec = LossSpec.make(**_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale))
         options = (spec.ignore_index, spec.reduction, spec.label_smoothing, spec.z_loss, spec.softcap, spec.logit_scale)
     args = (input, target, weight) + options

@@ -4,6 +4,7 @@
 //! accumulators.
 
 use super::{GradParams, Kernels, Level};
+use crate::elem::DType;
 
 use std::arch::x86_64::*;
 
@@ -178,7 +179,7 @@ mod imp {
     /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn sum_exp(buf: &[f32], m: f32) -> f64 {
-        match sum_exp_impl::<false>(buf, m) {
+        match sum_exp_impl::<false, f32>(buf, m) {
             Some((s, _)) => s,
             None => sum_exp_sub(buf, m),
         }
@@ -192,12 +193,102 @@ mod imp {
     /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn sum_exp_max(buf: &[f32], m: f32) -> Option<(f64, f32)> {
-        sum_exp_impl::<true>(buf, m)
+        sum_exp_impl::<true, f32>(buf, m)
+    }
+
+    /// Stored element types read straight into f32 lanes: the conversion happens in
+    /// registers inside the fused loops, with no round trip through a buffer.
+    pub trait Load: Copy {
+        /// 8 elements at `p` as f32 lanes.
+        ///
+        /// # Safety
+        /// The CPU has AVX2, FMA and F16C, and `p` points at 8 readable elements.
+        unsafe fn load8(p: *const Self) -> __m256;
+        /// 16 elements at `p` as two vectors of f32 lanes, in any order (for sums and maxima).
+        ///
+        /// # Safety
+        /// The CPU has AVX2, FMA and F16C, and `p` points at 16 readable elements.
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> (__m256, __m256) {
+            // SAFETY: the caller's obligation: 16 readable elements from p.
+            unsafe { (Self::load8(p), Self::load8(p.add(8))) }
+        }
+        fn to_f32(self) -> f32;
+    }
+
+    impl Load for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: the caller's obligation (8 readable f32 at p; unaligned load).
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            self
+        }
+    }
+
+    /// bfloat16 bits: the upper half of an f32, widened by a shift.
+    #[derive(Clone, Copy)]
+    #[repr(transparent)]
+    pub struct Bf16(pub u16);
+
+    impl Load for Bf16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const Bf16) -> __m256 {
+            // SAFETY: the caller's obligation (8 readable bf16 at p; unaligned load).
+            unsafe {
+                let h = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            }
+        }
+        /// One 256-bit load: the even elements shifted into the high halves, the odd ones
+        /// already there once the low halves are cleared (one operation per 8 each).
+        #[inline(always)]
+        unsafe fn load16(p: *const Bf16) -> (__m256, __m256) {
+            // SAFETY: the caller's obligation (16 readable bf16 at p; unaligned load).
+            unsafe {
+                let v = _mm256_loadu_si256(p as *const __m256i);
+                let even = _mm256_slli_epi32(v, 16);
+                let odd = _mm256_and_si256(v, _mm256_set1_epi32(-65536));
+                (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
+            }
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            crate::elem::bf16_to_f32(self.0)
+        }
+    }
+
+    /// IEEE half bits, widened by F16C.
+    #[derive(Clone, Copy)]
+    #[repr(transparent)]
+    pub struct F16(pub u16);
+
+    impl Load for F16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const F16) -> __m256 {
+            // SAFETY: the caller's obligation (8 readable f16 at p, a CPU with F16C).
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            half::f16::from_bits(self.0).to_f32()
+        }
+    }
+
+    /// `sum_exp_max` over stored elements of any `Load` type.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn sum_exp_max_of<L: Load>(buf: &[L], m: f32) -> Option<(f64, f32)> {
+        sum_exp_impl::<true, L>(buf, m)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn sum_exp_impl<const MAX: bool>(buf: &[f32], m: f32) -> Option<(f64, f32)> {
+    unsafe fn sum_exp_impl<const MAX: bool, L: Load>(buf: &[L], m: f32) -> Option<(f64, f32)> {
         let log2e = std::f32::consts::LOG2_E;
         let ml = m * log2e;
         // t = x*log2e - fl(m*log2e) in one FMA; the rounding of fl(m*log2e) is the same
@@ -221,10 +312,8 @@ mod imp {
         let mut mx1 = mx0;
         let mut i = 0;
         while i < n32 {
-            let x0 = _mm256_loadu_ps(p.add(i));
-            let x1 = _mm256_loadu_ps(p.add(i + 8));
-            let x2 = _mm256_loadu_ps(p.add(i + 16));
-            let x3 = _mm256_loadu_ps(p.add(i + 24));
+            let (x0, x1) = L::load16(p.add(i));
+            let (x2, x3) = L::load16(p.add(i + 16));
             if MAX {
                 // max(x, acc) returns acc when x is NaN: NaN shows in the sum instead.
                 mx0 = _mm256_max_ps(x0, mx0);
@@ -239,7 +328,7 @@ mod imp {
             i += 32;
         }
         while i + 8 <= buf.len() {
-            let x0 = _mm256_loadu_ps(p.add(i));
+            let x0 = L::load8(p.add(i));
             if MAX {
                 mx0 = _mm256_max_ps(x0, mx0);
             }
@@ -248,17 +337,22 @@ mod imp {
         }
         let mut s = hsum_f64(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
         s *= (rho * std::f64::consts::LN_2).exp();
+        let mut rest = [f32::NEG_INFINITY; 8];
+        for (r, x) in rest.iter_mut().zip(&buf[i..]) {
+            *r = x.to_f32();
+        }
+        let rest = &rest[..buf.len() - i];
         let mut best = f32::NEG_INFINITY;
         if MAX {
             let mut v = [0.0f32; 8];
             _mm256_storeu_ps(v.as_mut_ptr(), _mm256_max_ps(mx0, mx1));
             best = v
                 .iter()
-                .chain(&buf[i..])
+                .chain(rest)
                 .copied()
                 .fold(best, |a, b| if b > a { b } else { a });
         }
-        Some((s + tail_sum_exp(buf, i, m), best))
+        Some((s + tail_sum_exp(rest, 0, m), best))
     }
 
     /// Largest |fl(m*log2e) - m*log2e| the one-pass sum takes. Terms are 2^(t - rho) with
@@ -375,14 +469,7 @@ mod imp {
         let vlse = _mm256_set1_ps(p.m);
         // g (and scale, without softcap) folded into the coefficients: g*chain*(a p - d w - e w t).
         let gs = if chain.is_some() { p.g } else { p.g * p.scale };
-        // Unless a folded coefficient overflows f32 where its parts do not (z_loss at |lse|
-        // ~ 1e33 and up): then inf * p would be NaN where p = 0, so the factor goes last.
-        let fits = |k: f32| k * p.a.abs().max(p.d.abs()).max(p.e.abs()) <= f32::MAX;
-        let (k, post) = if fits(gs.abs()) || !fits(1.0) {
-            (gs, 1.0)
-        } else {
-            (1.0, gs)
-        };
+        let (k, post) = folded(gs, p);
         let ga = _mm256_set1_ps(k * p.a);
         let gd = _mm256_set1_ps(k * p.d);
         let ge = _mm256_set1_ps(k * p.e);
@@ -411,6 +498,127 @@ mod imp {
         if post != 1.0 {
             let vp = _mm256_set1_ps(post);
             map8(buf, |x, _| _mm256_mul_ps(vp, x));
+        }
+    }
+
+    /// Stored element types written from f32 lanes, rounded to nearest even in registers.
+    pub trait Store: Load {
+        /// Writes 8 lanes at `p`.
+        ///
+        /// # Safety
+        /// The CPU has AVX2, FMA and F16C, and `p` points at 8 writable elements.
+        unsafe fn store8(p: *mut Self, v: __m256);
+        fn from_f32(x: f32) -> Self;
+    }
+
+    impl Store for f32 {
+        #[inline(always)]
+        unsafe fn store8(p: *mut f32, v: __m256) {
+            // SAFETY: the caller's obligation (8 writable f32 at p; unaligned store).
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        fn from_f32(x: f32) -> f32 {
+            x
+        }
+    }
+
+    impl Store for Bf16 {
+        /// Round to nearest even as `elem::f32_to_bf16`, NaN kept quiet.
+        #[inline(always)]
+        unsafe fn store8(p: *mut Bf16, v: __m256) {
+            // SAFETY: the caller's obligation (8 writable bf16 at p; unaligned store).
+            unsafe {
+                let b = _mm256_castps_si256(v);
+                let hi = _mm256_srli_epi32(b, 16);
+                let lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+                let r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+                let r = _mm256_srli_epi32(r, 16);
+                let nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                let quiet = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
+                let r = _mm256_blendv_epi8(r, quiet, nan);
+                // Every lane is below 2^16, so the saturating pack keeps it exactly.
+                let h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+                _mm_storeu_si128(p as *mut __m128i, h)
+            }
+        }
+        #[inline(always)]
+        fn from_f32(x: f32) -> Bf16 {
+            Bf16(crate::elem::f32_to_bf16(x))
+        }
+    }
+
+    impl Store for F16 {
+        #[inline(always)]
+        unsafe fn store8(p: *mut F16, v: __m256) {
+            // SAFETY: the caller's obligation (8 writable f16 at p, a CPU with F16C).
+            unsafe {
+                let h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+                _mm_storeu_si128(p as *mut __m128i, h)
+            }
+        }
+        #[inline(always)]
+        fn from_f32(x: f32) -> F16 {
+            F16(half::f16::from_f32(x).to_bits())
+        }
+    }
+
+    /// The common gradient `g * scale * (a * exp(x - m) - d)` (no weights, soft target or
+    /// softcap) from `n` stored elements at `src` into `dst`, converted in registers both
+    /// ways: each 8 are read before they are written, so `dst` may be `src` itself.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `src` holds `n` readable elements and `dst` `n`
+    /// writable ones, either disjoint or the same memory.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn grad_plain_of<L: Store>(
+        src: *const L,
+        dst: *mut L,
+        n: usize,
+        p: &GradParams<f32>,
+    ) {
+        let (k, post) = folded(p.g * p.scale, p);
+        let vlse = _mm256_set1_ps(p.m);
+        let ga = _mm256_set1_ps(k * p.a);
+        let gd = _mm256_set1_ps(k * p.d);
+        let vp = _mm256_set1_ps(post);
+        let f = |x: __m256| {
+            let v = _mm256_fmsub_ps(ga, exp_le0(_mm256_sub_ps(x, vlse)), gd);
+            if post != 1.0 {
+                _mm256_mul_ps(vp, v)
+            } else {
+                v
+            }
+        };
+        let n8 = n / 8 * 8;
+        let mut i = 0;
+        while i < n8 {
+            L::store8(dst.add(i), f(L::load8(src.add(i))));
+            i += 8;
+        }
+        if i < n {
+            let mut t = [0.0f32; 8];
+            for (j, v) in t.iter_mut().enumerate().take(n - i) {
+                *v = (*src.add(i + j)).to_f32();
+            }
+            let mut o = [0.0f32; 8];
+            _mm256_storeu_ps(o.as_mut_ptr(), f(_mm256_loadu_ps(t.as_ptr())));
+            for (j, &v) in o.iter().enumerate().take(n - i) {
+                *dst.add(i + j) = L::from_f32(v);
+            }
+        }
+    }
+
+    /// (k, post): the factor `gs` folded into the coefficients, unless a folded coefficient
+    /// overflows f32 where its parts do not (z_loss at |lse| ~ 1e33 and up): then inf * p
+    /// would be NaN where p = 0, so the factor goes last (`post`).
+    #[inline(always)]
+    fn folded(gs: f32, p: &GradParams<f32>) -> (f32, f32) {
+        let fits = |k: f32| k * p.a.abs().max(p.d.abs()).max(p.e.abs()) <= f32::MAX;
+        if fits(gs.abs()) || !fits(1.0) {
+            (gs, 1.0)
+        } else {
+            (1.0, gs)
         }
     }
 
@@ -478,6 +686,44 @@ impl Kernels<f32> for Avx2 {
         // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C.
         unsafe { imp::sum_exp_max(buf, m) }
     }
+    fn sum_exp_max_half(self, src: &[u16], bf16: bool, m: f32) -> Option<(f64, f32)> {
+        let n = src.len();
+        // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C; Bf16
+        // and F16 are repr(transparent) over u16, so the slice is the same n elements.
+        unsafe {
+            if bf16 {
+                let s = std::slice::from_raw_parts(src.as_ptr() as *const imp::Bf16, n);
+                imp::sum_exp_max_of(s, m)
+            } else {
+                let s = std::slice::from_raw_parts(src.as_ptr() as *const imp::F16, n);
+                imp::sum_exp_max_of(s, m)
+            }
+        }
+    }
+    unsafe fn grad_stored(
+        self,
+        dtype: DType,
+        src: *const u8,
+        dst: *mut u8,
+        n: usize,
+        p: &GradParams<f32>,
+    ) -> bool {
+        // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C; the
+        // caller vouches for `n` elements of `dtype` at both addresses (see the trait).
+        unsafe {
+            match dtype {
+                DType::F32 => imp::grad_plain_of(src as *const f32, dst as *mut f32, n, p),
+                DType::BF16 => {
+                    imp::grad_plain_of(src as *const imp::Bf16, dst as *mut imp::Bf16, n, p)
+                }
+                DType::F16 => {
+                    imp::grad_plain_of(src as *const imp::F16, dst as *mut imp::F16, n, p)
+                }
+                DType::F64 => return false,
+            }
+        }
+        true
+    }
     fn sum(self, buf: &[f32]) -> f64 {
         // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C.
         unsafe { imp::dot_shift(buf, None, 0.0) }
@@ -499,5 +745,158 @@ impl Kernels<f32> for Avx2 {
     ) {
         // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C.
         unsafe { imp::grad(buf, p, w, t, chain) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::imp::{self, Bf16, F16};
+    use super::*;
+    use crate::elem::f32_to_bf16;
+    use crate::simd::scalar::Scalar;
+
+    fn avx2() -> Option<Avx2> {
+        let k = Avx2::new();
+        if k.is_none() {
+            eprintln!("skipped: this CPU lacks AVX2, FMA or F16C");
+        }
+        k
+    }
+
+    fn values() -> Vec<f32> {
+        let mut v: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 2003) as f32 * 0.013 - 13.0)
+            .collect();
+        v.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1.0 + f32::EPSILON * 64.0, // a bf16 tie
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x7f7f_ffff),
+            f32::from_bits(0x0000_0001),
+        ]);
+        v
+    }
+
+    #[test]
+    fn bf16_store_rounds_as_the_scalar_conversion() {
+        let Some(_) = avx2() else { return };
+        let src = values();
+        let mut got = vec![Bf16(0); src.len()];
+        for (i, chunk) in src.chunks(8).enumerate() {
+            let mut lanes = [0.0f32; 8];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            let mut out = [Bf16(0); 8];
+            // SAFETY: the CPU has AVX2 (checked); both arrays hold 8 elements.
+            unsafe {
+                <Bf16 as imp::Store>::store8(out.as_mut_ptr(), _mm256_loadu_ps(lanes.as_ptr()))
+            };
+            got[i * 8..i * 8 + chunk.len()].copy_from_slice(&out[..chunk.len()]);
+        }
+        for (x, b) in src.iter().zip(&got) {
+            assert_eq!(b.0, f32_to_bf16(*x), "{x:e}");
+        }
+    }
+
+    #[test]
+    fn half_loads_match_the_scalar_conversions() {
+        let Some(_) = avx2() else { return };
+        let src = values();
+        let bf: Vec<Bf16> = src.iter().map(|&x| Bf16(f32_to_bf16(x))).collect();
+        let hf: Vec<F16> = src
+            .iter()
+            .map(|&x| F16(half::f16::from_f32(x).to_bits()))
+            .collect();
+        for i in (0..src.len() - 8).step_by(8) {
+            let mut a = [0.0f32; 8];
+            let mut b = [0.0f32; 8];
+            // SAFETY: the CPU has AVX2 and F16C (checked); 8 elements from i are in bounds.
+            unsafe {
+                _mm256_storeu_ps(
+                    a.as_mut_ptr(),
+                    <Bf16 as imp::Load>::load8(bf.as_ptr().add(i)),
+                );
+                _mm256_storeu_ps(
+                    b.as_mut_ptr(),
+                    <F16 as imp::Load>::load8(hf.as_ptr().add(i)),
+                );
+            }
+            for j in 0..8 {
+                assert_eq!(a[j].to_bits(), imp::Load::to_f32(bf[i + j]).to_bits());
+                assert_eq!(b[j].to_bits(), imp::Load::to_f32(hf[i + j]).to_bits());
+            }
+        }
+    }
+
+    /// The in-register half paths give exactly what converting into an f32 buffer first gives.
+    #[test]
+    fn half_kernels_equal_the_buffer_route() {
+        let Some(k) = avx2() else { return };
+        for n in [1usize, 7, 8, 31, 32, 33, 100, 2048] {
+            let x: Vec<f32> = values()
+                .into_iter()
+                .filter(|v| v.is_finite() && v.abs() < 20.0)
+                .cycle()
+                .take(n)
+                .collect();
+            let bf: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
+            let wide: Vec<f32> = bf.iter().map(|&b| crate::elem::bf16_to_f32(b)).collect();
+            let m = 3.0f32;
+            // The same terms, summed in other lanes: equal maxima, sums to rounding.
+            let (a, am) = Kernels::<f32>::sum_exp_max_half(k, &bf, true, m).unwrap();
+            let (b, bm) = Kernels::<f32>::sum_exp_max(k, &wide, m).unwrap();
+            assert_eq!(am, bm);
+            assert!((a - b).abs() <= 1e-6 * b, "{a} vs {b}");
+            let hf: Vec<u16> = wide
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            let hw: Vec<f32> = hf
+                .iter()
+                .map(|&h| half::f16::from_bits(h).to_f32())
+                .collect();
+            assert_eq!(
+                Kernels::<f32>::sum_exp_max_half(k, &hf, false, m),
+                Kernels::<f32>::sum_exp_max(k, &hw, m)
+            );
+            let p = GradParams {
+                m: 5.0,
+                a: 0.7,
+                g: 0.25,
+                d: 0.01,
+                e: 0.0,
+                scale: 1.0,
+            };
+            let mut buf = wide.clone();
+            Kernels::<f32>::grad(k, &mut buf, &p, None, None, None);
+            let want: Vec<u16> = buf.iter().map(|&v| f32_to_bf16(v)).collect();
+            let mut got = bf.clone();
+            // SAFETY: n bf16 elements, read and written in place (the same memory).
+            let done = unsafe {
+                k.grad_stored(
+                    DType::BF16,
+                    got.as_ptr() as *const u8,
+                    got.as_mut_ptr() as *mut u8,
+                    n,
+                    &p,
+                )
+            };
+            assert!(done);
+            assert_eq!(got, want, "n = {n}");
+            // And the AVX2 gradient agrees with the scalar reference to a few ulp.
+            let mut reference = wide.clone();
+            Kernels::<f32>::grad(Scalar, &mut reference, &p, None, None, None);
+            // Relative to the terms' size: a * p and d cancel where p is near d / a.
+            for ((a, b), &z) in buf.iter().zip(&reference).zip(&wide) {
+                let size = p.g as f64 * (p.a as f64 * (z as f64 - p.m as f64).exp() + p.d as f64);
+                assert!(((a - b) as f64).abs() <= 1e-6 * size, "{a} vs {b}");
+            }
+        }
     }
 }

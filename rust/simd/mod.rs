@@ -8,6 +8,7 @@
 pub mod avx2;
 pub mod scalar;
 
+use crate::elem::DType;
 use crate::float::Float;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -136,6 +137,28 @@ pub trait Kernels<F: Float>: Copy + Send + Sync {
     /// meaningful when the returned maximum is below m + 88. None: not offered.
     fn sum_exp_max(self, _buf: &[F], _m: F) -> Option<(f64, F)> {
         None
+    }
+    /// `sum_exp_max` over stored bfloat16 (`bf16`) or float16 bits, converted in
+    /// registers. None: not offered (the caller converts into a buffer first).
+    fn sum_exp_max_half(self, _src: &[u16], _bf16: bool, _m: F) -> Option<(f64, F)> {
+        None
+    }
+    /// The gradient of the common case (`grad` without weights, soft target or softcap)
+    /// from `n` stored elements of `dtype` at `src` into `dst`, converted in registers.
+    /// false: not offered (nothing was written; the caller goes through a buffer).
+    ///
+    /// # Safety
+    /// `src` holds `n` readable elements of `dtype`, unit stride and aligned for it, and
+    /// `dst` `n` writable ones likewise; the two are disjoint or the same memory.
+    unsafe fn grad_stored(
+        self,
+        _dtype: DType,
+        _src: *const u8,
+        _dst: *mut u8,
+        _n: usize,
+        _p: &GradParams<F>,
+    ) -> bool {
+        false
     }
     fn sum(self, buf: &[F]) -> f64;
     /// sum(w * (x - m)) in f64, the differences included, w = 1 when `None`.

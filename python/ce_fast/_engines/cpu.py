@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -55,10 +56,6 @@ def index_targets(t: Operand, C: int, ignore_index: int) -> tuple[np.ndarray, np
     return idx, valid
 
 
-def _ptr(a: np.ndarray | None) -> int:
-    return 0 if a is None else a.__array_interface__["data"][0]
-
-
 def run(
     b: Batch,
     *,
@@ -79,10 +76,8 @@ def run(
     """
     rows = b.rows
     if given is not None:
-        saved = [
-            None if a is None else np.ascontiguousarray(a, dtype=np.float64) for a in (given.mx, given.ls, given.swt)
-        ]
-        _call(b, scale, softcap, False, grad, out, None, tuple(_ptr(a) for a in saved))
+        saved = Stats(mx=_f64(given.mx), ls=_f64(given.ls), swt=None if given.swt is None else _f64(given.swt))
+        _call(b, scale, softcap, False, grad, out, None, saved)
         return given
     s = Stats(mx=np.empty(rows), ls=np.empty(rows))
     s.zy = np.zeros(rows) if b.target is not None else None
@@ -91,48 +86,36 @@ def run(
         s.swtz, s.swt = np.zeros(rows), np.zeros(rows)
     if argmax is not None and (argmax.dtype != np.int64 or argmax.size != rows or not argmax.flags.c_contiguous):
         raise ValueError(f"argmax must be a C-contiguous int64 array of {rows} entries")
-    _call(b, scale, softcap, want_wz, grad, out, s, None, _ptr(argmax))
+    _call(b, scale, softcap, want_wz, grad, out, s, None, argmax)
     return s
 
 
-def _call(b, scale, softcap, want_wz, grad, out, s: Stats | None, given, argmax: int = 0) -> None:
-    keep = []  # contiguous float64 copies must outlive the call
+def _f64(a: Any) -> np.ndarray:
+    """A contiguous float64 vector (the engine refuses anything else)."""
+    return np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
 
-    def f64(a):
-        a = np.ascontiguousarray(a, dtype=np.float64)
-        keep.append(a)
-        return a
 
-    target = None if b.target is None else np.ascontiguousarray(b.target, dtype=np.int64)
-    # Always a private copy: the caller's weights may be unaligned or share memory with `out`.
-    weight = None if b.weight is None else f64(np.array(b.weight, dtype=np.float64))
-    g = None
+def _call(
+    b, scale, softcap, want_wz, grad, out, s: Stats | None, given: Stats | None, argmax: np.ndarray | None = None
+) -> None:
+    coef = None
     if grad is not None:
-        g = (
-            _ptr(f64(grad.a0)),
-            _ptr(f64(grad.b)),
-            _ptr(f64(grad.g)),
-            grad.a_lse,
-            grad.a_swt,
-            grad.d,
-            grad.e,
-            out.desc(),
-        )
+        coef = dataclasses.replace(grad, a0=_f64(grad.a0), b=_f64(grad.b), g=_f64(grad.g))
     run_kernels(
-        b.x.desc(),
-        _ptr(target),
-        _ptr(weight),
-        None if b.soft is None else b.soft.desc(),
-        float(scale),
-        float(softcap),
-        bool(want_wz),
-        (0, 0, 0, 0, 0, 0)
-        if s is None
-        else (_ptr(s.mx), _ptr(s.ls), _ptr(s.zy), _ptr(s.swz), _ptr(s.swtz), _ptr(s.swt)),
-        g,
-        _threads,
-        given,
-        argmax,
+        b.x,
+        target=None if b.target is None else np.ascontiguousarray(b.target, dtype=np.int64),
+        # Always a private copy: the caller's weights may be unaligned or share memory with `out`.
+        weight=None if b.weight is None else np.array(b.weight, dtype=np.float64),
+        soft=b.soft,
+        scale=float(scale),
+        softcap=float(softcap),
+        want_wz=bool(want_wz),
+        stats=s,
+        grad=coef,
+        out=out if grad is not None else None,
+        given=given,
+        threads=_threads,
+        argmax=argmax,
     )
 
 

@@ -128,6 +128,7 @@ class Config:
     argv: list[str] = field(default_factory=list)
     compile: bool = True  # torch.compile baseline (--device cuda)
     arrays: str | None = None  # "torch" / "cupy" inputs for --device cuda (None: torch if it has CUDA)
+    training: list[Shape] = field(default_factory=list)  # training-step table sizes (CPU, needs torch)
 
     @classmethod
     def create(
@@ -189,4 +190,5 @@ class Config:
             "seed": self.seed,
             "compile": self.compile,
             "arrays": self.arrays,
+            "training": [list(t) for t in self.training],
         }

@@ -24,6 +24,7 @@ from .._engines import cpu as _cpu
 from .base import Backend, say
 from .config import SCHEMA, Config
 from .report import Layout, Report
+from .training import format_training, run_training
 
 DEVICES = ("cpu", "cuda")
 
@@ -157,6 +158,8 @@ def run_bench(cfg: Config, quiet: bool = False, backend: Backend | None = None) 
         for shape in cfg.sizes:
             for dtype in cfg.dtypes:
                 results["cases"].append(backend.bench_case(shape, dtype, cfg, torch_mod, quiet))
+        if cfg.training and cfg.device == "cpu" and cfg.torch:
+            results["training"] = run_training(cfg.training, cfg.dtypes, seed=cfg.seed, quiet=quiet)
         return results
     finally:
         _cpu.set_threads(prev_threads)
@@ -170,10 +173,17 @@ def build_report(results: dict) -> Report:
 
 
 def format_table(results: dict) -> str:
-    """The results as the terminal table (machine line, command, table, footnotes)."""
-    return build_report(results).text()
+    """The results as the terminal table (machine line, command, table, footnotes), and
+    the training-step table when it was measured."""
+    text = build_report(results).text()
+    if results.get("training"):
+        text += "\n\n" + format_training(results["training"])
+    return text
 
 
 def format_markdown(results: dict) -> str:
     """The results as Markdown (for benches/RESULTS.md)."""
-    return build_report(results).markdown()
+    text = build_report(results).markdown()
+    if results.get("training"):
+        text += "\n" + format_training(results["training"], markdown=True)
+    return text

@@ -1,0 +1,143 @@
+//! Typed, checked arguments of the bindings. Arrays of logits are described by the
+//! Python `Operand` itself (read by attribute); the O(rows) and O(classes) vectors are
+//! NumPy arrays whose dtype, dimensionality, contiguity and length are checked here, so
+//! a wrong Python argument is an exception, never a stray address. Adding an output
+//! vector is one field in `Outputs` (and its attribute on `ce_fast._types.Stats`).
+
+use crate::elem::{DType, Matrix};
+use crate::rows::StatsOut;
+use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+fn err(msg: String) -> PyErr {
+    PyValueError::new_err(msg)
+}
+
+/// An array as `ce_fast._arrays.Operand` describes it: address, dtype code (None for
+/// non-float arrays), shape and strides in elements; the class axis is the last.
+#[derive(FromPyObject)]
+pub struct ArrayDesc {
+    pub ptr: usize,
+    pub code: Option<u8>,
+    pub shape: Vec<usize>,
+    pub strides: Vec<isize>,
+}
+
+impl ArrayDesc {
+    /// The rows-by-classes view the engine reads, after the checks it relies on.
+    pub fn matrix(&self, what: &str) -> PyResult<Matrix> {
+        let dtype = self
+            .code
+            .and_then(DType::from_code)
+            .ok_or_else(|| err(format!("{what}: unsupported dtype code {:?}", self.code)))?;
+        let (Some(&cols), Some(&col_stride)) = (self.shape.last(), self.strides.last()) else {
+            return Err(err(format!("{what}: no class axis (a 0-d array)")));
+        };
+        if self.shape.len() != self.strides.len() {
+            return Err(err(format!("{what}: shape and strides differ in length")));
+        }
+        if cols == 0 {
+            return Err(err(format!("{what}: zero classes")));
+        }
+        let n = self.shape.len() - 1;
+        let batch_shape = self.shape[..n].to_vec();
+        if self.ptr == 0 && batch_shape.iter().product::<usize>() > 0 {
+            return Err(err(format!("{what}: null data pointer")));
+        }
+        Ok(Matrix {
+            ptr: self.ptr,
+            dtype,
+            cols,
+            col_stride,
+            batch_shape,
+            batch_strides: self.strides[..n].to_vec(),
+        })
+    }
+}
+
+/// A read-only contiguous vector of exactly `len` values.
+pub fn vector<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray1<'_, T>,
+    len: usize,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    // A slice needs aligned values; NumPy allows views at any byte offset.
+    if !(a.data() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(err(format!("{what}: values not aligned")));
+    }
+    let s = a
+        .as_slice()
+        .map_err(|_| err(format!("{what}: not a contiguous array")))?;
+    if s.len() != len {
+        return Err(err(format!("{what}: {} values, expected {len}", s.len())));
+    }
+    Ok(s)
+}
+
+/// The destination address of a writable contiguous vector of `len` values (0 for None).
+pub fn destination<T: numpy::Element>(
+    a: &mut Option<PyReadwriteArray1<'_, T>>,
+    len: usize,
+    what: &str,
+) -> PyResult<usize> {
+    let Some(a) = a else { return Ok(0) };
+    if !(a.data() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(err(format!("{what}: values not aligned")));
+    }
+    if a.len() != len {
+        return Err(err(format!("{what}: {} values, expected {len}", a.len())));
+    }
+    let s = a
+        .as_slice_mut()
+        .map_err(|_| err(format!("{what}: not a contiguous array")))?;
+    Ok(s.as_mut_ptr() as usize)
+}
+
+/// Destinations of the per-row statistics, read by attribute from `ce_fast._types.Stats`:
+/// float64 vectors of one value per row, None where not wanted.
+#[derive(FromPyObject)]
+pub struct Outputs<'py> {
+    pub mx: Option<PyReadwriteArray1<'py, f64>>,
+    pub ls: Option<PyReadwriteArray1<'py, f64>>,
+    pub zy: Option<PyReadwriteArray1<'py, f64>>,
+    pub swz: Option<PyReadwriteArray1<'py, f64>>,
+    pub swtz: Option<PyReadwriteArray1<'py, f64>>,
+    pub swt: Option<PyReadwriteArray1<'py, f64>>,
+}
+
+impl Outputs<'_> {
+    /// The engine's destinations; the arrays stay borrowed (and alive) while `self` lives.
+    pub fn stats_out(&mut self, rows: usize) -> PyResult<StatsOut> {
+        Ok(StatsOut {
+            mx: destination(&mut self.mx, rows, "mx")?,
+            ls: destination(&mut self.ls, rows, "ls")?,
+            zy: destination(&mut self.zy, rows, "zy")?,
+            swz: destination(&mut self.swz, rows, "swz")?,
+            swtz: destination(&mut self.swtz, rows, "swtz")?,
+            swt: destination(&mut self.swt, rows, "swt")?,
+            am: 0, // the argmax destination is an argument of its own
+        })
+    }
+}
+
+/// Statistics saved by an earlier call (a `ce_fast._types.Stats`): mx and ls, and swt
+/// for soft targets.
+#[derive(FromPyObject)]
+pub struct Saved<'py> {
+    pub mx: PyReadonlyArray1<'py, f64>,
+    pub ls: PyReadonlyArray1<'py, f64>,
+    pub swt: Option<PyReadonlyArray1<'py, f64>>,
+}
+
+/// The gradient's coefficients, read by attribute from `ce_fast._types.GradCoef`.
+#[derive(FromPyObject)]
+pub struct Coefficients<'py> {
+    pub a0: PyReadonlyArray1<'py, f64>,
+    pub b: PyReadonlyArray1<'py, f64>,
+    pub g: PyReadonlyArray1<'py, f64>,
+    pub a_lse: f64,
+    pub a_swt: f64,
+    pub d: f64,
+    pub e: f64,
+}
