@@ -161,6 +161,27 @@ template <>
 struct IsSoft<ce_nosoft> {
     enum { value = 0 };
 };
+template <typename T>
+struct IsBf16 {
+    enum { value = 0 };
+};
+template <>
+struct IsBf16<ce_bf16> {
+    enum { value = 1 };
+};
+
+// One 16-byte store. Written in PTX: NVVM splits a uint4 assignment into four 32-bit
+// stores (STG.E, not STG.E.128), a quarter of the store width the gradient pass needs.
+__device__ __forceinline__ void ce_st128(uint4* p, u32 a, u32 b, u32 c, u32 d) {
+#ifdef CE_EMULATE
+    *p = make_uint4(a, b, c, d);
+#else
+    asm volatile(
+        "{\n\t.reg .u64 g;\n\tcvta.to.global.u64 g, %0;\n\tst.global.v4.u32 [g], {%1, %2, %3, %4};\n\t}" ::"l"(p),
+        "r"(a), "r"(b), "r"(c), "r"(d)
+        : "memory");
+#endif
+}
 
 // W 32-bit words at p: 16-byte loads (p 16-byte aligned) or one 8-byte load (W == 2).
 template <int W>
@@ -179,7 +200,7 @@ struct Words {
     __device__ static void store(void* p, const u32* w) {
         uint4* q = reinterpret_cast<uint4*>(p);
 #pragma unroll
-        for (int i = 0; i < W / 4; ++i) q[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+        for (int i = 0; i < W / 4; ++i) ce_st128(q + i, w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
     }
 };
 template <>
@@ -192,15 +213,32 @@ struct Words<2> {
     __device__ static void store(void* p, const u32* w) { *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]); }
 };
 
-// Packs N stored-type bit patterns (one per u32, low bits) into little-endian words.
+// Two gradients as one word of 16-bit floats (lo in the low half), rounded to nearest
+// even: one cvt.rn.{bf16,f16}x2.f32 per pair on sm_80+ instead of integer rounding.
+template <typename T>
+__device__ __forceinline__ u32 ce_pair(float lo, float hi) {
+#if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    u32 w;
+    if (IsBf16<T>::value) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+    }
+    return w;
+#else
+    return (E<T>::bits(lo) & 0xffffu) | (E<T>::bits(hi) << 16);
+#endif
+}
+
+// Packs N gradients (class c0 + k) into little-endian words of the stored type.
 template <typename T, int N>
-__device__ __forceinline__ void ce_pack(const u32 (&b)[N], u32* w) {
+__device__ __forceinline__ void ce_pack(const float (&g)[N], u32* w) {
     if (E<T>::SIZE == 4) {
 #pragma unroll
-        for (int k = 0; k < N; ++k) w[k] = b[k];
+        for (int k = 0; k < N; ++k) w[k] = E<T>::bits(g[k]);
     } else {
 #pragma unroll
-        for (int k = 0; k < N / 2; ++k) w[k] = (b[2 * k] & 0xffffu) | (b[2 * k + 1] << 16);
+        for (int k = 0; k < N / 2; ++k) w[k] = ce_pair<T>(g[2 * k], g[2 * k + 1]);
     }
 }
 
@@ -248,15 +286,19 @@ __device__ __noinline__ double ce_grad_y(float x, GradY Q) {
     }
     return Q.g * chain * (Q.a * exp((z - Q.mx) - Q.ls) - Q.d * Q.wy - Q.b);
 }
-// Replaces element yp of a vector of stored bits starting at class c0. The logit is read
-// again from memory: this thread has not stored the vector yet, so it is still the input
-// also when out aliases x.
-template <typename TX, int V>
-__device__ __forceinline__ void ce_patch(u32 (&b)[V], i64 c0, i64 yp, const TX* xr, const GradY& Q) {
-    const u32 yb = E<TX>::bits_d(ce_grad_y(E<TX>::ld(xr + yp), Q));
+// Replaces element k (0 <= k < V) of a packed vector of stored gradients with the
+// true-class element. The logit is read again from memory (xy): this thread has not stored
+// the vector yet, so it is still the input also when out aliases x. The word is chosen by
+// an unrolled compare, so the vector stays in registers.
+template <typename TX, int XW>
+__device__ __forceinline__ void ce_patch(u32 (&w)[XW], int k, const TX* xy, const GradY& Q) {
+    const u32 yb = E<TX>::bits_d(ce_grad_y(E<TX>::ld(xy), Q));
+    const int word = E<TX>::SIZE == 4 ? k : (k >> 1);
+    const int shift = E<TX>::SIZE == 4 ? 0 : (k & 1) * 16;
+    const u32 mask = E<TX>::SIZE == 4 ? 0xffffffffu : (0xffffu << shift);
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-        if (c0 + k == yp) b[k] = yb;
+    for (int j = 0; j < XW; ++j) {
+        if (j == word) w[j] = (w[j] & ~mask) | ((yb << shift) & mask);
     }
 }
 
@@ -616,7 +658,8 @@ __device__ __forceinline__ void ce_body(
             R = ce_group_reduce(R, G, want_wz, SOFT, want_am);
             // lse = mx + ls with the float64 conventions: NaN anywhere -> NaN; a +inf ->
             // +inf; all -inf -> -inf (ls = 0 when the max is not finite).
-            if (R.nan) {
+            // y == -2: a target outside [0, C) left unchecked (CUDA-graph capture): NaN row.
+            if (R.nan || y < -1) {
                 mx = CE_NAN_D;
             } else {
                 mx = (double)R.m;
@@ -708,16 +751,16 @@ __device__ __forceinline__ void ce_body(
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const i64 c0 = head + (i + (i64)u * G) * V;
-                    u32 b[V];
+                    float gv[V];
 #pragma unroll
                     for (int k = 0; k < V; ++k) {
                         const float wk = w32 ? w32[c0 + k] : 1.0f;
                         const float tk = SOFT ? E<TS>::unpack(tw[u], k) : 0.0f;
-                        b[k] = E<TX>::bits(ce_grad_f(E<TX>::unpack(xw[u], k), wk, tk, P));
+                        gv[k] = ce_grad_f(E<TX>::unpack(xw[u], k), wk, tk, P);
                     }
-                    if ((u64)(yp - c0) < (u64)V) ce_patch<TX, V>(b, c0, yp, xr, Q);
                     u32 ow[XW];
-                    ce_pack<TX, V>(b, ow);
+                    ce_pack<TX, V>(gv, ow);
+                    if ((u64)(yp - c0) < (u64)V) ce_patch<TX, XW>(ow, (int)(yp - c0), xr + yp, Q);
                     Words<XW>::store(orow + c0, ow);
                 }
             }
@@ -727,16 +770,16 @@ __device__ __forceinline__ void ce_body(
                 u32 tw[TW];
                 Words<XW>::load(xr + c0, xw);
                 if (SOFT) Words<TW>::load(tr + c0, tw);
-                u32 b[V];
+                float gv[V];
 #pragma unroll
                 for (int k = 0; k < V; ++k) {
                     const float wk = w32 ? w32[c0 + k] : 1.0f;
                     const float tk = SOFT ? E<TS>::unpack(tw, k) : 0.0f;
-                    b[k] = E<TX>::bits(ce_grad_f(E<TX>::unpack(xw, k), wk, tk, P));
+                    gv[k] = ce_grad_f(E<TX>::unpack(xw, k), wk, tk, P);
                 }
-                if ((u64)(yp - c0) < (u64)V) ce_patch<TX, V>(b, c0, yp, xr, Q);
                 u32 ow[XW];
-                ce_pack<TX, V>(b, ow);
+                ce_pack<TX, V>(gv, ow);
+                if ((u64)(yp - c0) < (u64)V) ce_patch<TX, XW>(ow, (int)(yp - c0), xr + yp, Q);
                 Words<XW>::store(orow + c0, ow);
             }
         } else {
@@ -795,7 +838,8 @@ __global__ void __launch_bounds__(512, 1) ce_fused(
 // Class-index targets of any integer type -> int64 indices (-1 for ignored rows) and
 // the mask of counted rows. A target outside [0, C) that is not ignore_index records
 // the smallest such row in *bad (atomicMin; the host initialises it to 2^64 - 1 and
-// reads it once after the launch).
+// reads it once after the launch) and becomes -2, which the row kernels turn into a
+// NaN row (mx = NaN): under CUDA-graph capture the host cannot read *bad.
 template <typename TI>
 __global__ void ce_targets(const TI* t, i64 rows, i64 t_rs, const i64* t_tab, i64 C,
                            i64 ign_s, int ign_s_ok, u64 ign_u, int ign_u_ok,
@@ -814,7 +858,7 @@ __global__ void ce_targets(const TI* t, i64 rows, i64 t_rs, const i64* t_tab, i6
             ok = u < (u64)C;
         }
         valid[r] = !ign;
-        idx[r] = (ign || !ok) ? (i64)-1 : (i64)v;
+        idx[r] = ign ? (i64)-1 : ok ? (i64)v : (i64)-2;
         if (!ign && !ok) atomicMin(bad, (u64)r);
     }
 }

@@ -557,6 +557,30 @@ def test_index_error_from_kernel_flag(emu, tdtype, values, bad_pos, bad_value):
     assert f"target value {bad_value} at position {bad_pos}" in str(gpu.value)
 
 
+@pytest.mark.parametrize("tdtype, values", [("int64", [1, 2, 100, 3, 200]), ("int32", [1, -1, 2, -100, 5]),
+                                             ("uint8", [1, 2, 3, 255, 4])])
+def test_out_of_range_targets_under_graph_capture_give_nan_rows(emu, monkeypatch, tdtype, values):
+    """While a CUDA graph is captured the range check cannot be read back: no IndexError,
+    the offending rows' losses and gradients are NaN, the other rows are exact."""
+    rng = np.random.default_rng(3)
+    x = _logits(rng, (5, 100), np.float32)
+    y = np.array(values, dtype=tdtype)
+    bad = np.array([(v < 0 and v != -100) or v >= 100 for v in values])
+    ok_y = np.where(bad, 0, y).astype(np.int64)
+    ref_rows = ce_fast.cross_entropy(x, ok_y, reduction="none")
+    _, ref_grad = ce_fast.cross_entropy_and_grad(x, ok_y, reduction="none")
+    monkeypatch.setattr(_cuda, "capturing", lambda: True)
+    with kernel_emulator.emulated_engine(emu):
+        rows = ce_fast.cross_entropy(x, y, reduction="none")
+        mean = ce_fast.cross_entropy(x, y)
+        loss, grad = ce_fast.cross_entropy_and_grad(x, y, reduction="sum")
+    assert np.all(np.isnan(rows[bad])) and np.isnan(mean) and np.isnan(loss)
+    keep = ~bad & (y.astype(np.int64) != -100)
+    _close(rows[keep], ref_rows[keep], 1e-6, 1e-6, "rows")
+    assert np.all(np.isnan(grad[bad]))
+    _grad_close(grad[keep], ref_grad[keep], np.float32, "grad")
+
+
 def test_index_error_position_in_nd_target(emu):
     x = np.zeros((3, 4, 10), np.float32)
     y = np.zeros((3, 4), np.int64)

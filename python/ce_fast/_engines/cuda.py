@@ -19,7 +19,9 @@ gradient.
   torch's current stream of the tensor's device, so ce_fast orders correctly with
   the surrounding torch work (``torch.cuda.stream(...)`` included).
 - Logits never leave the device. The host reads one flag after the target check
-  (an out-of-range target -> IndexError) and the scalar sums of the reduction.
+  (an out-of-range target -> IndexError; skipped under CUDA-graph capture, where such
+  rows give NaN); the rules and reductions stay on the device (mean and sum are 0-d
+  device arrays), so nothing else waits for the device.
 """
 
 from __future__ import annotations
@@ -218,10 +220,36 @@ def _device_id(op: Operand) -> int:
     return int(op.device.split(":", 1)[1])
 
 
+# Where CuPy allocates while a call on torch tensors runs: "torch" (default) takes the
+# memory from torch's caching allocator, so results handed to torch via DLPack follow
+# torch's stream rules (record_stream works) and allocations made while a CUDA graph is
+# captured land in the graph's private pool; "cupy" keeps CuPy's own pool.
+ALLOCATOR_ENV = "CE_FAST_CUDA_ALLOCATOR"
+_torch_alloc: Any = None
+
+
+def _torch_allocator():
+    """A CuPy allocator over torch's caching allocator (on the stream CuPy allocates on)."""
+    global _torch_alloc
+    if _torch_alloc is None:
+        torch = _torch()
+
+        def malloc(size: int, device: int, stream: int) -> int:
+            return 0 if size == 0 else int(torch.cuda.caching_allocator_alloc(size, device, stream))
+
+        def free(ptr: int, device: int) -> None:
+            if ptr:
+                torch.cuda.caching_allocator_delete(ptr)
+
+        _torch_alloc = xp().cuda.memory.PythonFunctionAllocator(malloc, free).malloc
+    return _torch_alloc
+
+
 @contextlib.contextmanager
 def scope(x: Operand):
     """CuPy's current device is the logits' device while the body runs; for torch
-    tensors CuPy's current stream is also torch's current stream on that device."""
+    tensors CuPy's current stream is also torch's current stream on that device, and
+    CuPy allocates from torch's caching allocator (see ALLOCATOR_ENV)."""
     cp = xp()
     dev = _device_id(x)
     with cp.cuda.Device(dev):
@@ -229,9 +257,22 @@ def scope(x: Operand):
             torch = _torch()
             ptr = torch.cuda.current_stream(dev).cuda_stream
             with cp.cuda.ExternalStream(ptr, dev):
-                yield
+                if os.environ.get(ALLOCATOR_ENV, "torch") == "cupy":
+                    yield
+                else:
+                    with cp.cuda.using_allocator(_torch_allocator()):
+                        yield
         else:
             yield
+
+
+def capturing() -> bool:
+    """Whether CuPy's current stream (torch's, inside :func:`scope`) is capturing a CUDA
+    graph: then nothing may wait for the device."""
+    try:
+        return bool(xp().cuda.get_current_stream().is_capturing())
+    except Exception:  # pragma: no cover - a CuPy without stream capture
+        return False
 
 
 _props: dict[int, tuple[int, int]] = {}
@@ -363,7 +404,9 @@ def index_targets(t: Operand, C: int, ignore_index: int):
     """int64 class indices with -1 for ignored rows, and the mask of counted rows.
 
     One kernel converts any integer dtype and checks the range; an offending row is
-    recorded on the device (atomicMin of its flat position) and read back once.
+    recorded on the device (atomicMin of its flat position) and read back once: the
+    one host sync of a call. Under CUDA-graph capture it is not read: such rows get
+    index -2 and NaN losses.
     """
     cp = xp()
     n = int(np.prod(t.shape, dtype=np.int64))
@@ -398,6 +441,10 @@ def index_targets(t: Operand, C: int, ignore_index: int):
         bad=bad,
     )
     _function("targets", target_kernel_name(t.dtype_name))((grid,), (block,), args)
+    if capturing():
+        # No sync while a CUDA graph is captured: the kernel marked such rows -2, which
+        # the row kernels turn into NaN losses (and NaN gradients).
+        return idx, valid
     flat = int(bad[0])  # the one synchronisation of the check
     if flat != _NO_BAD:
         pos = tuple(int(i) for i in np.unravel_index(flat, t.shape)) if len(t.shape) else ()
