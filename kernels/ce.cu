@@ -835,6 +835,243 @@ __global__ void __launch_bounds__(512, 1) ce_fused(
                           dco, eco, given_mx, given_ls, given_swt);
 }
 
+// ------------------------------------------------------------------ one-read fused kernels
+//
+// Loss and gradient with one read of the logits: the row is kept on chip between the
+// statistics and the gradient. A row is split over CL blocks (a thread-block cluster on
+// sm_90; CL = 1 is a plain block per row, any arch) of G = blockDim.x threads; lane
+// q = rank * G + threadIdx.x keeps 16-byte vectors q, q + Q, q + 2Q, ... (Q = CL * G, at
+// most CE_KEEP of them) in registers, and the few scalar elements before the first 16-byte
+// boundary and after the last whole vector are read again in the gradient pass. Each
+// block reduces its part (ce_group_reduce), the blocks of a cluster combine their parts
+// through distributed shared memory in rank order, so every block sees the same row
+// statistics. The host launches one cluster per row for contiguous rows whose gradient
+// has the logits' 16-byte phase (integer targets, no soft targets; else ce_fused).
+// PLAIN: no class weights and no label smoothing (the common case): the weight loads and
+// the f64 sums they need compile away, which leaves registers to keep twice the row.
+#define CE_KEEP_PLAIN 32
+#define CE_KEEP_FULL 16
+
+__device__ __forceinline__ u32 ce_smem_addr(const void* p) {
+    u32 a;
+    asm("{\n\t.reg .u64 t;\n\tcvta.to.shared.u64 t, %1;\n\tcvt.u32.u64 %0, t;\n\t}" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// The reduction slots of the CL blocks of a cluster, combined in rank order (every block
+// gets the same bits). sm_90 only; CL == 1 returns the block's own part.
+template <int CL>
+__device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz) {
+#if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (CL > 1) {
+        __shared__ Red part, all;
+        if (threadIdx.x == 0) part = mine;
+        asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+        if (threadIdx.x == 0) {
+            const u32 local = ce_smem_addr(&part);
+            Red acc;
+            for (int k = 0; k < CL; ++k) {
+                Red other;
+                u32* dst = reinterpret_cast<u32*>(&other);
+                u32 remote;
+                asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(k));
+                for (int wd = 0; wd < (int)(sizeof(Red) / 4); ++wd) {
+                    asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(dst[wd]) : "r"(remote + 4u * wd) : "memory");
+                }
+                if (k == 0) {
+                    acc = other;
+                } else {
+                    ce_combine(acc, other, wz, false, false);
+                }
+            }
+            all = acc;
+        }
+        // No block leaves (its shared memory must stay readable) before all have read.
+        asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+        return all;
+    }
+#endif
+    return mine;
+}
+
+template <typename TX, int CL, bool PLAIN>
+__device__ __forceinline__ void ce_fused1_body(
+    const TX* x, i64 rows, i64 C, i64 x_rs, const i64* target, const float* w32, const double* w64,
+    double scale_d, double cap_d, double* o_mx, double* o_ls, double* o_zy, double* o_swz,
+    TX* out, i64 o_rs, const double* a0, const double* bco, const double* gco,
+    double a_lse, double dco) {
+    const int V = 16 / E<TX>::SIZE;
+    const int G = blockDim.x;
+    const i64 r = blockIdx.x / CL;
+    const int rank = (int)(blockIdx.x - r * CL);
+    if (r >= rows) return;  // the host launches exactly rows * CL blocks
+    const int q = rank * G + threadIdx.x;
+    const i64 Q = (i64)CL * G;
+    const float scale = (float)scale_d, cap = (float)cap_d;
+    const int CE_KEEP = PLAIN ? CE_KEEP_PLAIN : CE_KEEP_FULL;
+    const bool want_wz = !PLAIN && o_swz != nullptr;
+    if (PLAIN) w32 = nullptr;
+    const TX* xr = x + r * x_rs;
+    TX* orow = out + r * o_rs;
+    const i64 y = target ? target[r] : (i64)-1;
+    const int head = (int)(((16u - (u32)(((u64)xr) & 15u)) & 15u) / E<TX>::SIZE);
+    const i64 nv = (C - head) / V;
+    const i64 tail0 = head + nv * V;
+    const i64 nscal = head + (C - tail0);
+
+    // ---------------------------------------------------------- pass 1: read once, keep
+    u32 kw[CE_KEEP_PLAIN][4];
+#pragma unroll
+    for (int j = 0; j < CE_KEEP; ++j) {
+        const i64 i = q + j * Q;
+        if (i < nv) Words<4>::load(xr + head + i * V, kw[j]);
+    }
+    Acc A;
+    A.m = -CE_INF;
+    A.s = 0.0f;
+    A.nan = 0;
+    A.swz = A.swtz = 0.0;
+    A.wdone = A.swt = 0.0f;
+    A.zw = A.zt = 0;
+    A.av = 0.0f;
+    A.ai = -1;
+    double zy = 0.0;
+    if (q == 0 && y >= 0) zy = (double)ce_tf(E<TX>::ld(xr + y), scale, cap);
+    for (i64 j = q; j < nscal; j += Q) {
+        const i64 c = j < head ? j : tail0 + (j - head);
+        float z[1] = {ce_tf(E<TX>::ld(xr + c), scale, cap)};
+        float w[1] = {w32 ? w32[c] : 1.0f};
+        ce_acc<1, false>(A, z, w, w, c, want_wz, false);
+    }
+#pragma unroll
+    for (int j = 0; j < CE_KEEP; ++j) {
+        const i64 i = q + j * Q;
+        if (i < nv) {
+            const i64 c0 = head + i * V;
+            float z[V], w[V];
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                z[k] = ce_tf(E<TX>::unpack(kw[j], k), scale, cap);
+                w[k] = w32 ? w32[c0 + k] : 1.0f;
+            }
+            ce_acc<V, false>(A, z, w, w, c0, want_wz, false);
+        }
+    }
+    Red R;
+    R.m = A.m;
+    R.s = (double)A.s;
+    R.nan = A.nan;
+    R.swz = A.swz;
+    R.wdone = A.wdone;
+    R.swt = 0.0;
+    R.swtz = 0.0;
+    R.av = 0.0f;
+    R.ai = -1;
+    R.zw = A.zw;
+    R.zt = 0;
+    R = ce_group_reduce(R, G, want_wz, false, false);
+    R = ce_cluster_reduce<CL>(R, want_wz);
+    double mx = 0.0, ls = 0.0;
+    if (R.nan || y < -1) {  // y == -2: an unchecked out-of-range target (graph capture)
+        mx = CE_NAN_D;
+    } else {
+        mx = (double)R.m;
+        if (ce_finite(R.m)) ls = log(R.s);
+    }
+    if (q == 0) {
+        o_mx[r] = mx;
+        o_ls[r] = ls;
+        if (o_zy) o_zy[r] = zy;
+        if (o_swz) o_swz[r] = R.swz;
+    }
+
+    // ---------------------------------------------------------- pass 2: from registers
+    const double g = gco[r];
+    if (g == 0.0) {  // ignored rows: exact zeros
+        for (i64 j = q; j < nscal; j += Q) E<TX>::st_bits(orow + (j < head ? j : tail0 + (j - head)), 0u);
+        const u32 zw[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int j = 0; j < CE_KEEP; ++j) {
+            const i64 i = q + j * Q;
+            if (i < nv) Words<4>::store(orow + head + i * V, zw);
+        }
+        return;
+    }
+    const double ad = a0[r] + a_lse * (mx + ls);
+    const double bb = bco[r];
+    const i64 yp = (y >= 0 && bb != 0.0) ? y : (i64)-1;
+    GradF P;
+    P.scale = scale;
+    P.cap = cap;
+    P.a = (float)(ad * exp(-ls));
+    P.m = (float)mx;
+    P.g = (float)g;
+    P.d = (float)dco;
+    P.e = 0.0f;
+    GradY Qy;
+    Qy.scale = scale_d;
+    Qy.cap = cap_d;
+    Qy.a = ad;
+    Qy.mx = mx;
+    Qy.ls = ls;
+    Qy.g = g;
+    Qy.d = dco;
+    Qy.wy = (yp >= 0 && w64) ? w64[yp] : 1.0;
+    Qy.b = bb;
+    for (i64 j = q; j < nscal; j += Q) {
+        const i64 c = j < head ? j : tail0 + (j - head);
+        const float xv = E<TX>::ld(xr + c);  // this thread's own element, not yet written
+        const float wk = w32 ? w32[c] : 1.0f;
+        const u32 b = (c == yp) ? E<TX>::bits_d(ce_grad_y(xv, Qy)) : E<TX>::bits(ce_grad_f(xv, wk, 0.0f, P));
+        E<TX>::st_bits(orow + c, b);
+    }
+#pragma unroll
+    for (int j = 0; j < CE_KEEP; ++j) {
+        const i64 i = q + j * Q;
+        if (i < nv) {
+            const i64 c0 = head + i * V;
+            float gv[V];
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float wk = w32 ? w32[c0 + k] : 1.0f;
+                gv[k] = ce_grad_f(E<TX>::unpack(kw[j], k), wk, 0.0f, P);
+            }
+            u32 ow[4];
+            ce_pack<TX, V>(gv, ow);
+            if ((u64)(yp - c0) < (u64)V) ce_patch<TX, 4>(ow, (int)(yp - c0), xr + yp, Qy);
+            Words<4>::store(orow + c0, ow);
+        }
+    }
+}
+
+// A block per row (CL = 1): any arch, and the CPU emulator.
+template <typename TX, bool PLAIN>
+__global__ void __launch_bounds__(256, 1) ce_fused1(
+    const TX* x, i64 rows, i64 C, i64 x_rs, const i64* target, const float* w32, const double* w64,
+    double scale, double cap, double* o_mx, double* o_ls, double* o_zy, double* o_swz,
+    TX* out, i64 o_rs, const double* a0, const double* bco, const double* gco, double a_lse, double dco) {
+    ce_fused1_body<TX, 1, PLAIN>(x, rows, C, x_rs, target, w32, w64, scale, cap, o_mx, o_ls, o_zy, o_swz, out, o_rs, a0,
+                          bco, gco, a_lse, dco);
+}
+
+// CL blocks per row as one thread-block cluster (sm_90+; elsewhere the body is compiled
+// out and the host never launches it).
+#if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define CE_CLUSTER(n) __cluster_dims__(n, 1, 1)
+#else
+#define CE_CLUSTER(n)
+#endif
+template <typename TX, int CL, bool PLAIN>
+__global__ void __launch_bounds__(256, 1) CE_CLUSTER(CL) ce_fused1c(
+    const TX* x, i64 rows, i64 C, i64 x_rs, const i64* target, const float* w32, const double* w64,
+    double scale, double cap, double* o_mx, double* o_ls, double* o_zy, double* o_swz,
+    TX* out, i64 o_rs, const double* a0, const double* bco, const double* gco, double a_lse, double dco) {
+#if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    ce_fused1_body<TX, CL, PLAIN>(x, rows, C, x_rs, target, w32, w64, scale, cap, o_mx, o_ls, o_zy, o_swz, out, o_rs, a0,
+                           bco, gco, a_lse, dco);
+#endif
+}
+
 // Class-index targets of any integer type -> int64 indices (-1 for ignored rows) and
 // the mask of counted rows. A target outside [0, C) that is not ignore_index records
 // the smallest such row in *bad (atomicMin; the host initialises it to 2^64 - 1 and

@@ -108,7 +108,7 @@ def test_every_kernel_compiles(arch):
     assert not failures, "\n\n".join(failures)
     # Everything the engine can ask for was compiled.
     expected = {n for names in modules.values() for n in names}
-    assert len(expected) == 3 * 5 * 2 + len(_cuda.INT_TYPES) + 1
+    assert len(expected) == 3 * 5 * 2 + len(_cuda.INT_TYPES) + 1 + 3 * 2 * (1 + len(_cuda.CLUSTERS))
 
 
 def test_a_broken_kernel_fails_to_compile():
@@ -143,7 +143,9 @@ _KIND_OF_TYPE = {"i64": "q", "u64": "Q", "int": "i", "double": "d"}
 
 def _signature(src: str, kernel: str):
     """[(name, kind)] of a __global__ kernel's parameters in ce.cu."""
-    m = re.search(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\)?\s*)?" + kernel + r"\s*\(([^)]*)\)", src)
+    m = re.search(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\)?\s*)?(?:CE_CLUSTER\([^)]*\)\s*)?"
+        + kernel
+        + r"\s*\(([^)]*)\)", src)
     assert m, f"no __global__ {kernel} in ce.cu"
     params = []
     for p in m.group(1).split(","):

@@ -744,3 +744,127 @@ def test_scope_uses_the_device_and_torch_current_stream(monkeypatch):
     # NumPy logits: no CUDA scope at all.
     with _batch.device_scope(np.zeros((2, 3), np.float32)):
         pass
+
+
+# ---------------------------------------------------------------- one-read fused kernel
+
+ONE_READ = dict(FUSED_KERNEL="one-read", ONE_READ_MIN_BYTES=0)
+KERNEL_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "ce_half", BF16: "ce_bf16"}
+
+
+def _one_read_launches(emu, start):
+    return [n for n, _, _ in emu.launches[start:] if n.startswith("ce_fused1")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: IDS[d])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}" for k in o) or "plain")
+@pytest.mark.parametrize("C", [37, 2501])
+def test_one_read_kernel_matches_the_cpu_engine(emu, dtype, opts, C):
+    """The one-read kernel (row kept in registers) against the Rust engine: every option,
+    rows that start off a 16-byte boundary (odd C), ignored rows, 1 to 16 kept vectors."""
+    rng = np.random.default_rng(C)
+    x = _logits(rng, (7, C), dtype)
+    y = rng.integers(0, C, 7)
+    y[2] = opts.get("ignore_index", -100)
+    kw = dict(opts)
+    if kw.get("weight") == "w":
+        kw["weight"] = rng.uniform(0.2, 2.0, C)
+    ref = ce_fast.cross_entropy_and_grad(x, y, **kw)
+    start = len(emu.launches)
+    with kernel_emulator.emulated_engine(emu, **ONE_READ):
+        got = ce_fast.cross_entropy_and_grad(x, y, **kw)
+    plain = "weight" not in kw and "label_smoothing" not in kw
+    want = f"ce_fused1<{KERNEL_TYPES[np.dtype(dtype)]}, {'true' if plain else 'false'}>"
+    assert _one_read_launches(emu, start) == [want]
+    _close(got[0], ref[0], 1e-5, 1e-6, "loss")
+    _grad_close(got[1], ref[1], dtype, "grad")
+    assert np.all(_f64(got[1])[2] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: IDS[d])
+def test_one_read_kernel_in_place_and_non_finite_rows(emu, dtype):
+    rng = np.random.default_rng(11)
+    C = 1203
+    x = _logits(rng, (6, C), np.float32)
+    x[0, 2] = np.nan
+    x[1, 3] = np.inf
+    x[2, :] = -np.inf
+    x[3, 1] = -np.inf
+    x = x.astype(dtype)
+    y = np.array([0, 1, 2, 3, 4, 5])
+    ref = ce_fast.cross_entropy_and_grad(x, y, reduction="none", label_smoothing=0.1)
+    buf = x.copy()
+    start = len(emu.launches)
+    with kernel_emulator.emulated_engine(emu, **ONE_READ):
+        loss, g = ce_fast.cross_entropy_and_grad(buf, y, reduction="none", label_smoothing=0.1, out=buf)
+    assert g is buf and len(_one_read_launches(emu, start)) == 1
+    _close(loss, ref[0], 1e-5, 1e-6, "loss")
+    _grad_close(buf, ref[1], dtype, "grad")
+
+
+def test_one_read_falls_back_where_it_does_not_apply(emu):
+    """Soft targets, a strided class axis, a gradient of another 16-byte phase and rows
+    too long for one block without clusters take the two-pass kernel, with the same numbers."""
+    rng = np.random.default_rng(2)
+    x = _logits(rng, (4, 600), np.float32)
+    y = rng.integers(0, 300, 4)
+    soft = rng.dirichlet(np.ones(600), 4).astype(np.float32)
+    out = np.empty((4, 601), np.float32)[:, 1:]  # another 16-byte phase than x
+    cases = [
+        lambda: ce_fast.cross_entropy_and_grad(x, soft),
+        lambda: ce_fast.cross_entropy_and_grad(x[:, ::2], y),
+        lambda: ce_fast.cross_entropy_and_grad(x, y, out=out),
+    ]
+    for fn in cases:
+        ref = fn()
+        ref = (ref[0], ref[1].copy())
+        start = len(emu.launches)
+        with kernel_emulator.emulated_engine(emu, **ONE_READ):
+            got = fn()
+        assert not _one_read_launches(emu, start)
+        _close(got[0], ref[0], 1e-6, 1e-7)
+        _grad_close(got[1], ref[1], np.float32)
+    start = len(emu.launches)
+    with kernel_emulator.emulated_engine(emu, **ONE_READ, KEEP={True: 1, False: 1}, ONE_READ_GROUP=64):
+        # KEEP / ONE_READ_GROUP only steer the plan: a row of 150 vectors exceeds 64 x 1 kept ones
+        got = ce_fast.cross_entropy_and_grad(x, y)
+    assert not _one_read_launches(emu, start)
+    _grad_close(got[1], ce_fast.cross_entropy_and_grad(x, y)[1], np.float32)
+
+
+def test_one_read_plan():
+    """Blocks per row and threads per block of the one-read kernel."""
+
+    def plan(rows, C, itemsize, major, sms=132, plain=True, ptr=1 << 20):
+        _cuda._majors[99], _cuda._props[99] = major, (sms, 50 << 20)
+        try:
+            x = types.SimpleNamespace(strides=(C, 1), ptr=ptr)
+            return _cuda._one_read_plan(rows, C, itemsize, 99, x, x, C, None, C, None, plain)
+        finally:
+            del _cuda._majors[99], _cuda._props[99]
+
+    assert plan(16384, 32000, 2, 9) == (1, 128)  # 4000 vectors: 128 threads x 32 kept
+    assert plan(16384, 32000, 2, 9, plain=False) == (1, 256)  # 16 kept with weights
+    assert plan(16384, 32000, 2, 9, ptr=(1 << 20) + 2) == (1, 128)  # 4001 vectors
+    assert plan(16384, 128256, 2, 9) == (2, 256)
+    assert plan(16384, 262144, 4, 9) == (8, 256)
+    assert plan(16384, 262144, 4, 9, plain=False) is None  # 16 kept: beyond 8 blocks
+    assert plan(16384, 262144, 4, 8) is None  # no clusters before sm_90: two-pass
+    assert plan(16384, 32000, 4, 8) == (1, 256)
+    assert plan(8, 32000, 2, 9) == (8, 64)  # few rows: each spread over a cluster
+    assert plan(16384, 1000, 2, 9) is None  # short rows: the two-pass kernel's row packing
+    assert plan(16384, 600000, 2, 9) is None  # beyond 8 blocks of registers
+
+
+def test_fused_kernel_switch(monkeypatch):
+    monkeypatch.setattr(_cuda, "FUSED_KERNEL", None)
+    monkeypatch.delenv(_cuda.FUSED_ENV, raising=False)
+    assert _cuda.fused_kind() == "two-pass"
+    monkeypatch.setenv(_cuda.FUSED_ENV, "one-read")
+    assert _cuda.fused_kind() == "one-read"
+    monkeypatch.setattr(_cuda, "FUSED_KERNEL", "two-pass")  # the module setting wins
+    assert _cuda.fused_kind() == "two-pass"
+    monkeypatch.setattr(_cuda, "FUSED_KERNEL", None)
+    monkeypatch.setenv(_cuda.FUSED_ENV, "fast")
+    with pytest.raises(ValueError, match="CE_FAST_FUSED='fast'"):
+        _cuda.fused_kind()
