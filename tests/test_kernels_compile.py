@@ -143,9 +143,12 @@ _KIND_OF_TYPE = {"i64": "q", "u64": "Q", "int": "i", "double": "d"}
 
 def _signature(src: str, kernel: str):
     """[(name, kind)] of a __global__ kernel's parameters in ce.cu."""
-    m = re.search(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\)?\s*)?(?:CE_CLUSTER\([^)]*\)\s*)?"
+    m = re.search(
+        r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\)?\s*)?(?:CE_CLUSTER\([^)]*\)\s*)?"
         + kernel
-        + r"\s*\(([^)]*)\)", src)
+        + r"\s*\(([^)]*)\)",
+        src,
+    )
     assert m, f"no __global__ {kernel} in ce.cu"
     params = []
     for p in m.group(1).split(","):

@@ -12,6 +12,7 @@ covered by tests/test_gpu.py on a machine with a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import types
 from fractions import Fraction
 
@@ -557,8 +558,9 @@ def test_index_error_from_kernel_flag(emu, tdtype, values, bad_pos, bad_value):
     assert f"target value {bad_value} at position {bad_pos}" in str(gpu.value)
 
 
-@pytest.mark.parametrize("tdtype, values", [("int64", [1, 2, 100, 3, 200]), ("int32", [1, -1, 2, -100, 5]),
-                                             ("uint8", [1, 2, 3, 255, 4])])
+@pytest.mark.parametrize(
+    "tdtype, values", [("int64", [1, 2, 100, 3, 200]), ("int32", [1, -1, 2, -100, 5]), ("uint8", [1, 2, 3, 255, 4])]
+)
 def test_out_of_range_targets_under_graph_capture_give_nan_rows(emu, monkeypatch, tdtype, values):
     """While a CUDA graph is captured the range check cannot be read back: no IndexError,
     the offending rows' losses and gradients are NaN, the other rows are exact."""
@@ -721,9 +723,37 @@ def test_scope_uses_the_device_and_torch_current_stream(monkeypatch):
         def __exit__(self, *exc):
             events.append(("stream-exit", self.ptr))
 
-    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Dev, ExternalStream=Ext))
+    class Alloc:  # cupy.cuda.memory.PythonFunctionAllocator
+        def __init__(self, malloc, free):
+            self.malloc_fn, self.free_fn = malloc, free
+
+        def malloc(self, size):
+            return self.malloc_fn(size, 1)
+
+    @contextlib.contextmanager
+    def using_allocator(alloc):
+        events.append("torch-allocator")
+        yield
+        events.append("allocator-exit")
+        allocators.append(alloc)
+
+    allocators: list = []
+    fake = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(
+            Device=Dev,
+            ExternalStream=Ext,
+            using_allocator=using_allocator,
+            memory=types.SimpleNamespace(PythonFunctionAllocator=Alloc),
+            get_current_stream=lambda: types.SimpleNamespace(ptr=4243),
+        )
+    )
     monkeypatch.setattr(_cuda, "xp", lambda: fake)
+    monkeypatch.setattr(_cuda, "_torch_alloc", None)
+    monkeypatch.delenv(_cuda.ALLOCATOR_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=4242 + dev))
+    torch_calls = []
+    monkeypatch.setattr(torch.cuda, "caching_allocator_alloc", lambda *a: torch_calls.append(("alloc", *a)) or 777)
+    monkeypatch.setattr(torch.cuda, "caching_allocator_delete", lambda *a: torch_calls.append(("delete", *a)))
     op = _batch._arrays.Operand(
         array=None,
         lib="torch",
@@ -734,6 +764,25 @@ def test_scope_uses_the_device_and_torch_current_stream(monkeypatch):
         code=_batch._arrays.F32,
         ptr=0,
     )
+    with _cuda.scope(op):
+        events.append("body")
+    assert events == [
+        ("device", 1),
+        ("stream", 4243, 1),
+        "torch-allocator",
+        "body",
+        "allocator-exit",
+        ("stream-exit", 4243),
+        ("device-exit", 1),
+    ]
+    # CuPy's allocations inside come from torch's caching allocator, on the current stream.
+    malloc = allocators[0].__self__
+    assert malloc.malloc(256) == 777 and malloc.malloc(0) == 0
+    malloc.free_fn(777, 1)
+    malloc.free_fn(0, 1)
+    assert torch_calls == [("alloc", 256, 1, 4243), ("delete", 777)]
+    events.clear()
+    monkeypatch.setenv(_cuda.ALLOCATOR_ENV, "cupy")
     with _cuda.scope(op):
         events.append("body")
     assert events == [("device", 1), ("stream", 4243, 1), "body", ("stream-exit", 4243), ("device-exit", 1)]

@@ -18,6 +18,11 @@ gradient.
 - Work runs on CuPy's current stream; for torch tensors :func:`scope` makes that
   torch's current stream of the tensor's device, so ce_fast orders correctly with
   the surrounding torch work (``torch.cuda.stream(...)`` included).
+- Loss + gradient: ``CE_FAST_FUSED=two-pass`` (default: ce_fused, the row read twice,
+  the second read meant to hit L2) or ``one-read`` (ce_fused1 / ce_fused1c: the row kept
+  in registers, split over a thread-block cluster on sm_90; one read, one write), also
+  settable as ``ce_fast._engines.cuda.FUSED_KERNEL``. Where the one-read kernel does not
+  apply (soft targets, strided rows, rows beyond its registers) the two-pass one runs.
 - Logits never leave the device. The host reads one flag after the target check
   (an out-of-range target -> IndexError; skipped under CUDA-graph capture, where such
   rows give NaN); the rules and reductions stay on the device (mean and sum are 0-d
@@ -288,8 +293,11 @@ def _torch_allocator():
     if _torch_alloc is None:
         torch = _torch()
 
-        def malloc(size: int, device: int, stream: int) -> int:
-            return 0 if size == 0 else int(torch.cuda.caching_allocator_alloc(size, device, stream))
+        def malloc(size: int, device: int) -> int:
+            if size == 0:
+                return 0
+            stream = xp().cuda.get_current_stream().ptr  # torch's current stream inside scope()
+            return int(torch.cuda.caching_allocator_alloc(size, device, stream))
 
         def free(ptr: int, device: int) -> None:
             if ptr:
