@@ -15,6 +15,7 @@ missing pip packages.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -81,19 +82,31 @@ def compile_module(src: str, names, arch: str, options=()):
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_kernel_compiles(arch):
-    nvrtc = _nvrtc()
-    src = _cuda.source()
+@functools.cache
+def compiled_module(key, arch: str):
+    """compile_module of one of the engine's modules (cached for the session: the SASS
+    checks of tests/test_kernels_sass.py read the same cubins)."""
+    return compile_module(_cuda.source(), _cuda.modules()[key], arch)
+
+
+def compile_all(arch: str) -> list:
+    """[(key, names, compile_module result)] of every module the engine may build."""
     modules = _cuda.modules()
 
     def job(item):
         key, names = item
-        return key, names, compile_module(src, names, arch)
+        return key, names, compiled_module(key, arch)
 
     workers = max(1, min(len(modules), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:  # NVRTC releases the GIL
-        results = list(pool.map(job, modules.items()))
+        return list(pool.map(job, modules.items()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_compiles(arch):
+    nvrtc = _nvrtc()
+    modules = _cuda.modules()
+    results = compile_all(arch)
     failures = []
     for key, names, (result, log, lowered, cubin) in results:
         if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_kernels_compile import compile_module
+from test_kernels_compile import compile_all, compile_module
 
 from ce_fast._engines import cuda as _cuda
 
@@ -86,17 +86,16 @@ def _sass(cubin: bytes) -> dict[str, Counter]:
 
 @pytest.fixture(scope="module", params=ARCHS)
 def sass(request):
-    """(arch, SASS opcode counts of the row kernels) for one arch: the two-pass fused
-    kernels for every logits x soft-target dtype, the one-read kernels, and the statistics
-    kernels without and with soft targets."""
-    mods = _cuda.modules()
-    # Every fused kernel; the statistics kernels without and with one soft-target dtype.
-    names = [n for key, group in mods.items() if key != "targets" for n in group if not n.startswith("ce_stats")]
-    names += [_cuda.row_kernel_names(code, soft)[0] for code in _cuda.LOGIT_TYPES for soft in (None, _cuda.F32)]
-    result, log, lowered, cubin = compile_module(_cuda.source(), names, request.param)
-    assert cubin, log
-    ops = _sass(cubin)
-    return request.param, {n: ops.get(lowered[n], Counter()) for n in names}
+    """(arch, SASS opcode counts of every row kernel) for one arch: the cubins of the
+    compile test (tests/test_kernels_compile.py, cached for the session), disassembled."""
+    kernels = {}
+    for key, names, (_result, log, lowered, cubin) in compile_all(request.param):
+        if key == "targets":
+            continue
+        assert cubin, (key, log)
+        ops = _sass(cubin)
+        kernels.update({n: ops.get(lowered[n], Counter()) for n in names})
+    return request.param, kernels
 
 
 def test_fused_kernels_store_16_bytes_at_a_time(sass):
