@@ -161,6 +161,27 @@ template <>
 struct IsSoft<ce_nosoft> {
     enum { value = 0 };
 };
+template <typename T>
+struct IsBf16 {
+    enum { value = 0 };
+};
+template <>
+struct IsBf16<ce_bf16> {
+    enum { value = 1 };
+};
+
+// One 16-byte store. Written in PTX: NVVM splits a uint4 assignment into four 32-bit
+// stores (STG.E, not STG.E.128), a quarter of the store width the gradient pass needs.
+__device__ __forceinline__ void ce_st128(uint4* p, u32 a, u32 b, u32 c, u32 d) {
+#ifdef CE_EMULATE
+    *p = make_uint4(a, b, c, d);
+#else
+    asm volatile(
+        "{\n\t.reg .u64 g;\n\tcvta.to.global.u64 g, %0;\n\tst.global.v4.u32 [g], {%1, %2, %3, %4};\n\t}" ::"l"(p),
+        "r"(a), "r"(b), "r"(c), "r"(d)
+        : "memory");
+#endif
+}
 
 // W 32-bit words at p: 16-byte loads (p 16-byte aligned) or one 8-byte load (W == 2).
 template <int W>
@@ -179,7 +200,7 @@ struct Words {
     __device__ static void store(void* p, const u32* w) {
         uint4* q = reinterpret_cast<uint4*>(p);
 #pragma unroll
-        for (int i = 0; i < W / 4; ++i) q[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+        for (int i = 0; i < W / 4; ++i) ce_st128(q + i, w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
     }
 };
 template <>
@@ -192,15 +213,32 @@ struct Words<2> {
     __device__ static void store(void* p, const u32* w) { *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]); }
 };
 
-// Packs N stored-type bit patterns (one per u32, low bits) into little-endian words.
+// Two gradients as one word of 16-bit floats (lo in the low half), rounded to nearest
+// even: one cvt.rn.{bf16,f16}x2.f32 per pair on sm_80+ instead of integer rounding.
+template <typename T>
+__device__ __forceinline__ u32 ce_pair(float lo, float hi) {
+#if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    u32 w;
+    if (IsBf16<T>::value) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+    }
+    return w;
+#else
+    return (E<T>::bits(lo) & 0xffffu) | (E<T>::bits(hi) << 16);
+#endif
+}
+
+// Packs N gradients (class c0 + k) into little-endian words of the stored type.
 template <typename T, int N>
-__device__ __forceinline__ void ce_pack(const u32 (&b)[N], u32* w) {
+__device__ __forceinline__ void ce_pack(const float (&g)[N], u32* w) {
     if (E<T>::SIZE == 4) {
 #pragma unroll
-        for (int k = 0; k < N; ++k) w[k] = b[k];
+        for (int k = 0; k < N; ++k) w[k] = E<T>::bits(g[k]);
     } else {
 #pragma unroll
-        for (int k = 0; k < N / 2; ++k) w[k] = (b[2 * k] & 0xffffu) | (b[2 * k + 1] << 16);
+        for (int k = 0; k < N / 2; ++k) w[k] = ce_pair<T>(g[2 * k], g[2 * k + 1]);
     }
 }
 
@@ -248,15 +286,19 @@ __device__ __noinline__ double ce_grad_y(float x, GradY Q) {
     }
     return Q.g * chain * (Q.a * exp((z - Q.mx) - Q.ls) - Q.d * Q.wy - Q.b);
 }
-// Replaces element yp of a vector of stored bits starting at class c0. The logit is read
-// again from memory: this thread has not stored the vector yet, so it is still the input
-// also when out aliases x.
-template <typename TX, int V>
-__device__ __forceinline__ void ce_patch(u32 (&b)[V], i64 c0, i64 yp, const TX* xr, const GradY& Q) {
-    const u32 yb = E<TX>::bits_d(ce_grad_y(E<TX>::ld(xr + yp), Q));
+// Replaces element k (0 <= k < V) of a packed vector of stored gradients with the
+// true-class element. The logit is read again from memory (xy): this thread has not stored
+// the vector yet, so it is still the input also when out aliases x. The word is chosen by
+// an unrolled compare, so the vector stays in registers.
+template <typename TX, int XW>
+__device__ __forceinline__ void ce_patch(u32 (&w)[XW], int k, const TX* xy, const GradY& Q) {
+    const u32 yb = E<TX>::bits_d(ce_grad_y(E<TX>::ld(xy), Q));
+    const int word = E<TX>::SIZE == 4 ? k : (k >> 1);
+    const int shift = E<TX>::SIZE == 4 ? 0 : (k & 1) * 16;
+    const u32 mask = E<TX>::SIZE == 4 ? 0xffffffffu : (0xffffu << shift);
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-        if (c0 + k == yp) b[k] = yb;
+    for (int j = 0; j < XW; ++j) {
+        if (j == word) w[j] = (w[j] & ~mask) | ((yb << shift) & mask);
     }
 }
 
@@ -616,7 +658,8 @@ __device__ __forceinline__ void ce_body(
             R = ce_group_reduce(R, G, want_wz, SOFT, want_am);
             // lse = mx + ls with the float64 conventions: NaN anywhere -> NaN; a +inf ->
             // +inf; all -inf -> -inf (ls = 0 when the max is not finite).
-            if (R.nan) {
+            // y == -2: a target outside [0, C) left unchecked (CUDA-graph capture): NaN row.
+            if (R.nan || y < -1) {
                 mx = CE_NAN_D;
             } else {
                 mx = (double)R.m;
@@ -708,16 +751,16 @@ __device__ __forceinline__ void ce_body(
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const i64 c0 = head + (i + (i64)u * G) * V;
-                    u32 b[V];
+                    float gv[V];
 #pragma unroll
                     for (int k = 0; k < V; ++k) {
                         const float wk = w32 ? w32[c0 + k] : 1.0f;
                         const float tk = SOFT ? E<TS>::unpack(tw[u], k) : 0.0f;
-                        b[k] = E<TX>::bits(ce_grad_f(E<TX>::unpack(xw[u], k), wk, tk, P));
+                        gv[k] = ce_grad_f(E<TX>::unpack(xw[u], k), wk, tk, P);
                     }
-                    if ((u64)(yp - c0) < (u64)V) ce_patch<TX, V>(b, c0, yp, xr, Q);
                     u32 ow[XW];
-                    ce_pack<TX, V>(b, ow);
+                    ce_pack<TX, V>(gv, ow);
+                    if ((u64)(yp - c0) < (u64)V) ce_patch<TX, XW>(ow, (int)(yp - c0), xr + yp, Q);
                     Words<XW>::store(orow + c0, ow);
                 }
             }
@@ -727,16 +770,16 @@ __device__ __forceinline__ void ce_body(
                 u32 tw[TW];
                 Words<XW>::load(xr + c0, xw);
                 if (SOFT) Words<TW>::load(tr + c0, tw);
-                u32 b[V];
+                float gv[V];
 #pragma unroll
                 for (int k = 0; k < V; ++k) {
                     const float wk = w32 ? w32[c0 + k] : 1.0f;
                     const float tk = SOFT ? E<TS>::unpack(tw, k) : 0.0f;
-                    b[k] = E<TX>::bits(ce_grad_f(E<TX>::unpack(xw, k), wk, tk, P));
+                    gv[k] = ce_grad_f(E<TX>::unpack(xw, k), wk, tk, P);
                 }
-                if ((u64)(yp - c0) < (u64)V) ce_patch<TX, V>(b, c0, yp, xr, Q);
                 u32 ow[XW];
-                ce_pack<TX, V>(b, ow);
+                ce_pack<TX, V>(gv, ow);
+                if ((u64)(yp - c0) < (u64)V) ce_patch<TX, XW>(ow, (int)(yp - c0), xr + yp, Q);
                 Words<XW>::store(orow + c0, ow);
             }
         } else {
@@ -792,10 +835,248 @@ __global__ void __launch_bounds__(512, 1) ce_fused(
                           dco, eco, given_mx, given_ls, given_swt);
 }
 
+// ------------------------------------------------------------------ one-read fused kernels
+//
+// Loss and gradient with one read of the logits: the row is kept on chip between the
+// statistics and the gradient. A row is split over CL blocks (a thread-block cluster on
+// sm_90; CL = 1 is a plain block per row, any arch) of G = blockDim.x threads; lane
+// q = rank * G + threadIdx.x keeps 16-byte vectors q, q + Q, q + 2Q, ... (Q = CL * G, at
+// most CE_KEEP of them) in registers, and the few scalar elements before the first 16-byte
+// boundary and after the last whole vector are read again in the gradient pass. Each
+// block reduces its part (ce_group_reduce), the blocks of a cluster combine their parts
+// through distributed shared memory in rank order, so every block sees the same row
+// statistics. The host launches one cluster per row for contiguous rows whose gradient
+// has the logits' 16-byte phase (integer targets, no soft targets; else ce_fused).
+// PLAIN: no class weights and no label smoothing (the common case): the weight loads and
+// the f64 sums they need compile away, which leaves registers to keep twice the row.
+#define CE_KEEP_PLAIN 32
+#define CE_KEEP_FULL 16
+
+__device__ __forceinline__ u32 ce_smem_addr(const void* p) {
+    u32 a;
+    asm("{\n\t.reg .u64 t;\n\tcvta.to.shared.u64 t, %1;\n\tcvt.u32.u64 %0, t;\n\t}" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// The reduction slots of the CL blocks of a cluster, combined in rank order (every block
+// gets the same bits). sm_90 only; CL == 1 returns the block's own part.
+template <int CL>
+__device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz) {
+#if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (CL > 1) {
+        __shared__ Red part, all;
+        if (threadIdx.x == 0) part = mine;
+        asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+        if (threadIdx.x == 0) {
+            const u32 local = ce_smem_addr(&part);
+            Red acc;
+            for (int k = 0; k < CL; ++k) {
+                Red other;
+                u32* dst = reinterpret_cast<u32*>(&other);
+                u32 remote;
+                asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(k));
+                for (int wd = 0; wd < (int)(sizeof(Red) / 4); ++wd) {
+                    asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(dst[wd]) : "r"(remote + 4u * wd) : "memory");
+                }
+                if (k == 0) {
+                    acc = other;
+                } else {
+                    ce_combine(acc, other, wz, false, false);
+                }
+            }
+            all = acc;
+        }
+        // No block leaves (its shared memory must stay readable) before all have read.
+        asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+        return all;
+    }
+#endif
+    return mine;
+}
+
+template <typename TX, int CL, bool PLAIN>
+__device__ __forceinline__ void ce_fused1_body(
+    const TX* x, i64 rows, i64 C, i64 x_rs, const i64* target, const float* w32, const double* w64,
+    double scale_d, double cap_d, double* o_mx, double* o_ls, double* o_zy, double* o_swz,
+    TX* out, i64 o_rs, const double* a0, const double* bco, const double* gco,
+    double a_lse, double dco) {
+    const int V = 16 / E<TX>::SIZE;
+    const int G = blockDim.x;
+    const i64 r = blockIdx.x / CL;
+    const int rank = (int)(blockIdx.x - r * CL);
+    if (r >= rows) return;  // the host launches exactly rows * CL blocks
+    const int q = rank * G + threadIdx.x;
+    const i64 Q = (i64)CL * G;
+    const float scale = (float)scale_d, cap = (float)cap_d;
+    const int CE_KEEP = PLAIN ? CE_KEEP_PLAIN : CE_KEEP_FULL;
+    const bool want_wz = !PLAIN && o_swz != nullptr;
+    if (PLAIN) w32 = nullptr;
+    const TX* xr = x + r * x_rs;
+    TX* orow = out + r * o_rs;
+    const i64 y = target ? target[r] : (i64)-1;
+    const int head = (int)(((16u - (u32)(((u64)xr) & 15u)) & 15u) / E<TX>::SIZE);
+    const i64 nv = (C - head) / V;
+    const i64 tail0 = head + nv * V;
+    const i64 nscal = head + (C - tail0);
+
+    // ---------------------------------------------------------- pass 1: read once, keep
+    u32 kw[CE_KEEP_PLAIN][4];
+#pragma unroll
+    for (int j = 0; j < CE_KEEP; ++j) {
+        const i64 i = q + j * Q;
+        if (i < nv) Words<4>::load(xr + head + i * V, kw[j]);
+    }
+    Acc A;
+    A.m = -CE_INF;
+    A.s = 0.0f;
+    A.nan = 0;
+    A.swz = A.swtz = 0.0;
+    A.wdone = A.swt = 0.0f;
+    A.zw = A.zt = 0;
+    A.av = 0.0f;
+    A.ai = -1;
+    double zy = 0.0;
+    if (q == 0 && y >= 0) zy = (double)ce_tf(E<TX>::ld(xr + y), scale, cap);
+    for (i64 j = q; j < nscal; j += Q) {
+        const i64 c = j < head ? j : tail0 + (j - head);
+        float z[1] = {ce_tf(E<TX>::ld(xr + c), scale, cap)};
+        float w[1] = {w32 ? w32[c] : 1.0f};
+        ce_acc<1, false>(A, z, w, w, c, want_wz, false);
+    }
+#pragma unroll
+    for (int j = 0; j < CE_KEEP; ++j) {
+        const i64 i = q + j * Q;
+        if (i < nv) {
+            const i64 c0 = head + i * V;
+            float z[V], w[V];
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                z[k] = ce_tf(E<TX>::unpack(kw[j], k), scale, cap);
+                w[k] = w32 ? w32[c0 + k] : 1.0f;
+            }
+            ce_acc<V, false>(A, z, w, w, c0, want_wz, false);
+        }
+    }
+    Red R;
+    R.m = A.m;
+    R.s = (double)A.s;
+    R.nan = A.nan;
+    R.swz = A.swz;
+    R.wdone = A.wdone;
+    R.swt = 0.0;
+    R.swtz = 0.0;
+    R.av = 0.0f;
+    R.ai = -1;
+    R.zw = A.zw;
+    R.zt = 0;
+    R = ce_group_reduce(R, G, want_wz, false, false);
+    R = ce_cluster_reduce<CL>(R, want_wz);
+    double mx = 0.0, ls = 0.0;
+    if (R.nan || y < -1) {  // y == -2: an unchecked out-of-range target (graph capture)
+        mx = CE_NAN_D;
+    } else {
+        mx = (double)R.m;
+        if (ce_finite(R.m)) ls = log(R.s);
+    }
+    if (q == 0) {
+        o_mx[r] = mx;
+        o_ls[r] = ls;
+        if (o_zy) o_zy[r] = zy;
+        if (o_swz) o_swz[r] = R.swz;
+    }
+
+    // ---------------------------------------------------------- pass 2: from registers
+    const double g = gco[r];
+    if (g == 0.0) {  // ignored rows: exact zeros
+        for (i64 j = q; j < nscal; j += Q) E<TX>::st_bits(orow + (j < head ? j : tail0 + (j - head)), 0u);
+        const u32 zw[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int j = 0; j < CE_KEEP; ++j) {
+            const i64 i = q + j * Q;
+            if (i < nv) Words<4>::store(orow + head + i * V, zw);
+        }
+        return;
+    }
+    const double ad = a0[r] + a_lse * (mx + ls);
+    const double bb = bco[r];
+    const i64 yp = (y >= 0 && bb != 0.0) ? y : (i64)-1;
+    GradF P;
+    P.scale = scale;
+    P.cap = cap;
+    P.a = (float)(ad * exp(-ls));
+    P.m = (float)mx;
+    P.g = (float)g;
+    P.d = (float)dco;
+    P.e = 0.0f;
+    GradY Qy;
+    Qy.scale = scale_d;
+    Qy.cap = cap_d;
+    Qy.a = ad;
+    Qy.mx = mx;
+    Qy.ls = ls;
+    Qy.g = g;
+    Qy.d = dco;
+    Qy.wy = (yp >= 0 && w64) ? w64[yp] : 1.0;
+    Qy.b = bb;
+    for (i64 j = q; j < nscal; j += Q) {
+        const i64 c = j < head ? j : tail0 + (j - head);
+        const float xv = E<TX>::ld(xr + c);  // this thread's own element, not yet written
+        const float wk = w32 ? w32[c] : 1.0f;
+        const u32 b = (c == yp) ? E<TX>::bits_d(ce_grad_y(xv, Qy)) : E<TX>::bits(ce_grad_f(xv, wk, 0.0f, P));
+        E<TX>::st_bits(orow + c, b);
+    }
+#pragma unroll
+    for (int j = 0; j < CE_KEEP; ++j) {
+        const i64 i = q + j * Q;
+        if (i < nv) {
+            const i64 c0 = head + i * V;
+            float gv[V];
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float wk = w32 ? w32[c0 + k] : 1.0f;
+                gv[k] = ce_grad_f(E<TX>::unpack(kw[j], k), wk, 0.0f, P);
+            }
+            u32 ow[4];
+            ce_pack<TX, V>(gv, ow);
+            if ((u64)(yp - c0) < (u64)V) ce_patch<TX, 4>(ow, (int)(yp - c0), xr + yp, Qy);
+            Words<4>::store(orow + c0, ow);
+        }
+    }
+}
+
+// A block per row (CL = 1): any arch, and the CPU emulator.
+template <typename TX, bool PLAIN>
+__global__ void __launch_bounds__(256, 1) ce_fused1(
+    const TX* x, i64 rows, i64 C, i64 x_rs, const i64* target, const float* w32, const double* w64,
+    double scale, double cap, double* o_mx, double* o_ls, double* o_zy, double* o_swz,
+    TX* out, i64 o_rs, const double* a0, const double* bco, const double* gco, double a_lse, double dco) {
+    ce_fused1_body<TX, 1, PLAIN>(x, rows, C, x_rs, target, w32, w64, scale, cap, o_mx, o_ls, o_zy, o_swz, out, o_rs, a0,
+                          bco, gco, a_lse, dco);
+}
+
+// CL blocks per row as one thread-block cluster (sm_90+; elsewhere the body is compiled
+// out and the host never launches it).
+#if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define CE_CLUSTER(n) __cluster_dims__(n, 1, 1)
+#else
+#define CE_CLUSTER(n)
+#endif
+template <typename TX, int CL, bool PLAIN>
+__global__ void __launch_bounds__(256, 1) CE_CLUSTER(CL) ce_fused1c(
+    const TX* x, i64 rows, i64 C, i64 x_rs, const i64* target, const float* w32, const double* w64,
+    double scale, double cap, double* o_mx, double* o_ls, double* o_zy, double* o_swz,
+    TX* out, i64 o_rs, const double* a0, const double* bco, const double* gco, double a_lse, double dco) {
+#if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    ce_fused1_body<TX, CL, PLAIN>(x, rows, C, x_rs, target, w32, w64, scale, cap, o_mx, o_ls, o_zy, o_swz, out, o_rs, a0,
+                           bco, gco, a_lse, dco);
+#endif
+}
+
 // Class-index targets of any integer type -> int64 indices (-1 for ignored rows) and
 // the mask of counted rows. A target outside [0, C) that is not ignore_index records
 // the smallest such row in *bad (atomicMin; the host initialises it to 2^64 - 1 and
-// reads it once after the launch).
+// reads it once after the launch) and becomes -2, which the row kernels turn into a
+// NaN row (mx = NaN): under CUDA-graph capture the host cannot read *bad.
 template <typename TI>
 __global__ void ce_targets(const TI* t, i64 rows, i64 t_rs, const i64* t_tab, i64 C,
                            i64 ign_s, int ign_s_ok, u64 ign_u, int ign_u_ok,
@@ -814,7 +1095,7 @@ __global__ void ce_targets(const TI* t, i64 rows, i64 t_rs, const i64* t_tab, i6
             ok = u < (u64)C;
         }
         valid[r] = !ign;
-        idx[r] = (ign || !ok) ? (i64)-1 : (i64)v;
+        idx[r] = ign ? (i64)-1 : ok ? (i64)v : (i64)-2;
         if (!ign && !ok) atomicMin(bad, (u64)r);
     }
 }

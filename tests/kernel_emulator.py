@@ -79,7 +79,8 @@ class Emulator:
     def __init__(self):
         from ce_fast._engines import cuda as _cuda
 
-        names = [n for group in _cuda.modules().values() for n in group]
+        # Thread-block clusters (sm_90) have no CPU emulation: their bodies compile out here.
+        names = [n for key, group in _cuda.modules().items() if key != "clusters" for n in group]
         src = _cuda.source()
         body = f'#include "{_cuda.KERNEL_NAME}"\n'  # written beside the unit below
         unit = _registry(names).replace(
@@ -188,6 +189,7 @@ def emulated_engine(emu: Emulator, *, sms: int = 3, l2: int = 1 << 16, **knobs):
         "_function": _cuda._function,
         "_device_id": _cuda._device_id,
         "_props": dict(_cuda._props),
+        "_majors": dict(_cuda._majors),
     }
     saved_knobs = {k: getattr(_cuda, k) for k in knobs}
     saved_engine_for = _batch.engine_for
@@ -196,6 +198,7 @@ def emulated_engine(emu: Emulator, *, sms: int = 3, l2: int = 1 << 16, **knobs):
         _cuda._function = emu.function
         _cuda._device_id = lambda op: 0
         _cuda._props.clear()
+        _cuda._majors.clear()
         for k, v in knobs.items():
             setattr(_cuda, k, v)
         _batch.engine_for = lambda op: _cuda
@@ -206,6 +209,8 @@ def emulated_engine(emu: Emulator, *, sms: int = 3, l2: int = 1 << 16, **knobs):
         _cuda._device_id = saved["_device_id"]
         _cuda._props.clear()
         _cuda._props.update(saved["_props"])
+        _cuda._majors.clear()
+        _cuda._majors.update(saved["_majors"])
         for k, v in saved_knobs.items():
             setattr(_cuda, k, v)
         _batch.engine_for = saved_engine_for

@@ -503,3 +503,265 @@ def test_more_than_2_31_elements():
     _, g = ce_fast.cross_entropy_and_grad(x, y, reduction="sum", out=x)
     ref_x = x[tail].float()  # x now holds the gradient; compare the tail's row sums (= 0)
     torch.testing.assert_close(ref_x.sum(-1), torch.zeros(5, device="cuda"), rtol=0, atol=2e-2)
+
+
+# ---------------------------------------------------------------- issue 9: scale, both fused kernels, graphs
+
+FUSED = list(_cuda.FUSED_KINDS)  # "two-pass" (ce_fused) and "one-read" (ce_fused1 / ce_fused1c)
+
+
+@pytest.fixture(params=FUSED)
+def fused(request, monkeypatch):
+    """Runs a test with each fused loss+gradient kernel."""
+    monkeypatch.setattr(_cuda, "FUSED_KERNEL", request.param)
+    return request.param
+
+
+def _torch_ref(x, y, **kw):
+    """torch's own loss and gradient of float32 copies (class axis last)."""
+    xf = x.detach().float().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(xf, y.long(), **kw)
+    loss.backward(torch.ones_like(loss))
+    return loss.detach(), xf.grad
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(4096, 32000), (1024, 128256), (64, 262144), (7, 50257)])
+def test_at_scale_against_torch(fused, dtype, shape):
+    """Many rows per block and few huge rows (clusters), forward and fused, against torch."""
+    torch.manual_seed(0)
+    N, C = shape
+    x = (torch.randn(N, C, device="cuda") * 3).to(getattr(torch, dtype))
+    y = torch.randint(0, C, (N,), device="cuda")
+    y[::17] = -100
+    want_loss, want_grad = _torch_ref(x, y)
+    loss = ce_fast.cross_entropy(x, y)
+    torch.testing.assert_close(loss, want_loss, rtol=2e-5, atol=2e-5)
+    loss2, g = ce_fast.cross_entropy_and_grad(x, y)
+    torch.testing.assert_close(loss2, want_loss, rtol=2e-5, atol=2e-5)
+    tol = (
+        dict(rtol=2e-2, atol=2e-2 * float(want_grad.abs().max())) if dtype != "float32" else dict(rtol=1e-4, atol=1e-9)
+    )
+    torch.testing.assert_close(g.float(), want_grad, **tol)
+    rows = ce_fast.cross_entropy(x, y, reduction="none")
+    go = torch.rand(N, device="cuda")
+    _, g2 = ce_fast.cross_entropy_and_grad(x, y, reduction="none", grad_output=go)
+    xf = x.detach().float().requires_grad_(True)
+    torch.nn.functional.cross_entropy(xf, y, reduction="none").backward(go)
+    torch.testing.assert_close(
+        rows, torch.nn.functional.cross_entropy(x.float(), y, reduction="none"), rtol=2e-5, atol=2e-5
+    )
+    torch.testing.assert_close(g2.float(), xf.grad, **tol)
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-4), dict(reduction="sum")])
+def test_autograd_half_precision(fused, dtype, inplace, opts):
+    import ce_fast.torch as cet
+
+    torch.manual_seed(1)
+    x0 = torch.randn(256, 32000, device="cuda", dtype=getattr(torch, dtype)) * 2
+    y = torch.randint(0, 32000, (256,), device="cuda")
+    kw = {k: v for k, v in opts.items() if k != "z_loss"}
+    xr = x0.float().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(xr, y, **kw)
+    if "z_loss" in opts:
+        ref = ref + opts["z_loss"] * torch.logsumexp(xr, -1).pow(2).mean()
+    ref.backward()
+    x = x0.clone().requires_grad_(True)
+    h = x * 1  # a non-leaf, so inplace_backward may overwrite it
+    loss = cet.cross_entropy(h, y, inplace_backward=inplace, **opts)
+    loss.backward()
+    torch.testing.assert_close(loss.float(), ref.detach(), rtol=1e-4, atol=1e-4)
+    scale = float(xr.grad.abs().max())
+    torch.testing.assert_close(x.grad.float(), xr.grad, rtol=2e-2, atol=2e-2 * scale)
+
+
+@needs_torch
+def test_side_stream(fused):
+    torch.manual_seed(2)
+    x = torch.randn(512, 32000, device="cuda")
+    y = torch.randint(0, 32000, (512,), device="cuda")
+    want_loss, want_grad = _torch_ref(x, y)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        x2 = x * 1.0  # produced on the side stream, consumed there without a sync
+        loss, g = ce_fast.cross_entropy_and_grad(x2, y)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, want_grad, rtol=1e-4, atol=1e-9)
+
+
+@needs_torch
+def test_cuda_graph_capture_of_a_training_step(fused):
+    """A training step (linear head, ce_fast loss, backward, SGD) captured and replayed."""
+    import ce_fast.torch as cet
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(64, 4096, device="cuda")
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    h = torch.randn(256, 64, device="cuda")
+    y = torch.randint(0, 4096, (256,), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss = cet.cross_entropy(lin(h), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm up: compile the kernels, fill the allocator
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_loss = step()
+    w0 = lin.weight.detach().clone()
+    ref = torch.nn.functional.cross_entropy(lin(h), y)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(lin.weight, w0)  # the replay trained
+
+
+@needs_torch
+def test_graph_capture_turns_bad_targets_into_nan():
+    """Under capture the range check is not read back: NaN instead of IndexError."""
+    x = torch.randn(8, 1000, device="cuda")
+    y = torch.randint(0, 1000, (8,), device="cuda")
+    y[3] = 5000
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # compile the kernels outside the capture
+        ce_fast.cross_entropy(x, torch.zeros_like(y), reduction="none")
+        ce_fast.cross_entropy(x, torch.zeros_like(y))
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        rows = ce_fast.cross_entropy(x, y, reduction="none")
+        mean = ce_fast.cross_entropy(x, y)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.isnan(rows[3]) and torch.isnan(mean)
+    keep = torch.arange(8, device="cuda") != 3
+    want = torch.nn.functional.cross_entropy(x[keep], y[keep], reduction="none")
+    torch.testing.assert_close(rows[keep], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(IndexError, match="target value 5000 at position \\(3,\\)"):
+        ce_fast.cross_entropy(x, y)  # outside a capture: the error
+
+
+def test_cupy_stream_capture_needs_no_sync():
+    """mean / sum come back as device arrays: the whole call captures into a CuPy graph."""
+    x = cp.random.standard_normal((64, 5000), dtype=cp.float32)
+    y = cp.random.randint(0, 5000, 64)
+    stream = cp.cuda.Stream(non_blocking=True)
+
+    def calls():
+        mean = ce_fast.cross_entropy(x, y, label_smoothing=0.1)
+        return mean, *ce_fast.cross_entropy_and_grad(x, y, reduction="sum", grad_output=2.0)
+
+    with stream:
+        calls()  # compile the kernels and fill the memory pool outside the capture
+        stream.synchronize()
+        stream.begin_capture()
+        mean, loss, grad = calls()
+        graph = stream.end_capture()
+    graph.launch(stream)
+    stream.synchronize()
+    want_mean, _ = ref(cp.asnumpy(x).astype(np.float64), cp.asnumpy(y), label_smoothing=0.1)
+    want_sum, want_grad = ref(cp.asnumpy(x).astype(np.float64), cp.asnumpy(y), reduction="sum", grad_output=2.0)
+    assert isinstance(mean, cp.ndarray) and mean.shape == ()
+    assert_loss(mean, want_mean, "float32")
+    assert_loss(loss, want_sum, "float32")
+    assert_grad(grad, want_grad, "float32")
+
+
+@needs_torch
+def test_torch_compile_training_step():
+    import ce_fast.torch as cet
+
+    torch.manual_seed(4)
+    x = torch.randn(128, 8192, device="cuda", requires_grad=True)
+    y = torch.randint(0, 8192, (128,), device="cuda")
+
+    @torch.compile(fullgraph=True)
+    def f(x, y):
+        return cet.cross_entropy(x * 2.0, y, label_smoothing=0.1)
+
+    loss = f(x, y)
+    loss.backward()
+    xr = x.detach().clone().requires_grad_(True)
+    want = torch.nn.functional.cross_entropy(xr * 2.0, y, label_smoothing=0.1)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-8)
+
+
+@needs_torch
+@pytest.mark.parametrize("view", ["misaligned", "strided-rows", "class-strided", "expanded"])
+def test_in_place_on_views(fused, view):
+    torch.manual_seed(5)
+    C = 40001  # odd: rows start off 16-byte boundaries
+    base = torch.randn(65, C + 3, device="cuda", dtype=torch.bfloat16) * 2
+    y = torch.randint(0, C, (32,), device="cuda")
+    if view == "expanded":
+        x = base[0, :C].expand(32, C)
+        with pytest.raises(ValueError, match="share one memory location"):
+            ce_fast.cross_entropy_and_grad(x, y, out=x)
+        return
+    views = {
+        "misaligned": lambda: base[:32, 1 : C + 1],
+        "strided-rows": lambda: base[:64:2, 2 : C + 2],
+        "class-strided": lambda: base[:32, 0 : 2 * (C // 2) : 2],
+    }
+    x = views[view]()
+    Cx = x.shape[-1]
+    want_loss, want_grad = _torch_ref(x, y % Cx)
+    loss, g = ce_fast.cross_entropy_and_grad(x, y % Cx, out=x)
+    assert g is x
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.float(), want_grad, rtol=2e-2, atol=2e-2 * float(want_grad.abs().max()))
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("tdtype", ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"])
+def test_out_of_range_targets_of_every_integer_dtype(lib, tdtype):
+    if lib == "torch" and tdtype in ("uint16", "uint32", "uint64"):
+        pytest.skip("torch's wide unsigned dtypes have few CUDA ops; CuPy covers them")
+    y_np = np.full(300, 7, dtype=tdtype)
+    bad = np.iinfo(tdtype).max if tdtype.startswith("u") else -3
+    y_np[257] = bad  # past the first block of the target kernel
+    x = make(lib, np.zeros((300, 100)), "float32")
+    y = make(lib, y_np, None)
+    with pytest.raises(IndexError, match=f"target value {bad} at position \\(257,\\)"):
+        ce_fast.cross_entropy(x, y)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_non_finite_rows_across_warps(lib, fused):
+    """NaN / inf / all -inf in rows long enough that every warp of a block holds a part."""
+    C = 70000
+    a = np.random.default_rng(6).standard_normal((6, C))
+    a[0, 65000] = np.nan
+    a[1, 40000] = np.inf
+    a[2, :] = -np.inf
+    a[3, 100:60000] = -np.inf
+    a[4, [10, 69999]] = np.inf
+    x = make(lib, a, "float32")
+    y_np = np.array([0, 1, 2, 3, 4, 5])
+    want_loss, _ = ref(a, y_np, reduction="none")
+    got = host64(ce_fast.cross_entropy(x, make(lib, y_np, None), reduction="none"))
+    assert np.isnan(got[0]) and np.isnan(got[1]) and np.isnan(got[2]) and np.isnan(got[4])
+    np.testing.assert_allclose(got[[3, 5]], want_loss[[3, 5]], rtol=1e-5)
+    loss, g = ce_fast.cross_entropy_and_grad(x, make(lib, y_np, None), reduction="none")
+    gh = host64(g)
+    assert np.all(np.isnan(gh[0]))  # NaN anywhere in a row: NaN gradient, as torch
+    np.testing.assert_allclose(host64(loss), got, rtol=1e-6, equal_nan=True)
+    assert np.isfinite(gh[[3, 5]]).all()

@@ -15,6 +15,7 @@ missing pip packages.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -81,19 +82,31 @@ def compile_module(src: str, names, arch: str, options=()):
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_kernel_compiles(arch):
-    nvrtc = _nvrtc()
-    src = _cuda.source()
+@functools.cache
+def compiled_module(key, arch: str):
+    """compile_module of one of the engine's modules (cached for the session: the SASS
+    checks of tests/test_kernels_sass.py read the same cubins)."""
+    return compile_module(_cuda.source(), _cuda.modules()[key], arch)
+
+
+def compile_all(arch: str) -> list:
+    """[(key, names, compile_module result)] of every module the engine may build."""
     modules = _cuda.modules()
 
     def job(item):
         key, names = item
-        return key, names, compile_module(src, names, arch)
+        return key, names, compiled_module(key, arch)
 
     workers = max(1, min(len(modules), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:  # NVRTC releases the GIL
-        results = list(pool.map(job, modules.items()))
+        return list(pool.map(job, modules.items()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_compiles(arch):
+    nvrtc = _nvrtc()
+    modules = _cuda.modules()
+    results = compile_all(arch)
     failures = []
     for key, names, (result, log, lowered, cubin) in results:
         if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
@@ -108,7 +121,7 @@ def test_every_kernel_compiles(arch):
     assert not failures, "\n\n".join(failures)
     # Everything the engine can ask for was compiled.
     expected = {n for names in modules.values() for n in names}
-    assert len(expected) == 3 * 5 * 2 + len(_cuda.INT_TYPES) + 1
+    assert len(expected) == 3 * 5 * 2 + len(_cuda.INT_TYPES) + 1 + 3 * 2 * (1 + len(_cuda.CLUSTERS))
 
 
 def test_a_broken_kernel_fails_to_compile():
@@ -143,7 +156,12 @@ _KIND_OF_TYPE = {"i64": "q", "u64": "Q", "int": "i", "double": "d"}
 
 def _signature(src: str, kernel: str):
     """[(name, kind)] of a __global__ kernel's parameters in ce.cu."""
-    m = re.search(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\)?\s*)?" + kernel + r"\s*\(([^)]*)\)", src)
+    m = re.search(
+        r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\)?\s*)?(?:CE_CLUSTER\([^)]*\)\s*)?"
+        + kernel
+        + r"\s*\(([^)]*)\)",
+        src,
+    )
     assert m, f"no __global__ {kernel} in ce.cu"
     params = []
     for p in m.group(1).split(","):

@@ -12,6 +12,7 @@ covered by tests/test_gpu.py on a machine with a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import types
 from fractions import Fraction
 
@@ -557,6 +558,31 @@ def test_index_error_from_kernel_flag(emu, tdtype, values, bad_pos, bad_value):
     assert f"target value {bad_value} at position {bad_pos}" in str(gpu.value)
 
 
+@pytest.mark.parametrize(
+    "tdtype, values", [("int64", [1, 2, 100, 3, 200]), ("int32", [1, -1, 2, -100, 5]), ("uint8", [1, 2, 3, 255, 4])]
+)
+def test_out_of_range_targets_under_graph_capture_give_nan_rows(emu, monkeypatch, tdtype, values):
+    """While a CUDA graph is captured the range check cannot be read back: no IndexError,
+    the offending rows' losses and gradients are NaN, the other rows are exact."""
+    rng = np.random.default_rng(3)
+    x = _logits(rng, (5, 100), np.float32)
+    y = np.array(values, dtype=tdtype)
+    bad = np.array([(v < 0 and v != -100) or v >= 100 for v in values])
+    ok_y = np.where(bad, 0, y).astype(np.int64)
+    ref_rows = ce_fast.cross_entropy(x, ok_y, reduction="none")
+    _, ref_grad = ce_fast.cross_entropy_and_grad(x, ok_y, reduction="none")
+    monkeypatch.setattr(_cuda, "capturing", lambda: True)
+    with kernel_emulator.emulated_engine(emu):
+        rows = ce_fast.cross_entropy(x, y, reduction="none")
+        mean = ce_fast.cross_entropy(x, y)
+        loss, grad = ce_fast.cross_entropy_and_grad(x, y, reduction="sum")
+    assert np.all(np.isnan(rows[bad])) and np.isnan(mean) and np.isnan(loss)
+    keep = ~bad & (y.astype(np.int64) != -100)
+    _close(rows[keep], ref_rows[keep], 1e-6, 1e-6, "rows")
+    assert np.all(np.isnan(grad[bad]))
+    _grad_close(grad[keep], ref_grad[keep], np.float32, "grad")
+
+
 def test_index_error_position_in_nd_target(emu):
     x = np.zeros((3, 4, 10), np.float32)
     y = np.zeros((3, 4), np.int64)
@@ -697,9 +723,37 @@ def test_scope_uses_the_device_and_torch_current_stream(monkeypatch):
         def __exit__(self, *exc):
             events.append(("stream-exit", self.ptr))
 
-    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Dev, ExternalStream=Ext))
+    class Alloc:  # cupy.cuda.memory.PythonFunctionAllocator
+        def __init__(self, malloc, free):
+            self.malloc_fn, self.free_fn = malloc, free
+
+        def malloc(self, size):
+            return self.malloc_fn(size, 1)
+
+    @contextlib.contextmanager
+    def using_allocator(alloc):
+        events.append("torch-allocator")
+        yield
+        events.append("allocator-exit")
+        allocators.append(alloc)
+
+    allocators: list = []
+    fake = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(
+            Device=Dev,
+            ExternalStream=Ext,
+            using_allocator=using_allocator,
+            memory=types.SimpleNamespace(PythonFunctionAllocator=Alloc),
+            get_current_stream=lambda: types.SimpleNamespace(ptr=4243),
+        )
+    )
     monkeypatch.setattr(_cuda, "xp", lambda: fake)
+    monkeypatch.setattr(_cuda, "_torch_alloc", None)
+    monkeypatch.delenv(_cuda.ALLOCATOR_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=4242 + dev))
+    torch_calls = []
+    monkeypatch.setattr(torch.cuda, "caching_allocator_alloc", lambda *a: torch_calls.append(("alloc", *a)) or 777)
+    monkeypatch.setattr(torch.cuda, "caching_allocator_delete", lambda *a: torch_calls.append(("delete", *a)))
     op = _batch._arrays.Operand(
         array=None,
         lib="torch",
@@ -712,6 +766,25 @@ def test_scope_uses_the_device_and_torch_current_stream(monkeypatch):
     )
     with _cuda.scope(op):
         events.append("body")
+    assert events == [
+        ("device", 1),
+        ("stream", 4243, 1),
+        "torch-allocator",
+        "body",
+        "allocator-exit",
+        ("stream-exit", 4243),
+        ("device-exit", 1),
+    ]
+    # CuPy's allocations inside come from torch's caching allocator, on the current stream.
+    malloc = allocators[0].__self__
+    assert malloc.malloc(256) == 777 and malloc.malloc(0) == 0
+    malloc.free_fn(777, 1)
+    malloc.free_fn(0, 1)
+    assert torch_calls == [("alloc", 256, 1, 4243), ("delete", 777)]
+    events.clear()
+    monkeypatch.setenv(_cuda.ALLOCATOR_ENV, "cupy")
+    with _cuda.scope(op):
+        events.append("body")
     assert events == [("device", 1), ("stream", 4243, 1), "body", ("stream-exit", 4243), ("device-exit", 1)]
     events.clear()
     with _cuda.scope(op.__class__(**{**op.__dict__, "lib": "cupy", "device": "cuda:0"})):
@@ -720,3 +793,127 @@ def test_scope_uses_the_device_and_torch_current_stream(monkeypatch):
     # NumPy logits: no CUDA scope at all.
     with _batch.device_scope(np.zeros((2, 3), np.float32)):
         pass
+
+
+# ---------------------------------------------------------------- one-read fused kernel
+
+ONE_READ = dict(FUSED_KERNEL="one-read", ONE_READ_MIN_BYTES=0)
+KERNEL_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "ce_half", BF16: "ce_bf16"}
+
+
+def _one_read_launches(emu, start):
+    return [n for n, _, _ in emu.launches[start:] if n.startswith("ce_fused1")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: IDS[d])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}" for k in o) or "plain")
+@pytest.mark.parametrize("C", [37, 2501])
+def test_one_read_kernel_matches_the_cpu_engine(emu, dtype, opts, C):
+    """The one-read kernel (row kept in registers) against the Rust engine: every option,
+    rows that start off a 16-byte boundary (odd C), ignored rows, 1 to 16 kept vectors."""
+    rng = np.random.default_rng(C)
+    x = _logits(rng, (7, C), dtype)
+    y = rng.integers(0, C, 7)
+    y[2] = opts.get("ignore_index", -100)
+    kw = dict(opts)
+    if kw.get("weight") == "w":
+        kw["weight"] = rng.uniform(0.2, 2.0, C)
+    ref = ce_fast.cross_entropy_and_grad(x, y, **kw)
+    start = len(emu.launches)
+    with kernel_emulator.emulated_engine(emu, **ONE_READ):
+        got = ce_fast.cross_entropy_and_grad(x, y, **kw)
+    plain = "weight" not in kw and "label_smoothing" not in kw
+    want = f"ce_fused1<{KERNEL_TYPES[np.dtype(dtype)]}, {'true' if plain else 'false'}>"
+    assert _one_read_launches(emu, start) == [want]
+    _close(got[0], ref[0], 1e-5, 1e-6, "loss")
+    _grad_close(got[1], ref[1], dtype, "grad")
+    assert np.all(_f64(got[1])[2] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: IDS[d])
+def test_one_read_kernel_in_place_and_non_finite_rows(emu, dtype):
+    rng = np.random.default_rng(11)
+    C = 1203
+    x = _logits(rng, (6, C), np.float32)
+    x[0, 2] = np.nan
+    x[1, 3] = np.inf
+    x[2, :] = -np.inf
+    x[3, 1] = -np.inf
+    x = x.astype(dtype)
+    y = np.array([0, 1, 2, 3, 4, 5])
+    ref = ce_fast.cross_entropy_and_grad(x, y, reduction="none", label_smoothing=0.1)
+    buf = x.copy()
+    start = len(emu.launches)
+    with kernel_emulator.emulated_engine(emu, **ONE_READ):
+        loss, g = ce_fast.cross_entropy_and_grad(buf, y, reduction="none", label_smoothing=0.1, out=buf)
+    assert g is buf and len(_one_read_launches(emu, start)) == 1
+    _close(loss, ref[0], 1e-5, 1e-6, "loss")
+    _grad_close(buf, ref[1], dtype, "grad")
+
+
+def test_one_read_falls_back_where_it_does_not_apply(emu):
+    """Soft targets, a strided class axis, a gradient of another 16-byte phase and rows
+    too long for one block without clusters take the two-pass kernel, with the same numbers."""
+    rng = np.random.default_rng(2)
+    x = _logits(rng, (4, 600), np.float32)
+    y = rng.integers(0, 300, 4)
+    soft = rng.dirichlet(np.ones(600), 4).astype(np.float32)
+    out = np.empty((4, 601), np.float32)[:, 1:]  # another 16-byte phase than x
+    cases = [
+        lambda: ce_fast.cross_entropy_and_grad(x, soft),
+        lambda: ce_fast.cross_entropy_and_grad(x[:, ::2], y),
+        lambda: ce_fast.cross_entropy_and_grad(x, y, out=out),
+    ]
+    for fn in cases:
+        ref = fn()
+        ref = (ref[0], ref[1].copy())
+        start = len(emu.launches)
+        with kernel_emulator.emulated_engine(emu, **ONE_READ):
+            got = fn()
+        assert not _one_read_launches(emu, start)
+        _close(got[0], ref[0], 1e-6, 1e-7)
+        _grad_close(got[1], ref[1], np.float32)
+    start = len(emu.launches)
+    with kernel_emulator.emulated_engine(emu, **ONE_READ, KEEP={True: 1, False: 1}, ONE_READ_GROUP=64):
+        # KEEP / ONE_READ_GROUP only steer the plan: a row of 150 vectors exceeds 64 x 1 kept ones
+        got = ce_fast.cross_entropy_and_grad(x, y)
+    assert not _one_read_launches(emu, start)
+    _grad_close(got[1], ce_fast.cross_entropy_and_grad(x, y)[1], np.float32)
+
+
+def test_one_read_plan():
+    """Blocks per row and threads per block of the one-read kernel."""
+
+    def plan(rows, C, itemsize, major, sms=132, plain=True, ptr=1 << 20):
+        _cuda._majors[99], _cuda._props[99] = major, (sms, 50 << 20)
+        try:
+            x = types.SimpleNamespace(strides=(C, 1), ptr=ptr)
+            return _cuda._one_read_plan(rows, C, itemsize, 99, x, x, C, None, C, None, plain)
+        finally:
+            del _cuda._majors[99], _cuda._props[99]
+
+    assert plan(16384, 32000, 2, 9) == (1, 128)  # 4000 vectors: 128 threads x 32 kept
+    assert plan(16384, 32000, 2, 9, plain=False) == (1, 256)  # 16 kept with weights
+    assert plan(16384, 32000, 2, 9, ptr=(1 << 20) + 2) == (1, 128)  # 4001 vectors
+    assert plan(16384, 128256, 2, 9) == (2, 256)
+    assert plan(16384, 262144, 4, 9) == (8, 256)
+    assert plan(16384, 262144, 4, 9, plain=False) is None  # 16 kept: beyond 8 blocks
+    assert plan(16384, 262144, 4, 8) is None  # no clusters before sm_90: two-pass
+    assert plan(16384, 32000, 4, 8) == (1, 256)
+    assert plan(8, 32000, 2, 9) == (8, 64)  # few rows: each spread over a cluster
+    assert plan(16384, 1000, 2, 9) is None  # short rows: the two-pass kernel's row packing
+    assert plan(16384, 600000, 2, 9) is None  # beyond 8 blocks of registers
+
+
+def test_fused_kernel_switch(monkeypatch):
+    monkeypatch.setattr(_cuda, "FUSED_KERNEL", None)
+    monkeypatch.delenv(_cuda.FUSED_ENV, raising=False)
+    assert _cuda.fused_kind() == "two-pass"
+    monkeypatch.setenv(_cuda.FUSED_ENV, "one-read")
+    assert _cuda.fused_kind() == "one-read"
+    monkeypatch.setattr(_cuda, "FUSED_KERNEL", "two-pass")  # the module setting wins
+    assert _cuda.fused_kind() == "two-pass"
+    monkeypatch.setattr(_cuda, "FUSED_KERNEL", None)
+    monkeypatch.setenv(_cuda.FUSED_ENV, "fast")
+    with pytest.raises(ValueError, match="CE_FAST_FUSED='fast'"):
+        _cuda.fused_kind()

@@ -24,6 +24,8 @@ sum of the target weights of counted rows (integer targets) or the row count
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._spec import LossSpec
 from ._types import Batch, GradCoef, KlStats, Stats
 
@@ -53,9 +55,7 @@ def per_row(b: Batch, spec: LossSpec, s: Stats):
                     swtz = (1.0 - eps) * swtz
                 else:
                     swtz_split = (1.0 - eps) * swtz + (eps / C) * s.swz
-                    if _smallest_weight(b) * (eps / C) > 0.0:
-                        swtz_split = xp.where(s.swz == -xp.inf, -xp.inf, swtz_split)
-                    swtz = swtz_split
+                    swtz = xp.where((s.swz == -xp.inf) & _smoothing_reaches_all(b, eps / C), -xp.inf, swtz_split)
             loss = s.ls * swt - swtz
         else:
             loss = b.wy * ((s.mx - s.zy) + s.ls)
@@ -69,31 +69,37 @@ def per_row(b: Batch, spec: LossSpec, s: Stats):
         return xp.where(b.valid, loss, 0.0)
 
 
-def _smallest_weight(b: Batch) -> float:
-    """The smallest positive class weight (1 without weights)."""
+def _smoothing_reaches_all(b: Batch, smooth: float):
+    """Whether every class of positive weight w gets a positive smoothing share w * eps / C
+    (the smallest positive weight times eps / C does not underflow). An array of the
+    engine (0-d), never read back on the host: no device sync."""
+    xp = b.xp
     if b.weight is None:
-        return 1.0
-    w = b.weight[b.weight > 0]
-    return float(w.min()) if w.size else 0.0
+        return xp.asarray(smooth > 0.0)
+    w = b.weight
+    smallest = xp.where(w > 0, w, xp.inf).min()  # inf: no positive weight
+    return (smallest < xp.inf) & (smallest * smooth > 0.0)
 
 
-def denominator(b: Batch) -> float:
-    """What the mean divides by: sum of target weights of counted rows, or the row count."""
+def denominator(b: Batch):
+    """What the mean divides by: sum of target weights of counted rows (a 0-d array of the
+    engine, left on the device), or the row count."""
     if b.soft is not None:
         return float(b.rows)
-    return float(b.wy.sum())
+    return b.wy.sum()
 
 
 def reduce(b: Batch, spec: LossSpec, rows_loss):
-    """The returned loss in the output dtype: 0-d for mean/sum, batch-shaped for none."""
+    """The returned loss in the output dtype: 0-d for mean/sum, batch-shaped for none.
+    Computed where the statistics are, never read back on the host (no device sync)."""
     xp = b.xp
     with _quiet(xp):  # a float64 loss beyond float32's range becomes inf, as it should
         if spec.reduction == "none":
             return rows_loss.astype(b.out_dtype).reshape(b.x.batch_shape)
-        total = float(rows_loss.sum())
+        total = rows_loss.sum()
         if spec.reduction == "mean":
             den = denominator(b)
-            total = total / den if den != 0.0 else float("nan")
+            total = xp.where(den != 0.0, total / xp.where(den != 0.0, den, 1.0), xp.nan)
         return xp.asarray(total, dtype=b.out_dtype)
 
 
@@ -107,10 +113,11 @@ def grad_coef(b: Batch, spec: LossSpec) -> GradCoef:
     if spec.reduction == "none":
         go = xp.broadcast_to(xp.asarray(grad_output, dtype=xp.float64), b.x.batch_shape).reshape(rows)
     else:
-        go = xp.full(rows, float(grad_output), dtype=xp.float64)
+        # A host scalar stays a Python float; a device grad_output stays on the device.
+        go = float(grad_output) if _on_host(grad_output) else xp.asarray(grad_output, dtype=xp.float64)
         if spec.reduction == "mean":
             den = denominator(b)
-            go = go / den if den != 0.0 else go * 0.0
+            go = xp.where(den != 0.0, go / xp.where(den != 0.0, den, 1.0), go * 0.0)
     g = xp.where(b.valid, go, 0.0)
     smooth = eps / C
     if b.soft is not None:
@@ -134,11 +141,16 @@ def grad_coef(b: Batch, spec: LossSpec) -> GradCoef:
     )
 
 
+def _on_host(value) -> bool:
+    """A Python number or a NumPy value (reading it needs no device sync)."""
+    return isinstance(value, (int, float, np.ndarray, np.generic))
+
+
 class _quiet:
     """Silences NumPy's warnings for inf - inf and 0 * inf, which the rules mean."""
 
     def __init__(self, xp):
-        self.ctx = xp.errstate(invalid="ignore", over="ignore") if hasattr(xp, "errstate") else None
+        self.ctx = xp.errstate(invalid="ignore", over="ignore", divide="ignore") if hasattr(xp, "errstate") else None
 
     def __enter__(self):
         if self.ctx is not None:

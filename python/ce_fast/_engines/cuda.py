@@ -18,8 +18,15 @@ gradient.
 - Work runs on CuPy's current stream; for torch tensors :func:`scope` makes that
   torch's current stream of the tensor's device, so ce_fast orders correctly with
   the surrounding torch work (``torch.cuda.stream(...)`` included).
+- Loss + gradient: ``CE_FAST_FUSED=two-pass`` (default: ce_fused, the row read twice,
+  the second read meant to hit L2) or ``one-read`` (ce_fused1 / ce_fused1c: the row kept
+  in registers, split over a thread-block cluster on sm_90; one read, one write), also
+  settable as ``ce_fast._engines.cuda.FUSED_KERNEL``. Where the one-read kernel does not
+  apply (soft targets, strided rows, rows beyond its registers) the two-pass one runs.
 - Logits never leave the device. The host reads one flag after the target check
-  (an out-of-range target -> IndexError) and the scalar sums of the reduction.
+  (an out-of-range target -> IndexError; skipped under CUDA-graph capture, where such
+  rows give NaN); the rules and reductions stay on the device (mean and sum are 0-d
+  device arrays), so nothing else waits for the device.
 """
 
 from __future__ import annotations
@@ -63,6 +70,16 @@ SMALL_BLOCK = 256  # block size when several rows share a block (G <= 32)
 VECTORS_PER_THREAD = 8  # G is chosen so each thread reads about this many 16-byte vectors
 _NO_BAD = np.iinfo(np.uint64).max
 
+# Which kernel writes loss + gradient: "two-pass" (ce_fused: the row read twice, the second
+# read meant to hit L2) or "one-read" (ce_fused1 / ce_fused1c: the row kept on chip, one
+# read and one write). FUSED_KERNEL, when set, wins over $CE_FAST_FUSED; "two-pass" stays
+# the default until the one-read kernels have been measured on hardware
+# (benches/gpu_check.sh runs both).
+FUSED_ENV = "CE_FAST_FUSED"
+FUSED_KINDS = ("two-pass", "one-read")
+FUSED_KERNEL: str | None = None
+ONE_READ_MIN_BYTES = 32 << 10  # shorter rows: ce_fused (several rows per block) does better
+
 
 # ---------------------------------------------------------------- kernels
 
@@ -71,6 +88,22 @@ def row_kernel_names(x_code: int, soft_code: int | None) -> tuple[str, str]:
     """Name expressions of the statistics and fused kernels for these dtypes."""
     tx, ts = LOGIT_TYPES[x_code], SOFT_TYPES[soft_code]
     return f"ce_stats<{tx}, {ts}>", f"ce_fused<{tx}, {ts}>"
+
+
+CLUSTERS = (2, 4, 8)  # blocks per row of the one-read cluster kernels (sm_90+)
+# 16-byte vectors of a row each thread of the one-read kernels keeps in registers
+# (CE_KEEP_PLAIN / CE_KEEP_FULL: without / with class weights or label smoothing), and
+# their block size (__launch_bounds__(256, 1): up to 255 registers a thread).
+KEEP = {True: 32, False: 16}
+ONE_READ_GROUP = 256
+
+
+def one_read_kernel_name(x_code: int, cluster: int = 1, plain: bool = True) -> str:
+    """Name expression of the one-read fused kernel: a block per row (cluster 1), or a
+    thread-block cluster of `cluster` blocks per row (sm_90+); `plain`: no class weights
+    and no label smoothing."""
+    tx, p = LOGIT_TYPES[x_code], "true" if plain else "false"
+    return f"ce_fused1<{tx}, {p}>" if cluster == 1 else f"ce_fused1c<{tx}, {cluster}, {p}>"
 
 
 def target_kernel_name(dtype_name: str) -> str:
@@ -105,6 +138,28 @@ _STATS_OUT = (
     ("o_swt", "p"),
     ("o_amax", "p"),
 )
+_ONE_READ = (
+    ("x", "p"),
+    ("rows", "q"),
+    ("C", "q"),
+    ("x_rs", "q"),
+    ("target", "p"),
+    ("w32", "p"),
+    ("w64", "p"),
+    ("scale", "d"),
+    ("cap", "d"),
+    ("o_mx", "p"),
+    ("o_ls", "p"),
+    ("o_zy", "p"),
+    ("o_swz", "p"),
+    ("out", "p"),
+    ("o_rs", "q"),
+    ("a0", "p"),
+    ("bco", "p"),
+    ("gco", "p"),
+    ("a_lse", "d"),
+    ("dco", "d"),
+)
 KERNEL_PARAMS = {
     "ce_stats": _ROW + (("scale", "d"), ("cap", "d"), ("G", "i")) + _STATS_OUT,
     "ce_fused": _ROW
@@ -126,6 +181,8 @@ KERNEL_PARAMS = {
         ("given_ls", "p"),
         ("given_swt", "p"),
     ),
+    "ce_fused1": _ONE_READ,
+    "ce_fused1c": _ONE_READ,
     "ce_targets": (
         ("t", "p"),
         ("rows", "q"),
@@ -152,6 +209,10 @@ def modules() -> dict[Any, list[str]]:
         for soft_code in SOFT_TYPES:
             mods[(x_code, soft_code)] = list(row_kernel_names(x_code, soft_code))
     mods["targets"] = [target_kernel_name(n) for n in INT_TYPES] + [READ_PASS]
+    plains = (True, False)
+    mods["one-read"] = [one_read_kernel_name(c, 1, p) for c in LOGIT_TYPES for p in plains]
+    # Thread-block clusters: sm_90+ only (compiled out elsewhere and in the CPU emulator).
+    mods["clusters"] = [one_read_kernel_name(c, n, p) for c in LOGIT_TYPES for n in CLUSTERS for p in plains]
     return mods
 
 
@@ -218,10 +279,39 @@ def _device_id(op: Operand) -> int:
     return int(op.device.split(":", 1)[1])
 
 
+# Where CuPy allocates while a call on torch tensors runs: "torch" (default) takes the
+# memory from torch's caching allocator, so results handed to torch via DLPack follow
+# torch's stream rules (record_stream works) and allocations made while a CUDA graph is
+# captured land in the graph's private pool; "cupy" keeps CuPy's own pool.
+ALLOCATOR_ENV = "CE_FAST_CUDA_ALLOCATOR"
+_torch_alloc: Any = None
+
+
+def _torch_allocator():
+    """A CuPy allocator over torch's caching allocator (on the stream CuPy allocates on)."""
+    global _torch_alloc
+    if _torch_alloc is None:
+        torch = _torch()
+
+        def malloc(size: int, device: int) -> int:
+            if size == 0:
+                return 0
+            stream = xp().cuda.get_current_stream().ptr  # torch's current stream inside scope()
+            return int(torch.cuda.caching_allocator_alloc(size, device, stream))
+
+        def free(ptr: int, device: int) -> None:
+            if ptr:
+                torch.cuda.caching_allocator_delete(ptr)
+
+        _torch_alloc = xp().cuda.memory.PythonFunctionAllocator(malloc, free).malloc
+    return _torch_alloc
+
+
 @contextlib.contextmanager
 def scope(x: Operand):
     """CuPy's current device is the logits' device while the body runs; for torch
-    tensors CuPy's current stream is also torch's current stream on that device."""
+    tensors CuPy's current stream is also torch's current stream on that device, and
+    CuPy allocates from torch's caching allocator (see ALLOCATOR_ENV)."""
     cp = xp()
     dev = _device_id(x)
     with cp.cuda.Device(dev):
@@ -229,9 +319,22 @@ def scope(x: Operand):
             torch = _torch()
             ptr = torch.cuda.current_stream(dev).cuda_stream
             with cp.cuda.ExternalStream(ptr, dev):
-                yield
+                if os.environ.get(ALLOCATOR_ENV, "torch") == "cupy":
+                    yield
+                else:
+                    with cp.cuda.using_allocator(_torch_allocator()):
+                        yield
         else:
             yield
+
+
+def capturing() -> bool:
+    """Whether CuPy's current stream (torch's, inside :func:`scope`) is capturing a CUDA
+    graph: then nothing may wait for the device."""
+    try:
+        return bool(xp().cuda.get_current_stream().is_capturing())
+    except Exception:  # pragma: no cover - a CuPy without stream capture
+        return False
 
 
 _props: dict[int, tuple[int, int]] = {}
@@ -245,6 +348,25 @@ def _device_info(dev: int) -> tuple[int, int]:
         info = (int(p.get("multiProcessorCount", 108)) or 108, int(p.get("l2CacheSize", 40 << 20)) or (40 << 20))
         _props[dev] = info
     return info
+
+
+def fused_kind() -> str:
+    """The fused kernel in use: FUSED_KERNEL, else $CE_FAST_FUSED, else "two-pass"."""
+    kind = FUSED_KERNEL or os.environ.get(FUSED_ENV) or "two-pass"
+    if kind not in FUSED_KINDS:
+        raise ValueError(f"{FUSED_ENV}={kind!r}: expected one of {FUSED_KINDS}")
+    return kind
+
+
+_majors: dict[int, int] = {}
+
+
+def _compute_major(dev: int) -> int:
+    """The device's compute capability major (9 for Hopper: thread-block clusters)."""
+    major = _majors.get(dev)
+    if major is None:
+        major = _majors[dev] = int(xp().cuda.runtime.getDeviceProperties(dev).get("major", 0))
+    return major
 
 
 # ---------------------------------------------------------------- arguments
@@ -314,14 +436,47 @@ def _layout(shape, strides) -> tuple[int, Any]:
     return 0, off
 
 
-def _config(rows: int, C: int, itemsize: int, dev: int, fused: bool) -> tuple[int, int, int]:
+def _one_read_plan(
+    rows: int, C: int, itemsize: int, dev: int, x: Operand, out: Operand, x_rs, x_tab, o_rs, o_tab, plain: bool = True
+):
+    """(blocks per row, threads per block) of the one-read fused kernel, or None where it
+    does not apply: rows must be contiguous and the gradient must share the logits' 16-byte
+    phase in every row (16-byte loads and stores at the same offsets), and the row must fit
+    in the registers of at most max(CLUSTERS) blocks (one block without clusters)."""
+    if x.strides[-1] != 1 or out.strides[-1] != 1 or x_tab is not None or o_tab is not None:
+        return None
+    if (x.ptr - out.ptr) % 16 or ((x_rs - o_rs) * itemsize) % 16 or x.ptr % itemsize:
+        return None
+    if C * itemsize < ONE_READ_MIN_BYTES:
+        return None
+    nvec = -(-C // (16 // itemsize))
+    if x.ptr % 16 or (x_rs * itemsize) % 16:
+        nvec += 1  # a row starting off a 16-byte boundary may need one vector more
+    keep = KEEP[plain]
+    max_cl = max(CLUSTERS) if _compute_major(dev) >= 9 else 1
+    cl = 1
+    while cl * ONE_READ_GROUP * keep < nvec:
+        cl *= 2
+    if cl > max_cl:
+        return None
+    sms, _ = _device_info(dev)
+    while cl < max_cl and rows * cl < sms:  # few rows: spread each over more SMs
+        cl *= 2
+    G = 64
+    while G * cl * keep < nvec and G < ONE_READ_GROUP:
+        G *= 2
+    return cl, G
+
+
+def _config(rows: int, C: int, itemsize: int, dev: int, fused: bool, bounded: bool = False) -> tuple[int, int, int]:
     """(threads per row G, block size, grid size) of a row kernel.
 
     G grows with the row (about VECTORS_PER_THREAD 16-byte vectors per thread, at most
     MAX_GROUP); G <= 32 packs several rows into a block of SMALL_BLOCK threads, G > 32
     is one row per block. Blocks loop over row tiles. The fused kernel reads each row
     twice; its grid is capped so that the rows in flight fit in half the L2 and the
-    second read hits the cache.
+    second read hits the cache; with `bounded` (the one-read mode's fallback, e.g. rows too
+    long for one block on sm_80) that cap is not raised to one row per SM.
     """
     vec = 16 // itemsize
     nvec = -(-C // vec)
@@ -338,7 +493,7 @@ def _config(rows: int, C: int, itemsize: int, dev: int, fused: bool) -> tuple[in
     cap = sms * max(1, 2048 // block)
     if fused:
         fit = (l2 // 2) // max(1, C * itemsize * rpb)
-        cap = max(sms, min(cap, fit))
+        cap = max(1 if bounded else sms, min(cap, fit))
     return G, block, max(1, min(tiles, cap))
 
 
@@ -363,7 +518,9 @@ def index_targets(t: Operand, C: int, ignore_index: int):
     """int64 class indices with -1 for ignored rows, and the mask of counted rows.
 
     One kernel converts any integer dtype and checks the range; an offending row is
-    recorded on the device (atomicMin of its flat position) and read back once.
+    recorded on the device (atomicMin of its flat position) and read back once: the
+    one host sync of a call. Under CUDA-graph capture it is not read: such rows get
+    index -2 and NaN losses.
     """
     cp = xp()
     n = int(np.prod(t.shape, dtype=np.int64))
@@ -398,6 +555,10 @@ def index_targets(t: Operand, C: int, ignore_index: int):
         bad=bad,
     )
     _function("targets", target_kernel_name(t.dtype_name))((grid,), (block,), args)
+    if capturing():
+        # No sync while a CUDA graph is captured: the kernel marked such rows -2, which
+        # the row kernels turn into NaN losses (and NaN gradients).
+        return idx, valid
     flat = int(bad[0])  # the one synchronisation of the check
     if flat != _NO_BAD:
         pos = tuple(int(i) for i in np.unravel_index(flat, t.shape)) if len(t.shape) else ()
@@ -449,7 +610,8 @@ def run(
     dev = _device_id(x)
     soft = b.soft
     itemsize = 4 if x.code == F32 else 2
-    G, block, grid = _config(rows, C, itemsize, dev, fused=grad is not None)
+    one_read = grad is not None and fused_kind() == "one-read"
+    G, block, grid = _config(rows, C, itemsize, dev, fused=grad is not None, bounded=one_read)
     x_rs, x_tab = _layout(x.batch_shape, x.strides[:-1])
     if soft is not None:
         t_rs, t_tab = _layout(soft.batch_shape, soft.strides[:-1])
@@ -492,6 +654,39 @@ def run(
 
     assert out is not None  # checked above
     o_rs, o_tab = _layout(out.batch_shape, out.strides[:-1])
+    plan = None
+    plain = b.weight is None and not want_wz
+    if one_read and given is None and soft is None and argmax is None:
+        plan = _one_read_plan(rows, C, itemsize, dev, x, out, x_rs, x_tab, o_rs, o_tab, plain)
+    if plan is not None:
+        cl, threads = plan
+        base = "ce_fused1" if cl == 1 else "ce_fused1c"
+        args = kernel_args(
+            base,
+            x=x.ptr,
+            rows=rows,
+            C=C,
+            x_rs=x_rs,
+            target=target,
+            w32=w32,
+            w64=w64,
+            scale=scale,
+            cap=softcap,
+            o_mx=s.mx,
+            o_ls=s.ls,
+            o_zy=s.zy,
+            o_swz=s.swz,
+            out=out.ptr,
+            o_rs=o_rs,
+            a0=vec(grad.a0),
+            bco=vec(grad.b),
+            gco=vec(grad.g),
+            a_lse=grad.a_lse,
+            dco=grad.d,
+        )
+        name = one_read_kernel_name(x.code, cl, plain)
+        _function("one-read" if cl == 1 else "clusters", name)((rows * cl,), (threads,), args)
+        return s
     kw.update(
         w64=w64,
         out=out.ptr,
