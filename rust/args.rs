@@ -5,7 +5,7 @@
 //! vector is one field in `Outputs` (and its attribute on `ce_fast._types.Stats`).
 
 use crate::elem::{DType, Matrix};
-use crate::rows::StatsOut;
+use crate::engine::rows::StatsOut;
 use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;

@@ -9,23 +9,21 @@
 
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod arch;
 mod args;
-mod binary;
 mod elem;
+mod engine;
 mod float;
 mod kernels;
-mod kl;
-mod plain;
-mod rows;
-mod simd;
 
+use arch::scalar::Scalar;
 use args::{ArrayDesc, Coefficients, Outputs, Saved};
 use elem::{DType, Matrix};
+use engine::{binary, kl, plain, rows};
 use numpy::{PyReadonlyArray1, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rows::{GradSpec, Problem, StatsOut};
-use simd::scalar::Scalar;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// (address, dtype code, columns, column stride, batch shape, batch strides)
@@ -322,7 +320,7 @@ fn run_binary(
         ));
     }
     let pool = pool(py, threads)?;
-    let level = simd::current();
+    let level = arch::current();
     Ok(py.detach(move || {
         let job = binary::Job {
             kind,
@@ -421,7 +419,7 @@ fn kl_run(
             return kl::run::<f64, _>(Scalar, p_ref, st, g.as_ref(), pool);
         }
         #[cfg(target_arch = "x86_64")]
-        if let (simd::Level::Avx2, Some(k)) = (simd::current(), simd::avx2::Avx2::new()) {
+        if let (arch::Level::Avx2, Some(k)) = (arch::current(), arch::x86_64::avx2::Avx2::new()) {
             return kl::run::<f32, _>(k, p_ref, st, g.as_ref(), pool);
         }
         kl::run::<f32, _>(Scalar, p_ref, st, g.as_ref(), pool);
@@ -620,13 +618,13 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
 /// kernels ("avx2": an error on a CPU without AVX2, FMA and F16C); any case.
 #[pyfunction]
 fn set_simd(name: &str) -> PyResult<()> {
-    simd::set(name, "simd").map_err(PyValueError::new_err)
+    arch::set(name, "simd").map_err(PyValueError::new_err)
 }
 
 /// The kernel set f32-lane calls use now: "avx2" or "scalar".
 #[pyfunction]
 fn simd_level() -> &'static str {
-    simd::current().name()
+    arch::current().name()
 }
 
 /// Threads used when the count is 0: RAYON_NUM_THREADS if a positive integer, else
@@ -639,7 +637,7 @@ fn default_threads() -> usize {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // A bad CE_FAST_SIMD fails the import rather than silently meaning "auto".
-    simd::init_from_env().map_err(PyValueError::new_err)?;
+    arch::init_from_env().map_err(PyValueError::new_err)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(run_binary, m)?)?;
     m.add_function(wrap_pyfunction!(kl_run, m)?)?;

@@ -16,8 +16,8 @@
 //! ((1 - t) x - lw min(x, 0)) + lw sp, which keeps tiny losses that the other order
 //! cancels to 0.
 
+use crate::arch::Level;
 use crate::elem::{bf16_to_f32, f32_to_bf16, DType, Matrix};
-use crate::simd::Level;
 
 /// Elements per chunk: the buffers of one chunk stay in L1.
 pub const CHUNK: usize = 1024;

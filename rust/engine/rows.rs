@@ -4,10 +4,10 @@
 //! (still in L2) and writes the gradient chunk by chunk, so `out` may alias the
 //! logits. The loss rules themselves live in Python (`ce_fast._rules`).
 
+use crate::arch::{self, scalar::Scalar, GradParams, Kernels};
 use crate::elem::DType;
 use crate::elem::{Compute, Matrix};
 use crate::float::Float;
-use crate::simd::{self, scalar::Scalar, GradParams, Kernels};
 use rayon::prelude::*;
 
 /// Elements per chunk: 8 KiB of f32, so a chunk and its weights stay in L1.
@@ -450,7 +450,7 @@ pub fn run_auto(p: &Problem, grad: Option<&GradSpec>, out: StatsOut, pool: &rayo
         return run::<f64, _>(Scalar, p, grad, out, pool);
     }
     #[cfg(target_arch = "x86_64")]
-    if let (simd::Level::Avx2, Some(k)) = (simd::current(), simd::avx2::Avx2::new()) {
+    if let (arch::Level::Avx2, Some(k)) = (arch::current(), arch::x86_64::avx2::Avx2::new()) {
         return run::<f32, _>(k, p, grad, out, pool);
     }
     run::<f32, _>(Scalar, p, grad, out, pool);

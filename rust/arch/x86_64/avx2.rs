@@ -3,7 +3,7 @@
 //! exponent added into the float's bits, and the sums run four independent
 //! accumulators.
 
-use super::{GradParams, Kernels, Level};
+use crate::arch::{GradParams, Kernels, Level};
 use crate::elem::DType;
 
 use std::arch::x86_64::*;
@@ -16,7 +16,7 @@ pub struct Avx2 {
 impl Avx2 {
     /// Only constructed after run-time detection says the CPU has AVX2, FMA and F16C.
     pub fn new() -> Option<Avx2> {
-        (super::detected() == Level::Avx2).then_some(Avx2 { _private: () })
+        (crate::arch::detected() == Level::Avx2).then_some(Avx2 { _private: () })
     }
 }
 
@@ -752,8 +752,8 @@ impl Kernels<f32> for Avx2 {
 mod tests {
     use super::imp::{self, Bf16, F16};
     use super::*;
+    use crate::arch::scalar::Scalar;
     use crate::elem::f32_to_bf16;
-    use crate::simd::scalar::Scalar;
 
     fn avx2() -> Option<Avx2> {
         let k = Avx2::new();

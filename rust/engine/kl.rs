@@ -10,11 +10,11 @@
 //! `q (log q - log p - KL) / T` (reverse), written chunk by chunk, so `out` may be the
 //! student logits themselves.
 
+use crate::arch::scalar::Scalar;
+use crate::arch::{GradParams, Kernels};
 use crate::elem::{Compute, Matrix};
+use crate::engine::rows::CHUNK;
 use crate::float::Float;
-use crate::rows::CHUNK;
-use crate::simd::scalar::Scalar;
-use crate::simd::{GradParams, Kernels};
 use rayon::prelude::*;
 
 /// A fused chunk's terms reach exp(this) at most: far inside f32's range.
@@ -365,7 +365,7 @@ pub fn run<F: Compute, K: KlKernels<F>>(
         q: vec![F::ZERO; CHUNK],
     };
     let parallel = rows > 1
-        && rows.saturating_mul(cols) >= crate::rows::PAR_MIN_ELEMS
+        && rows.saturating_mul(cols) >= crate::engine::rows::PAR_MIN_ELEMS
         && pool.current_num_threads() > 1;
     if !parallel {
         let mut bufs = new();
@@ -386,7 +386,7 @@ pub fn run<F: Compute, K: KlKernels<F>>(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Fused, KlKernels};
-    use crate::simd::avx2::Avx2;
+    use crate::arch::x86_64::avx2::Avx2;
     use std::arch::x86_64::*;
 
     /// (exp(x), x >= -87.3) for x <= 92: 2^n * p(f), the degree-5 minimax polynomial of the

@@ -4,9 +4,9 @@
 //! CE_FAST_SIMD takes "scalar", "auto" or "avx2" in any case; anything else fails
 //! the import, so a typo never silently means "auto".
 
-#[cfg(target_arch = "x86_64")]
-pub mod avx2;
 pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
 
 use crate::elem::DType;
 use crate::float::Float;
@@ -59,7 +59,7 @@ pub fn f16_to_f32(level: Level, src: &[u16], dst: &mut [f32]) {
         let n = src.len().min(dst.len());
         // SAFETY: detection (cached, re-checked here because any code can name Level::Avx2)
         // found AVX2, FMA and F16C, and both slices hold n elements.
-        return unsafe { avx2::f16_to_f32(&src[..n], &mut dst[..n]) };
+        return unsafe { x86_64::avx2::f16_to_f32(&src[..n], &mut dst[..n]) };
     }
     let _ = level;
     for (d, &x) in dst.iter_mut().zip(src) {
@@ -74,7 +74,7 @@ pub fn f32_to_f16(level: Level, src: &[f32], dst: &mut [u16]) {
     if level == Level::Avx2 && detected() == Level::Avx2 {
         let n = src.len().min(dst.len());
         // SAFETY: as in `f16_to_f32`: the CPU has F16C, and both slices hold n elements.
-        return unsafe { avx2::f32_to_f16(&src[..n], &mut dst[..n]) };
+        return unsafe { x86_64::avx2::f32_to_f16(&src[..n], &mut dst[..n]) };
     }
     let _ = level;
     for (d, &x) in dst.iter_mut().zip(src) {
