@@ -16,7 +16,6 @@ mod engine;
 mod float;
 mod kernels;
 
-use arch::scalar::Scalar;
 use args::{ArrayDesc, Coefficients, Outputs, Saved};
 use elem::{DType, Matrix};
 use engine::{binary, kl, plain, rows};
@@ -320,7 +319,6 @@ fn run_binary(
         ));
     }
     let pool = pool(py, threads)?;
-    let level = arch::current();
     Ok(py.detach(move || {
         let job = binary::Job {
             kind,
@@ -333,7 +331,7 @@ fn run_binary(
             gscale,
             gout: gout.as_ref(),
         };
-        binary::run(&job, level, &pool)
+        binary::run(&job, &pool)
     }))
 }
 
@@ -413,16 +411,7 @@ fn kl_run(
         // of `rows` coefficients that it keeps alive and nothing writes during the call.
         let gs: &[f64] = unsafe { slice(g_ptr, rows) }.unwrap_or(&[]);
         let g = gout_ref.map(|out| kl::KlGrad { g: gs, out });
-        let pool = &*pool;
-        let both_f64 = p_ref.student.dtype == DType::F64 || p_ref.teacher.dtype == DType::F64;
-        if both_f64 {
-            return kl::run::<f64, _>(Scalar, p_ref, st, g.as_ref(), pool);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let (arch::Level::Avx2, Some(k)) = (arch::current(), arch::x86_64::avx2::Avx2::new()) {
-            return kl::run::<f32, _>(k, p_ref, st, g.as_ref(), pool);
-        }
-        kl::run::<f32, _>(Scalar, p_ref, st, g.as_ref(), pool);
+        kl::run_auto(p_ref, st, g.as_ref(), &pool);
     });
     Ok(())
 }
@@ -614,17 +603,36 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
     }))
 }
 
-/// Forces the scalar kernels ("scalar"), the best the CPU has ("auto"), or the AVX2
-/// kernels ("avx2": an error on a CPU without AVX2, FMA and F16C); any case.
+/// Forces the scalar kernels ("scalar"), the best the CPU has ("auto"), the AVX2 kernels
+/// ("avx2") or the AVX-512 ones ("avx512"); any case. Forcing a set the CPU lacks is an
+/// error.
 #[pyfunction]
 fn set_simd(name: &str) -> PyResult<()> {
     arch::set(name, "simd").map_err(PyValueError::new_err)
 }
 
-/// The kernel set f32-lane calls use now: "avx2" or "scalar".
+/// The kernel set f32-lane calls use now: "avx512", "avx2" or "scalar".
 #[pyfunction]
 fn simd_level() -> &'static str {
     arch::current().name()
+}
+
+/// The kernel sets this CPU can run, from "scalar" to the best (what `set_simd` accepts
+/// besides "auto").
+#[pyfunction]
+fn simd_available() -> Vec<&'static str> {
+    arch::LEVELS
+        .into_iter()
+        .filter(|l| l.available())
+        .map(|l| l.name())
+        .collect()
+}
+
+/// The CPU features the kernel sets look for that this CPU has (e.g. "avx2",
+/// "avx512f", "avx512bf16"), for benchmark records.
+#[pyfunction]
+fn cpu_features() -> Vec<&'static str> {
+    arch::cpu_features()
 }
 
 /// Threads used when the count is 0: RAYON_NUM_THREADS if a positive integer, else
@@ -646,6 +654,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::kernel_source, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::kernel_names, m)?)?;

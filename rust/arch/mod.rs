@@ -1,65 +1,141 @@
-//! Instruction-set dispatch: one module per instruction set, chosen once per call
-//! at run time. The scalar path is always available and forced with
-//! `CE_FAST_SIMD=scalar` (or `ce_fast._core.set_simd("scalar")`) so CI tests both.
-//! CE_FAST_SIMD takes "scalar", "auto" or "avx2" in any case; anything else fails
-//! the import, so a typo never silently means "auto".
+//! Kernel sets and their choice. The lane trait (`lanes.rs`) is implemented once per
+//! instruction set (`x86_64/avx2.rs`, `x86_64/avx512.rs`; `aarch64/` holds the plan for
+//! NEON), the f32 kernels are written once over it (`generic.rs`), and the scalar set
+//! (`scalar.rs`, generic over f32 / f64, libm's exp) is the reference the others are
+//! tested against. The set is chosen once per call (`engine::with_f32_kernels`).
+//!
+//! `CE_FAST_SIMD` (or `ce_fast._core.set_simd`) takes "scalar", "avx2", "avx512" or
+//! "auto" in any case; anything else fails the import, so a typo never silently means
+//! "auto", and forcing a set the CPU lacks is an error, not a quiet fallback.
 
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
+pub mod generic;
+pub mod lanes;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
 use crate::elem::DType;
 use crate::float::Float;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Level {
     Scalar,
     Avx2,
+    Avx512,
 }
+
+/// Every level, in order of preference (best last).
+pub const LEVELS: [Level; 3] = [Level::Scalar, Level::Avx2, Level::Avx512];
 
 impl Level {
     pub fn name(self) -> &'static str {
         match self {
             Level::Scalar => "scalar",
             Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+
+    /// What the CPU needs for this level, for error messages.
+    fn needs(self) -> &'static str {
+        match self {
+            Level::Scalar => "nothing",
+            Level::Avx2 => "AVX2, FMA and F16C",
+            Level::Avx512 => "AVX-512 F, BW, VL and DQ",
+        }
+    }
+
+    /// Whether this CPU can run the level's kernels (detected once).
+    pub fn available(self) -> bool {
+        self <= detected()
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Level::Scalar => 1,
+            Level::Avx2 => 2,
+            Level::Avx512 => 3,
         }
     }
 }
 
-// false = best available (the default), true = scalar forced.
-static SCALAR: AtomicBool = AtomicBool::new(false);
-
-pub fn detected() -> Level {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            return Level::Avx2;
-        }
+impl PartialOrd for Level {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.code().cmp(&other.code()))
     }
-    Level::Scalar
+}
+
+// 0 = best available (the default), else the code of the forced level.
+static FORCED: AtomicU8 = AtomicU8::new(0);
+
+/// The best level this CPU has, detected once.
+pub fn detected() -> Level {
+    static BEST: OnceLock<Level> = OnceLock::new();
+    *BEST.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86_64::avx512::has() {
+                return Level::Avx512;
+            }
+            if x86_64::avx2::has() {
+                return Level::Avx2;
+            }
+        }
+        Level::Scalar
+    })
 }
 
 /// The level used for the next call.
 pub fn current() -> Level {
-    if SCALAR.load(Ordering::Relaxed) {
-        Level::Scalar
-    } else {
-        detected()
+    match FORCED.load(Ordering::Relaxed) {
+        0 => detected(),
+        c => LEVELS
+            .into_iter()
+            .find(|l| l.code() == c)
+            .unwrap_or(Level::Scalar),
     }
 }
 
-/// f16 bits -> f32, with F16C when the level allows; as many as the shorter slice holds.
+/// The features the kernel sets look for that this CPU has.
+pub fn cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($f:tt),*) => {$(
+                if is_x86_feature_detected!($f) {
+                    v.push($f);
+                }
+            )*};
+        }
+        probe!("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq");
+        if x86_64::avx512::has_bf16() {
+            v.push("avx512bf16");
+        }
+    }
+    v
+}
+
+/// f16 bits -> f32, vectorised where the level allows; as many as the shorter slice holds.
 pub fn f16_to_f32(level: Level, src: &[u16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx2 && detected() == Level::Avx2 {
-        let n = src.len().min(dst.len());
-        // SAFETY: detection (cached, re-checked here because any code can name Level::Avx2)
-        // found AVX2, FMA and F16C, and both slices hold n elements.
-        return unsafe { x86_64::avx2::f16_to_f32(&src[..n], &mut dst[..n]) };
+    match level {
+        Level::Avx512 => {
+            if let Some(k) = x86_64::avx512::Avx512::new() {
+                return k.f16_to_f32(src, dst);
+            }
+        }
+        Level::Avx2 => {
+            if let Some(k) = x86_64::avx2::Avx2::new() {
+                return k.f16_to_f32(src, dst);
+            }
+        }
+        Level::Scalar => {}
     }
     let _ = level;
     for (d, &x) in dst.iter_mut().zip(src) {
@@ -67,14 +143,22 @@ pub fn f16_to_f32(level: Level, src: &[u16], dst: &mut [f32]) {
     }
 }
 
-/// f32 -> f16 bits (round to nearest even), with F16C when the level allows; as many
+/// f32 -> f16 bits (round to nearest even), vectorised where the level allows; as many
 /// as the shorter slice holds.
 pub fn f32_to_f16(level: Level, src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx2 && detected() == Level::Avx2 {
-        let n = src.len().min(dst.len());
-        // SAFETY: as in `f16_to_f32`: the CPU has F16C, and both slices hold n elements.
-        return unsafe { x86_64::avx2::f32_to_f16(&src[..n], &mut dst[..n]) };
+    match level {
+        Level::Avx512 => {
+            if let Some(k) = x86_64::avx512::Avx512::new() {
+                return k.f32_to_f16(src, dst);
+            }
+        }
+        Level::Avx2 => {
+            if let Some(k) = x86_64::avx2::Avx2::new() {
+                return k.f32_to_f16(src, dst);
+            }
+        }
+        Level::Scalar => {}
     }
     let _ = level;
     for (d, &x) in dst.iter_mut().zip(src) {
@@ -82,28 +166,35 @@ pub fn f32_to_f16(level: Level, src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// Chooses the kernels by name: "scalar", "auto" or "avx2", in any case. `what` names
-/// the setting in the error. "avx2" is refused on a CPU without it rather than
-/// quietly running something else.
+const ACCEPTED: &str = "'scalar', 'auto', 'avx2' or 'avx512' (any case)";
+
+/// Chooses the kernels by name: "scalar", "auto", "avx2" or "avx512", in any case.
+/// `what` names the setting in the error. A set the CPU lacks is refused rather than
+/// quietly replaced by another.
 pub fn set(name: &str, what: &str) -> Result<(), String> {
-    let scalar = match name.to_ascii_lowercase().as_str() {
-        "scalar" => true,
-        "auto" => false,
-        // AVX2 is the best level there is, so forcing it is "auto" where the CPU has it.
-        "avx2" if detected() == Level::Avx2 => false,
-        "avx2" => {
-            return Err(format!(
-                "{what}='avx2' needs a CPU with AVX2, FMA and F16C, which this one lacks; use 'auto' or 'scalar'"
-            ))
-        }
+    let forced = match name.to_ascii_lowercase().as_str() {
+        "auto" => None,
+        "scalar" => Some(Level::Scalar),
+        "avx2" => Some(Level::Avx2),
+        "avx512" => Some(Level::Avx512),
         _ => {
             return Err(format!(
-                "{what} must be 'scalar', 'auto' or 'avx2' (any case), got '{}'",
+                "{what} must be {ACCEPTED}, got '{}'",
                 name.escape_debug()
             ))
         }
     };
-    SCALAR.store(scalar, Ordering::Relaxed);
+    if let Some(l) = forced {
+        if !l.available() {
+            return Err(format!(
+                "{what}='{}' needs a CPU with {}, which this one lacks; use 'auto' (here: '{}')",
+                l.name(),
+                l.needs(),
+                detected().name()
+            ));
+        }
+    }
+    FORCED.store(forced.map_or(0, Level::code), Ordering::Relaxed);
     Ok(())
 }
 
@@ -115,11 +206,21 @@ pub fn init_from_env() -> Result<(), String> {
         Some(v) if v.is_empty() => Ok(()),
         Some(v) => match v.to_str() {
             Some(name) => set(name, VAR),
-            None => Err(format!(
-                "{VAR} must be 'scalar', 'auto' or 'avx2' (any case), got {v:?}"
-            )),
+            None => Err(format!("{VAR} must be {ACCEPTED}, got {v:?}")),
         },
     }
+}
+
+/// One chunk's sums of the distillation KL against given maxima: sums of exp(r - mr),
+/// exp(o - mo), the cross term sum exp(r - mr) (r - o) (terms with exp(r - mr) = 0
+/// count as 0), the chunk's own maxima (NaN skipped) and whether a NaN was seen.
+pub struct Fused<F> {
+    pub sr: f64,
+    pub so: f64,
+    pub x: f64,
+    pub maxr: F,
+    pub maxo: F,
+    pub nan: bool,
 }
 
 /// Per-chunk kernels over a buffer of the compute type (the chunk is in L1).
@@ -173,6 +274,39 @@ pub trait Kernels<F: Float>: Copy + Send + Sync {
         t: Option<&[F]>,
         chain: Option<&[F]>,
     );
+    /// The distillation KL's chunk over the values `s * r` and `s * o` (s = 1/T > 0,
+    /// applied in registers) against the maxima `mr`, `mo`; the terms are only
+    /// meaningful where the chunk's maxima stay below the given ones plus 88 (callers
+    /// check the returned maxima). The default is the scalar reference.
+    fn kl_chunk(self, r: &[F], o: &[F], s: F, mr: F, mo: F) -> Fused<F> {
+        let (mut sr, mut so, mut x) = ([0.0f64; 2], [0.0f64; 2], [0.0f64; 2]);
+        let (mut maxr, mut maxo, mut nan) = (F::NEG_INF, F::NEG_INF, false);
+        for (i, (&ri, &oi)) in r.iter().zip(o).enumerate() {
+            let k = i & 1;
+            let (ri, oi) = (s * ri, s * oi);
+            if ri > maxr {
+                maxr = ri;
+            }
+            if oi > maxo {
+                maxo = oi;
+            }
+            nan |= ri.is_nan() || oi.is_nan();
+            let e = (ri - mr).exp();
+            sr[k] += e.to_f64();
+            so[k] += (oi - mo).exp().to_f64();
+            if e.to_f64() != 0.0 {
+                x[k] += (e * (ri - oi)).to_f64();
+            }
+        }
+        Fused {
+            sr: sr[0] + sr[1],
+            so: so[0] + so[1],
+            x: x[0] + x[1],
+            maxr,
+            maxo,
+            nan,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -184,3 +318,6 @@ pub struct GradParams<F> {
     pub e: F,
     pub scale: F,
 }
+
+#[cfg(test)]
+mod tests;
