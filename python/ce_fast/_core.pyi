@@ -115,10 +115,17 @@ def read_pass(ptr: int, nbytes: int, threads: int = 0) -> int:
     """Reads `nbytes` at `ptr` once on the engine's threads; an xor checksum."""
 
 def set_simd(name: str) -> None:
-    """Forces the kernel set: "scalar", "auto" or "avx2" (any case)."""
+    """Forces the kernel set: "scalar", "auto", "avx2" or "avx512" (any case); a set the
+    CPU lacks raises ValueError."""
 
 def simd_level() -> str:
-    """The kernel set float32-lane calls use now: "avx2" or "scalar"."""
+    """The kernel set float32-lane calls use now: "avx512", "avx2" or "scalar"."""
+
+def simd_available() -> list[str]:
+    """The kernel sets this CPU runs, "scalar" first and the best last."""
+
+def cpu_features() -> list[str]:
+    """The CPU features the kernel sets look for that this CPU has (e.g. "avx2", "avx512bf16")."""
 
 def default_threads() -> int:
     """The engine's default thread count (RAYON_NUM_THREADS, else the CPUs available)."""
