@@ -244,27 +244,6 @@ fn run(
 /// `pw`), 1 the sigmoid focal loss (`alpha`, `gamma`). Every descriptor has the logits'
 /// batch shape and columns (broadcast operands with stride 0); `loss` receives the
 /// per-element losses, `grad` the gradient times `gscale` (and `gout` per element).
-/// The `len` values at `ptr`, or None for a null `ptr`.
-///
-/// # Safety
-/// A non-null `ptr` is aligned for `T` and holds `len` initialised values that nothing
-/// writes while the slice lives.
-unsafe fn slice<'a, T>(ptr: usize, len: usize) -> Option<&'a [T]> {
-    // SAFETY: the caller's obligation above; null was mapped to None.
-    (ptr != 0).then(|| unsafe { std::slice::from_raw_parts(ptr as *const T, len) })
-}
-
-/// The f64 / i64 side arrays (targets, weights, statistics, coefficients) are used as
-/// slices and written through `*mut f64`: an address that is not 8-byte aligned is refused.
-fn check_aligned(ptrs: &[(usize, &str)]) -> PyResult<()> {
-    match ptrs.iter().find(|(p, _)| !p.is_multiple_of(8)) {
-        Some((p, what)) => Err(PyValueError::new_err(format!(
-            "{what}: address {p:#x} is not 8-byte aligned"
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// Returns the sum of the losses in f64.
 #[pyfunction]
 #[pyo3(signature = (kind, x, t, w=None, pw=None, loss=None, grad=None, gscale=1.0, gout=None, alpha=0.25, gamma=2.0, threads=0))]
@@ -336,66 +315,49 @@ fn run_binary(
 }
 
 /// Distillation KL over student logits `x` and `teacher` of the same shape, divided by
-/// the temperature (`inv_temp` = 1 / T). stats = (ms, ls, mt, lt, cross) f64 pointers of
-/// length rows: written by the pass, or read when `given` (then only the gradient runs).
-/// grad = (g pointer, out descriptor): the gradient with respect to `x` into `out`.
+/// the temperature (`inv_temp` = 1 / T). `stats` (a `KlStats` of float64 vectors, one
+/// value per row: ms, ls, mt, lt, cross) is written by the pass, or read when `given`
+/// (then only the gradient runs). With `g` (float64, one factor per row) and `out` (an
+/// `Operand` of the logits' shape) the gradient with respect to `x` goes into `out`.
 #[pyfunction]
-#[pyo3(signature = (x, teacher, inv_temp, reverse, stats, grad=None, given=false, threads=0))]
+#[pyo3(signature = (x, teacher, inv_temp, reverse, stats, *, g=None, out=None, given=false, threads=0))]
 #[allow(clippy::too_many_arguments)]
 fn kl_run(
     py: Python<'_>,
-    x: Desc,
-    teacher: Desc,
+    x: ArrayDesc,
+    teacher: ArrayDesc,
     inv_temp: f64,
     reverse: bool,
-    stats: (usize, usize, usize, usize, usize),
-    grad: Option<(usize, Desc)>,
+    stats: &Bound<'_, PyAny>,
+    g: Option<PyReadonlyArray1<'_, f64>>,
+    out: Option<ArrayDesc>,
     given: bool,
     threads: usize,
 ) -> PyResult<()> {
-    let x = matrix(x, "logits")?;
-    let teacher = matrix(teacher, "teacher logits")?;
+    let x = x.matrix("logits")?;
+    let teacher = teacher.matrix("teacher logits")?;
     if teacher.cols != x.cols || teacher.batch_shape != x.batch_shape {
         return Err(PyValueError::new_err(
             "teacher logits shape differs from logits",
         ));
     }
-    if given && grad.is_none() {
+    let rows = x.rows();
+    let gout = match (&g, out) {
+        (Some(_), Some(d)) => Some(like_logits(d.matrix("grad out")?, &x)?),
+        (None, None) => None,
+        _ => return Err(PyValueError::new_err("g and out go together")),
+    };
+    if given && gout.is_none() {
         return Err(PyValueError::new_err("given statistics need a gradient"));
     }
-    let ptrs = [
-        (stats.0, "ms"),
-        (stats.1, "ls"),
-        (stats.2, "mt"),
-        (stats.3, "lt"),
-        (stats.4, "cross"),
-        (grad.as_ref().map_or(8, |g| g.0), "g"),
-    ];
-    if let Some((_, what)) = ptrs.iter().find(|(p, _)| *p == 0) {
-        return Err(PyValueError::new_err(format!("{what}: null pointer")));
-    }
-    check_aligned(&ptrs)?;
-    let rows = x.rows();
-    let gout = match &grad {
-        Some((_, d)) => {
-            let m = matrix(d.clone(), "grad out")?;
-            if m.cols != x.cols || m.batch_shape != x.batch_shape {
-                return Err(PyValueError::new_err(
-                    "gradient out shape differs from logits",
-                ));
-            }
-            Some(m)
-        }
-        None => None,
+    let gs = g.as_ref().map(|v| args::vector(v, rows, "g")).transpose()?;
+    let mut vectors = if given {
+        args::KlVectors::Saved(stats.extract()?)
+    } else {
+        args::KlVectors::Out(stats.extract()?)
     };
+    let st = vectors.stats(rows)?;
     let pool = pool(py, threads)?;
-    let st = kl::KlStats {
-        ms: stats.0,
-        ls: stats.1,
-        mt: stats.2,
-        lt: stats.3,
-        cross: stats.4,
-    };
     let p = kl::KlProblem {
         student: &x,
         teacher: &teacher,
@@ -403,16 +365,9 @@ fn kl_run(
         reverse,
         given,
     };
-    let g_ptr = grad.as_ref().map_or(0, |g| g.0);
-    let gout_ref = gout.as_ref();
-    let p_ref = &p;
-    py.detach(move || {
-        // SAFETY: non-null and aligned (checked above); ce_fast passes a fresh float64 array
-        // of `rows` coefficients that it keeps alive and nothing writes during the call.
-        let gs: &[f64] = unsafe { slice(g_ptr, rows) }.unwrap_or(&[]);
-        let g = gout_ref.map(|out| kl::KlGrad { g: gs, out });
-        kl::run_auto(p_ref, st, g.as_ref(), &pool);
-    });
+    let grad = gout.as_ref().zip(gs).map(|(out, g)| kl::KlGrad { g, out });
+    py.detach(|| kl::run_auto(&p, st, grad.as_ref(), &pool));
+    drop(vectors); // the statistics stay borrowed until the pass is done
     Ok(())
 }
 

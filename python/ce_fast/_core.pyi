@@ -97,19 +97,31 @@ def plain_backward(
     """The plain cross-entropy's gradient from `plain_forward`'s lse into `out`: `go` for
     the batch (over the counted rows when `mean`) or the float64 per-row values `go_rows`."""
 
+class _KlStats(Protocol):
+    """ce_fast._types.KlStats: float64 vectors, one value per row."""
+
+    ms: np.ndarray
+    ls: np.ndarray
+    mt: np.ndarray
+    lt: np.ndarray
+    cross: np.ndarray
+
 def kl_run(
-    x: Desc,
-    teacher: Desc,
+    x: _ArrayDesc,
+    teacher: _ArrayDesc,
     inv_temp: float,
     reverse: bool,
-    stats: tuple[int, int, int, int, int],
-    grad: tuple[int, Desc] | None = None,
+    stats: _KlStats,
+    *,
+    g: np.ndarray | None = None,
+    out: _ArrayDesc | None = None,
     given: bool = False,
     threads: int = 0,
 ) -> None:
-    """Distillation KL of student `x` against `teacher` over T = 1/inv_temp: per-row f64
-    statistics (ms, ls, mt, lt, cross) written at `stats` (read when `given`), and with
-    `grad` = (per-row factor pointer, out Desc) the student's gradient."""
+    """Distillation KL of student `x` against `teacher` over T = 1/inv_temp: the per-row
+    float64 statistics (ms, ls, mt, lt, cross) written into `stats` (read when `given`),
+    and with `g` (float64 per-row factors) and `out` the student's gradient. Vectors of
+    the wrong dtype, length or layout raise ValueError (or TypeError)."""
 
 def read_pass(ptr: int, nbytes: int, threads: int = 0) -> int:
     """Reads `nbytes` at `ptr` once on the engine's threads; an xor checksum."""
