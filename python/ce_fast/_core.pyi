@@ -21,10 +21,15 @@ class _ArrayDesc(Protocol):
     """What `run` reads of an array argument (ce_fast._arrays.Operand has it): address,
     dtype code, shape and strides in elements, the class axis last."""
 
-    ptr: int
-    code: int | None
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
+    # Read-only, so the frozen Operand dataclass satisfies it.
+    @property
+    def ptr(self) -> int: ...
+    @property
+    def code(self) -> int | None: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def strides(self) -> tuple[int, ...]: ...
 
 class _Stats(Protocol):
     """Per-row float64 vectors (ce_fast._types.Stats); None where not wanted."""
