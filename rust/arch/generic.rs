@@ -801,6 +801,15 @@ macro_rules! kernel_set {
                 g::f32_to_f16::<$lanes>(src, dst)
             }
             #[target_feature(enable = $features)]
+            pub unsafe fn binary_chunk(
+                kind: crate::engine::binary::Kind,
+                c: &crate::engine::binary::Chunk<f32>,
+                loss: &mut [f32],
+                grad: Option<&mut [f32]>,
+            ) -> f64 {
+                crate::arch::binary::chunk::<$lanes>(kind, c, loss, grad)
+            }
+            #[target_feature(enable = $features)]
             pub unsafe fn kl_chunk(r: &[f32], o: &[f32], s: f32, mr: f32, mo: f32) -> Fused<f32> {
                 g::kl_chunk::<$lanes>(r, o, s, mr, mo)
             }
@@ -924,6 +933,17 @@ macro_rules! kernel_set {
             ) {
                 // SAFETY: the value exists only where detection found the set's features.
                 unsafe { entry::grad(buf, p, w, t, chain) }
+            }
+            fn binary_chunk(
+                self,
+                kind: crate::engine::binary::Kind,
+                c: &crate::engine::binary::Chunk<f32>,
+                loss: &mut [f32],
+                grad: Option<&mut [f32]>,
+            ) -> Option<f64> {
+                // SAFETY: the value exists only where detection found the set's features;
+                // the chunk's slices are indexed with bounds checks.
+                Some(unsafe { entry::binary_chunk(kind, c, loss, grad) })
             }
             fn kl_chunk(
                 self,

@@ -36,6 +36,14 @@ pub unsafe trait Lanes: Copy + Send + Sync + 'static {
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// a * b - c, one rounding.
     unsafe fn fmsub(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
+    /// c - a * b, one rounding.
+    unsafe fn fnmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Rounded to the nearest integer, ties to even.
+    unsafe fn round(a: Self::V) -> Self::V;
+    /// The bits of `y` plus those of the integer-valued `n` (|n| <= 126) shifted left by
+    /// 23, as floats: 2^n * y.
+    unsafe fn ldexp_add(y: Self::V, n: Self::V) -> Self::V;
     /// |a| (the sign bit cleared).
     unsafe fn abs(a: Self::V) -> Self::V;
     /// t with u's sign bit or-ed in.
@@ -48,6 +56,10 @@ pub unsafe trait Lanes: Copy + Send + Sync + 'static {
     unsafe fn nlt(a: Self::V, b: Self::V) -> Self::M;
     /// a < b, false where either is NaN.
     unsafe fn lt(a: Self::V, b: Self::V) -> Self::M;
+    /// a >= b, false where either is NaN.
+    unsafe fn ge(a: Self::V, b: Self::V) -> Self::M;
+    /// a > b, false where either is NaN.
+    unsafe fn gt(a: Self::V, b: Self::V) -> Self::M;
     /// Where a or b is NaN.
     unsafe fn unord(a: Self::V, b: Self::V) -> Self::M;
     unsafe fn mask_none() -> Self::M;
@@ -66,6 +78,8 @@ pub unsafe trait Lanes: Copy + Send + Sync + 'static {
     unsafe fn sub_d(a: Self::D, b: Self::D) -> Self::D;
     unsafe fn fmadd_d(a: Self::D, b: Self::D, c: Self::D) -> Self::D;
     unsafe fn hsum_d(d: Self::D) -> f64;
+    /// The N/2 f64 lanes into `p`.
+    unsafe fn store_d(p: *mut f64, d: Self::D);
 
     /// N bfloat16 bits widened to f32 lanes.
     unsafe fn load_bf16(p: *const u16) -> Self::V;

@@ -10,6 +10,7 @@
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
+pub mod binary;
 pub mod generic;
 pub mod lanes;
 pub mod scalar;
@@ -274,6 +275,18 @@ pub trait Kernels<F: Float>: Copy + Send + Sync {
         t: Option<&[F]>,
         chain: Option<&[F]>,
     );
+    /// The elementwise binary losses' chunk (see `engine::binary::scalar_chunk`): fills
+    /// `loss[..n]` (and `grad[..n]`) and returns the sum of the losses in f64. None: not
+    /// offered (nothing was written; the caller runs the scalar chunk).
+    fn binary_chunk(
+        self,
+        _kind: crate::engine::binary::Kind,
+        _c: &crate::engine::binary::Chunk<F>,
+        _loss: &mut [F],
+        _grad: Option<&mut [F]>,
+    ) -> Option<f64> {
+        None
+    }
     /// The distillation KL's chunk over the values `s * r` and `s * o` (s = 1/T > 0,
     /// applied in registers) against the maxima `mr`, `mo`; the terms are only
     /// meaningful where the chunk's maxima stay below the given ones plus 88 (callers

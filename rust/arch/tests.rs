@@ -306,3 +306,59 @@ fn elementwise_kernels_match_the_scalar_set() {
 fn half_kernels_equal_the_buffer_route() {
     each_set!(|k, _L| { check_half_routes(k) });
 }
+
+fn check_binary<K: Kernels<f32>>(k: K) {
+    use crate::engine::binary::{scalar_chunk, Chunk, Kind};
+    let name = k.level().name();
+    for n in SIZES {
+        let x: Vec<f32> = finite(n).iter().map(|v| v * 0.7).collect();
+        let t: Vec<f32> = (0..n).map(|i| (i % 7) as f32 / 6.0).collect();
+        let w: Vec<f32> = (0..n).map(|i| 0.5 + (i % 3) as f32).collect();
+        let kinds = [
+            Kind::Bce,
+            Kind::Focal {
+                alpha: 0.25,
+                gamma: 2.0,
+            },
+            Kind::Focal {
+                alpha: -1.0,
+                gamma: 1.5,
+            },
+        ];
+        for kind in kinds {
+            for (wo, pwo) in [(None, None), (Some(&w[..]), Some(&w[..]))] {
+                let c = Chunk {
+                    x: &x,
+                    t: &t,
+                    w: wo,
+                    pw: pwo,
+                    gout: None,
+                    gscale: 0.5,
+                };
+                let (mut la, mut ga) = (vec![0.0f32; n], vec![0.0f32; n]);
+                let (mut lb, mut gb) = (vec![0.0f32; n], vec![0.0f32; n]);
+                let sa = k.binary_chunk(kind, &c, &mut la, Some(&mut ga)).unwrap();
+                scalar_chunk(kind, &c, &mut lb, Some(&mut gb));
+                let sb: f64 = lb.iter().map(|&v| v as f64).sum();
+                assert!(close(sa, sb, 1e-5), "{name} {kind:?} n={n}: {sa} vs {sb}");
+                for i in 0..n {
+                    let tol = 1e-5 * (1.0 + lb[i].abs()) as f64;
+                    assert!(
+                        ((la[i] - lb[i]) as f64).abs() <= tol,
+                        "{name} {kind:?} loss"
+                    );
+                    let tol = 1e-5 * (1.0 + gb[i].abs()) as f64;
+                    assert!(
+                        ((ga[i] - gb[i]) as f64).abs() <= tol,
+                        "{name} {kind:?} grad"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn binary_chunks_match_the_scalar_chunk() {
+    each_set!(|k, _L| { check_binary(k) });
+}

@@ -77,6 +77,23 @@ unsafe impl Lanes for L8 {
         _mm256_fmsub_ps(a, b, c)
     }
     #[inline(always)]
+    unsafe fn min(a: __m256, b: __m256) -> __m256 {
+        _mm256_min_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fnmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn round(a: __m256) -> __m256 {
+        _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+    }
+    #[inline(always)]
+    unsafe fn ldexp_add(y: __m256, n: __m256) -> __m256 {
+        let n = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+        _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), n))
+    }
+    #[inline(always)]
     unsafe fn abs(a: __m256) -> __m256 {
         _mm256_andnot_ps(_mm256_set1_ps(-0.0), a)
     }
@@ -96,6 +113,14 @@ unsafe impl Lanes for L8 {
     #[inline(always)]
     unsafe fn lt(a: __m256, b: __m256) -> __m256 {
         _mm256_cmp_ps(a, b, _CMP_LT_OQ)
+    }
+    #[inline(always)]
+    unsafe fn ge(a: __m256, b: __m256) -> __m256 {
+        _mm256_cmp_ps(a, b, _CMP_GE_OQ)
+    }
+    #[inline(always)]
+    unsafe fn gt(a: __m256, b: __m256) -> __m256 {
+        _mm256_cmp_ps(a, b, _CMP_GT_OQ)
     }
     #[inline(always)]
     unsafe fn unord(a: __m256, b: __m256) -> __m256 {
@@ -149,6 +174,10 @@ unsafe impl Lanes for L8 {
     unsafe fn hsum_d(s: __m256d) -> f64 {
         let s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
         _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)))
+    }
+    #[inline(always)]
+    unsafe fn store_d(p: *mut f64, d: __m256d) {
+        _mm256_storeu_pd(p, d)
     }
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m256 {

@@ -92,6 +92,23 @@ unsafe impl Lanes for L16 {
         _mm512_fmsub_ps(a, b, c)
     }
     #[inline(always)]
+    unsafe fn min(a: __m512, b: __m512) -> __m512 {
+        _mm512_min_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fnmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn round(a: __m512) -> __m512 {
+        _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+    }
+    #[inline(always)]
+    unsafe fn ldexp_add(y: __m512, n: __m512) -> __m512 {
+        let n = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+        _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(y), n))
+    }
+    #[inline(always)]
     unsafe fn abs(a: __m512) -> __m512 {
         _mm512_andnot_ps(_mm512_set1_ps(-0.0), a)
     }
@@ -111,6 +128,14 @@ unsafe impl Lanes for L16 {
     #[inline(always)]
     unsafe fn lt(a: __m512, b: __m512) -> __mmask16 {
         _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ)
+    }
+    #[inline(always)]
+    unsafe fn ge(a: __m512, b: __m512) -> __mmask16 {
+        _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ)
+    }
+    #[inline(always)]
+    unsafe fn gt(a: __m512, b: __m512) -> __mmask16 {
+        _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ)
     }
     #[inline(always)]
     unsafe fn unord(a: __m512, b: __m512) -> __mmask16 {
@@ -166,6 +191,10 @@ unsafe impl Lanes for L16 {
         let h = _mm256_add_pd(_mm512_castpd512_pd256(s), _mm512_extractf64x4_pd(s, 1));
         let s2 = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
         _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)))
+    }
+    #[inline(always)]
+    unsafe fn store_d(p: *mut f64, d: __m512d) {
+        _mm512_storeu_pd(p, d)
     }
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m512 {
