@@ -5,7 +5,7 @@
 //! vector is one field in `Outputs` (and its attribute on `ce_fast._types.Stats`).
 
 use crate::elem::{DType, Matrix};
-use crate::rows::StatsOut;
+use crate::engine::rows::StatsOut;
 use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -81,7 +81,18 @@ pub fn destination<T: numpy::Element>(
     len: usize,
     what: &str,
 ) -> PyResult<usize> {
-    let Some(a) = a else { return Ok(0) };
+    match a {
+        Some(a) => address_mut(a, len, what),
+        None => Ok(0),
+    }
+}
+
+/// The address of a writable contiguous vector of exactly `len` values.
+pub fn address_mut<T: numpy::Element>(
+    a: &mut PyReadwriteArray1<'_, T>,
+    len: usize,
+    what: &str,
+) -> PyResult<usize> {
     if !(a.data() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(err(format!("{what}: values not aligned")));
     }
@@ -140,4 +151,57 @@ pub struct Coefficients<'py> {
     pub a_swt: f64,
     pub d: f64,
     pub e: f64,
+}
+
+/// The distillation KL's per-row statistics to be written, read by attribute from
+/// `ce_fast._types.KlStats`: float64 vectors of one value per row.
+#[derive(FromPyObject)]
+pub struct KlOut<'py> {
+    pub ms: PyReadwriteArray1<'py, f64>,
+    pub ls: PyReadwriteArray1<'py, f64>,
+    pub mt: PyReadwriteArray1<'py, f64>,
+    pub lt: PyReadwriteArray1<'py, f64>,
+    pub cross: PyReadwriteArray1<'py, f64>,
+}
+
+/// The distillation KL's per-row statistics saved by an earlier call (only read).
+#[derive(FromPyObject)]
+pub struct KlSaved<'py> {
+    pub ms: PyReadonlyArray1<'py, f64>,
+    pub ls: PyReadonlyArray1<'py, f64>,
+    pub mt: PyReadonlyArray1<'py, f64>,
+    pub lt: PyReadonlyArray1<'py, f64>,
+    pub cross: PyReadonlyArray1<'py, f64>,
+}
+
+/// The vectors of a `KlStats`, borrowed (and kept alive) while this value lives.
+pub enum KlVectors<'py> {
+    Out(KlOut<'py>),
+    Saved(KlSaved<'py>),
+}
+
+impl KlVectors<'_> {
+    /// The engine's view: addresses of `rows` values each, checked. The engine writes
+    /// them only for `Out` and reads them only for `Saved`.
+    pub fn stats(&mut self, rows: usize) -> PyResult<crate::engine::kl::KlStats> {
+        let addr = |a: &PyReadonlyArray1<'_, f64>, what: &str| -> PyResult<usize> {
+            Ok(vector(a, rows, what)?.as_ptr() as usize)
+        };
+        Ok(match self {
+            KlVectors::Out(s) => crate::engine::kl::KlStats {
+                ms: address_mut(&mut s.ms, rows, "ms")?,
+                ls: address_mut(&mut s.ls, rows, "ls")?,
+                mt: address_mut(&mut s.mt, rows, "mt")?,
+                lt: address_mut(&mut s.lt, rows, "lt")?,
+                cross: address_mut(&mut s.cross, rows, "cross")?,
+            },
+            KlVectors::Saved(s) => crate::engine::kl::KlStats {
+                ms: addr(&s.ms, "given ms")?,
+                ls: addr(&s.ls, "given ls")?,
+                mt: addr(&s.mt, "given mt")?,
+                lt: addr(&s.lt, "given lt")?,
+                cross: addr(&s.cross, "given cross")?,
+            },
+        })
+    }
 }

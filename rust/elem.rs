@@ -2,8 +2,8 @@
 //! chunk by chunk into a small buffer of the compute type, and gradients are
 //! converted back on the store (rounded once).
 
+use crate::arch::Level;
 use crate::float::Float;
-use crate::simd::Level;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum DType {
@@ -203,7 +203,7 @@ impl Compute for f32 {
                     }
                     DType::F16 => {
                         let s = std::slice::from_raw_parts(base as *const u16, n);
-                        crate::simd::f16_to_f32(level, s, dst);
+                        crate::arch::f16_to_f32(level, s, dst);
                     }
                 }
             } else {
@@ -239,7 +239,7 @@ impl Compute for f32 {
                     }
                     DType::F16 => {
                         let d = std::slice::from_raw_parts_mut(base as *mut u16, n);
-                        crate::simd::f32_to_f16(level, src, d);
+                        crate::arch::f32_to_f16(level, src, d);
                     }
                 }
             } else {

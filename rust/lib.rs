@@ -9,23 +9,20 @@
 
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod arch;
 mod args;
-mod binary;
 mod elem;
+mod engine;
 mod float;
 mod kernels;
-mod kl;
-mod plain;
-mod rows;
-mod simd;
 
 use args::{ArrayDesc, Coefficients, Outputs, Saved};
 use elem::{DType, Matrix};
+use engine::{binary, kl, plain, rows};
 use numpy::{PyReadonlyArray1, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rows::{GradSpec, Problem, StatsOut};
-use simd::scalar::Scalar;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// (address, dtype code, columns, column stride, batch shape, batch strides)
@@ -247,27 +244,6 @@ fn run(
 /// `pw`), 1 the sigmoid focal loss (`alpha`, `gamma`). Every descriptor has the logits'
 /// batch shape and columns (broadcast operands with stride 0); `loss` receives the
 /// per-element losses, `grad` the gradient times `gscale` (and `gout` per element).
-/// The `len` values at `ptr`, or None for a null `ptr`.
-///
-/// # Safety
-/// A non-null `ptr` is aligned for `T` and holds `len` initialised values that nothing
-/// writes while the slice lives.
-unsafe fn slice<'a, T>(ptr: usize, len: usize) -> Option<&'a [T]> {
-    // SAFETY: the caller's obligation above; null was mapped to None.
-    (ptr != 0).then(|| unsafe { std::slice::from_raw_parts(ptr as *const T, len) })
-}
-
-/// The f64 / i64 side arrays (targets, weights, statistics, coefficients) are used as
-/// slices and written through `*mut f64`: an address that is not 8-byte aligned is refused.
-fn check_aligned(ptrs: &[(usize, &str)]) -> PyResult<()> {
-    match ptrs.iter().find(|(p, _)| !p.is_multiple_of(8)) {
-        Some((p, what)) => Err(PyValueError::new_err(format!(
-            "{what}: address {p:#x} is not 8-byte aligned"
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// Returns the sum of the losses in f64.
 #[pyfunction]
 #[pyo3(signature = (kind, x, t, w=None, pw=None, loss=None, grad=None, gscale=1.0, gout=None, alpha=0.25, gamma=2.0, threads=0))]
@@ -322,7 +298,6 @@ fn run_binary(
         ));
     }
     let pool = pool(py, threads)?;
-    let level = simd::current();
     Ok(py.detach(move || {
         let job = binary::Job {
             kind,
@@ -335,71 +310,54 @@ fn run_binary(
             gscale,
             gout: gout.as_ref(),
         };
-        binary::run(&job, level, &pool)
+        binary::run(&job, &pool)
     }))
 }
 
 /// Distillation KL over student logits `x` and `teacher` of the same shape, divided by
-/// the temperature (`inv_temp` = 1 / T). stats = (ms, ls, mt, lt, cross) f64 pointers of
-/// length rows: written by the pass, or read when `given` (then only the gradient runs).
-/// grad = (g pointer, out descriptor): the gradient with respect to `x` into `out`.
+/// the temperature (`inv_temp` = 1 / T). `stats` (a `KlStats` of float64 vectors, one
+/// value per row: ms, ls, mt, lt, cross) is written by the pass, or read when `given`
+/// (then only the gradient runs). With `g` (float64, one factor per row) and `out` (an
+/// `Operand` of the logits' shape) the gradient with respect to `x` goes into `out`.
 #[pyfunction]
-#[pyo3(signature = (x, teacher, inv_temp, reverse, stats, grad=None, given=false, threads=0))]
+#[pyo3(signature = (x, teacher, inv_temp, reverse, stats, *, g=None, out=None, given=false, threads=0))]
 #[allow(clippy::too_many_arguments)]
 fn kl_run(
     py: Python<'_>,
-    x: Desc,
-    teacher: Desc,
+    x: ArrayDesc,
+    teacher: ArrayDesc,
     inv_temp: f64,
     reverse: bool,
-    stats: (usize, usize, usize, usize, usize),
-    grad: Option<(usize, Desc)>,
+    stats: &Bound<'_, PyAny>,
+    g: Option<PyReadonlyArray1<'_, f64>>,
+    out: Option<ArrayDesc>,
     given: bool,
     threads: usize,
 ) -> PyResult<()> {
-    let x = matrix(x, "logits")?;
-    let teacher = matrix(teacher, "teacher logits")?;
+    let x = x.matrix("logits")?;
+    let teacher = teacher.matrix("teacher logits")?;
     if teacher.cols != x.cols || teacher.batch_shape != x.batch_shape {
         return Err(PyValueError::new_err(
             "teacher logits shape differs from logits",
         ));
     }
-    if given && grad.is_none() {
+    let rows = x.rows();
+    let gout = match (&g, out) {
+        (Some(_), Some(d)) => Some(like_logits(d.matrix("grad out")?, &x)?),
+        (None, None) => None,
+        _ => return Err(PyValueError::new_err("g and out go together")),
+    };
+    if given && gout.is_none() {
         return Err(PyValueError::new_err("given statistics need a gradient"));
     }
-    let ptrs = [
-        (stats.0, "ms"),
-        (stats.1, "ls"),
-        (stats.2, "mt"),
-        (stats.3, "lt"),
-        (stats.4, "cross"),
-        (grad.as_ref().map_or(8, |g| g.0), "g"),
-    ];
-    if let Some((_, what)) = ptrs.iter().find(|(p, _)| *p == 0) {
-        return Err(PyValueError::new_err(format!("{what}: null pointer")));
-    }
-    check_aligned(&ptrs)?;
-    let rows = x.rows();
-    let gout = match &grad {
-        Some((_, d)) => {
-            let m = matrix(d.clone(), "grad out")?;
-            if m.cols != x.cols || m.batch_shape != x.batch_shape {
-                return Err(PyValueError::new_err(
-                    "gradient out shape differs from logits",
-                ));
-            }
-            Some(m)
-        }
-        None => None,
+    let gs = g.as_ref().map(|v| args::vector(v, rows, "g")).transpose()?;
+    let mut vectors = if given {
+        args::KlVectors::Saved(stats.extract()?)
+    } else {
+        args::KlVectors::Out(stats.extract()?)
     };
+    let st = vectors.stats(rows)?;
     let pool = pool(py, threads)?;
-    let st = kl::KlStats {
-        ms: stats.0,
-        ls: stats.1,
-        mt: stats.2,
-        lt: stats.3,
-        cross: stats.4,
-    };
     let p = kl::KlProblem {
         student: &x,
         teacher: &teacher,
@@ -407,25 +365,9 @@ fn kl_run(
         reverse,
         given,
     };
-    let g_ptr = grad.as_ref().map_or(0, |g| g.0);
-    let gout_ref = gout.as_ref();
-    let p_ref = &p;
-    py.detach(move || {
-        // SAFETY: non-null and aligned (checked above); ce_fast passes a fresh float64 array
-        // of `rows` coefficients that it keeps alive and nothing writes during the call.
-        let gs: &[f64] = unsafe { slice(g_ptr, rows) }.unwrap_or(&[]);
-        let g = gout_ref.map(|out| kl::KlGrad { g: gs, out });
-        let pool = &*pool;
-        let both_f64 = p_ref.student.dtype == DType::F64 || p_ref.teacher.dtype == DType::F64;
-        if both_f64 {
-            return kl::run::<f64, _>(Scalar, p_ref, st, g.as_ref(), pool);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let (simd::Level::Avx2, Some(k)) = (simd::current(), simd::avx2::Avx2::new()) {
-            return kl::run::<f32, _>(k, p_ref, st, g.as_ref(), pool);
-        }
-        kl::run::<f32, _>(Scalar, p_ref, st, g.as_ref(), pool);
-    });
+    let grad = gout.as_ref().zip(gs).map(|(out, g)| kl::KlGrad { g, out });
+    py.detach(|| kl::run_auto(&p, st, grad.as_ref(), &pool));
+    drop(vectors); // the statistics stay borrowed until the pass is done
     Ok(())
 }
 
@@ -616,17 +558,36 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
     }))
 }
 
-/// Forces the scalar kernels ("scalar"), the best the CPU has ("auto"), or the AVX2
-/// kernels ("avx2": an error on a CPU without AVX2, FMA and F16C); any case.
+/// Forces the scalar kernels ("scalar"), the best the CPU has ("auto"), the AVX2 kernels
+/// ("avx2") or the AVX-512 ones ("avx512"); any case. Forcing a set the CPU lacks is an
+/// error.
 #[pyfunction]
 fn set_simd(name: &str) -> PyResult<()> {
-    simd::set(name, "simd").map_err(PyValueError::new_err)
+    arch::set(name, "simd").map_err(PyValueError::new_err)
 }
 
-/// The kernel set f32-lane calls use now: "avx2" or "scalar".
+/// The kernel set f32-lane calls use now: "avx512", "avx2" or "scalar".
 #[pyfunction]
 fn simd_level() -> &'static str {
-    simd::current().name()
+    arch::current().name()
+}
+
+/// The kernel sets this CPU can run, from "scalar" to the best (what `set_simd` accepts
+/// besides "auto").
+#[pyfunction]
+fn simd_available() -> Vec<&'static str> {
+    arch::LEVELS
+        .into_iter()
+        .filter(|l| l.available())
+        .map(|l| l.name())
+        .collect()
+}
+
+/// The CPU features the kernel sets look for that this CPU has (e.g. "avx2",
+/// "avx512f", "avx512bf16"), for benchmark records.
+#[pyfunction]
+fn cpu_features() -> Vec<&'static str> {
+    arch::cpu_features()
 }
 
 /// Threads used when the count is 0: RAYON_NUM_THREADS if a positive integer, else
@@ -639,7 +600,7 @@ fn default_threads() -> usize {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // A bad CE_FAST_SIMD fails the import rather than silently meaning "auto".
-    simd::init_from_env().map_err(PyValueError::new_err)?;
+    arch::init_from_env().map_err(PyValueError::new_err)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(run_binary, m)?)?;
     m.add_function(wrap_pyfunction!(kl_run, m)?)?;
@@ -648,6 +609,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(read_pass, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::kernel_source, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::kernel_names, m)?)?;

@@ -27,13 +27,31 @@ FINFO_MAX = {
 # ---------------------------------------------------------------- SIMD paths
 
 
+# Every kernel set ce_fast has, in order; a CPU runs "scalar" and those it has the features for.
+SIMD_SETS = ("scalar", "avx2", "avx512")
+
+
+def simd_sets() -> list[str]:
+    """The kernel sets this machine runs ("scalar" first, the best last)."""
+    return list(_core.simd_available())
+
+
+def simd_skip_reason(name: str) -> str | None:
+    """Why the kernel set `name` cannot run here, or None when it can."""
+    have = simd_sets()
+    if name in have:
+        return None
+    return f"this CPU lacks the {name} kernel set's features (it runs {', '.join(have)})"
+
+
 def _current_choice() -> str:
-    return "scalar" if _core.simd_level() == "scalar" else "auto"
+    return _core.simd_level()
 
 
 @contextlib.contextmanager
 def use_simd(name: str):
-    """Runs the body with ce_fast's f32 kernels forced to `name` ('scalar' or 'auto')."""
+    """Runs the body with ce_fast's f32 kernels forced to `name` ('scalar', 'avx2',
+    'avx512', or 'auto' for the best this CPU has)."""
     prev = _current_choice()
     _core.set_simd(name)
     try:
@@ -42,12 +60,15 @@ def use_simd(name: str):
         _core.set_simd(prev)
 
 
-@pytest.fixture(params=["scalar", "auto"])
+@pytest.fixture(params=SIMD_SETS)
 def simd_path(request):
-    """Parametrizes a test over the scalar kernels and the best SIMD kernels (AVX2 here)."""
+    """Parametrizes a test over every kernel set: those this CPU lacks are skipped, with
+    the reason, never silently."""
+    reason = simd_skip_reason(request.param)
+    if reason is not None:
+        pytest.skip(reason)
     with use_simd(request.param) as level:
-        if request.param == "scalar":
-            assert level == "scalar"
+        assert level == request.param
         yield level
 
 

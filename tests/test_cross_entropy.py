@@ -771,7 +771,7 @@ def test_inputs_never_modified(dtype):
     ids=lambda o: "-".join(o) or "plain",
 )
 def test_scalar_and_simd_paths_agree(dtype, opts):
-    from conftest import use_simd
+    from conftest import simd_sets, use_simd
 
     rng = np.random.default_rng(17)
     C = 4103  # two full chunks and a ragged tail
@@ -784,15 +784,17 @@ def test_scalar_and_simd_paths_agree(dtype, opts):
         opts["weight"] = rng.uniform(0, 2, C)
     t = soft_targets(rng, z.shape, dtype) if opts.pop("soft", False) else rng.integers(0, C, 9)
     results = {}
-    for name in ("scalar", "auto"):
+    for name in simd_sets():
         with use_simd(name) as level:
             results[level] = check_ce(z, t, dtype, reduction="none", **opts)
-    assert set(results) == {"scalar", ce_fast._core.simd_level()}
-    a, b = (to_f64(r) for r in results.values())
-    assert np.array_equal(np.isnan(a), np.isnan(b))
-    fin = np.isfinite(a)
-    np.testing.assert_allclose(a[fin], b[fin], rtol=2e-5, atol=2e-5)
-    np.testing.assert_array_equal(a[~fin & ~np.isnan(a)], b[~fin & ~np.isnan(b)])
+    assert list(results) == simd_sets()
+    a = to_f64(results["scalar"])
+    for level, r in results.items():
+        b = to_f64(r)
+        assert np.array_equal(np.isnan(a), np.isnan(b)), level
+        fin = np.isfinite(a)
+        np.testing.assert_allclose(a[fin], b[fin], rtol=2e-5, atol=2e-5, err_msg=level)
+        np.testing.assert_array_equal(a[~fin & ~np.isnan(a)], b[~fin & ~np.isnan(b)], err_msg=level)
 
 
 def test_simd_level_switch():
@@ -801,10 +803,11 @@ def test_simd_level_switch():
     with open("/proc/cpuinfo") as f:
         flags = set(next(line for line in f if line.startswith("flags")).split())
     has_avx2 = {"avx2", "fma", "f16c"} <= flags
+    has_avx512 = has_avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
     with use_simd("scalar"):
         assert ce_fast._core.simd_level() == "scalar"
     with use_simd("auto"):
-        assert ce_fast._core.simd_level() == ("avx2" if has_avx2 else "scalar")
+        assert ce_fast._core.simd_level() == ("avx512" if has_avx512 else "avx2" if has_avx2 else "scalar")
     with pytest.raises(ValueError, match="simd must be"):
         ce_fast._core.set_simd("sse9")
 

@@ -359,6 +359,41 @@ def test_engine_checks_every_vector_it_is_given():
     np.testing.assert_allclose(s.ls, np.log(5.0))
 
 
+def test_kl_engine_checks_every_vector_it_is_given():
+    """The distillation KL's statistics and gradient factors are typed too: wrong dtype,
+    length, layout or alignment is an exception naming the vector, never a stray write."""
+    from ce_fast._types import KlStats
+
+    x = ce_fast._arrays.operand(np.zeros((2, 5), np.float32), "logits")
+    t = ce_fast._arrays.operand(np.ones((2, 5), np.float32), "teacher")
+
+    def stats(**bad):
+        v = {k: np.empty(2) for k in ("ms", "ls", "mt", "lt", "cross")}
+        return KlStats(**{**v, **bad})
+
+    with pytest.raises(ValueError, match="^cross: 3 values, expected 2$"):
+        _core.kl_run(x, t, 1.0, False, stats(cross=np.empty(3)))
+    with pytest.raises(ValueError, match="^mt: not a contiguous array$"):
+        _core.kl_run(x, t, 1.0, False, stats(mt=np.empty(4)[::2]))
+    with pytest.raises(TypeError):
+        _core.kl_run(x, t, 1.0, False, stats(ls=np.empty(2, np.float32)))
+    odd = np.frombuffer(np.zeros(3).tobytes(), dtype=np.float64, count=2, offset=4)
+    with pytest.raises(ValueError, match="^given ms: values not aligned$"):
+        _core.kl_run(x, t, 1.0, False, stats(ms=odd), g=np.ones(2), out=x, given=True)
+    with pytest.raises(ValueError, match="^g: 1 values, expected 2$"):
+        _core.kl_run(x, t, 1.0, False, stats(), g=np.ones(1), out=x)
+    with pytest.raises(ValueError, match="^g and out go together$"):
+        _core.kl_run(x, t, 1.0, False, stats(), g=np.ones(2))
+    with pytest.raises(ValueError, match="^given statistics need a gradient$"):
+        _core.kl_run(x, t, 1.0, False, stats(), given=True)
+    s = stats()
+    _core.kl_run(x, t, 1.0, False, s)
+    np.testing.assert_array_equal(s.ms, 0.0)
+    np.testing.assert_array_equal(s.mt, 1.0)
+    np.testing.assert_allclose(s.ls, np.log(5.0))
+    np.testing.assert_allclose(s.cross, 1.0)  # E_teacher[teacher - student]
+
+
 def test_read_pass_takes_empty_and_unaligned_spans():
     """The bandwidth yardstick's checksum folds to the xor of the bytes, for spans of any
     length at any address, an empty one at address 0 included."""

@@ -21,10 +21,15 @@ class _ArrayDesc(Protocol):
     """What `run` reads of an array argument (ce_fast._arrays.Operand has it): address,
     dtype code, shape and strides in elements, the class axis last."""
 
-    ptr: int
-    code: int | None
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
+    # Read-only, so the frozen Operand dataclass satisfies it.
+    @property
+    def ptr(self) -> int: ...
+    @property
+    def code(self) -> int | None: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def strides(self) -> tuple[int, ...]: ...
 
 class _Stats(Protocol):
     """Per-row float64 vectors (ce_fast._types.Stats); None where not wanted."""
@@ -97,28 +102,47 @@ def plain_backward(
     """The plain cross-entropy's gradient from `plain_forward`'s lse into `out`: `go` for
     the batch (over the counted rows when `mean`) or the float64 per-row values `go_rows`."""
 
+class _KlStats(Protocol):
+    """ce_fast._types.KlStats: float64 vectors, one value per row."""
+
+    ms: np.ndarray
+    ls: np.ndarray
+    mt: np.ndarray
+    lt: np.ndarray
+    cross: np.ndarray
+
 def kl_run(
-    x: Desc,
-    teacher: Desc,
+    x: _ArrayDesc,
+    teacher: _ArrayDesc,
     inv_temp: float,
     reverse: bool,
-    stats: tuple[int, int, int, int, int],
-    grad: tuple[int, Desc] | None = None,
+    stats: _KlStats,
+    *,
+    g: np.ndarray | None = None,
+    out: _ArrayDesc | None = None,
     given: bool = False,
     threads: int = 0,
 ) -> None:
-    """Distillation KL of student `x` against `teacher` over T = 1/inv_temp: per-row f64
-    statistics (ms, ls, mt, lt, cross) written at `stats` (read when `given`), and with
-    `grad` = (per-row factor pointer, out Desc) the student's gradient."""
+    """Distillation KL of student `x` against `teacher` over T = 1/inv_temp: the per-row
+    float64 statistics (ms, ls, mt, lt, cross) written into `stats` (read when `given`),
+    and with `g` (float64 per-row factors) and `out` the student's gradient. Vectors of
+    the wrong dtype, length or layout raise ValueError (or TypeError)."""
 
 def read_pass(ptr: int, nbytes: int, threads: int = 0) -> int:
     """Reads `nbytes` at `ptr` once on the engine's threads; an xor checksum."""
 
 def set_simd(name: str) -> None:
-    """Forces the kernel set: "scalar", "auto" or "avx2" (any case)."""
+    """Forces the kernel set: "scalar", "auto", "avx2" or "avx512" (any case); a set the
+    CPU lacks raises ValueError."""
 
 def simd_level() -> str:
-    """The kernel set float32-lane calls use now: "avx2" or "scalar"."""
+    """The kernel set float32-lane calls use now: "avx512", "avx2" or "scalar"."""
+
+def simd_available() -> list[str]:
+    """The kernel sets this CPU runs, "scalar" first and the best last."""
+
+def cpu_features() -> list[str]:
+    """The CPU features the kernel sets look for that this CPU has (e.g. "avx2", "avx512bf16")."""
 
 def default_threads() -> int:
     """The engine's default thread count (RAYON_NUM_THREADS, else the CPUs available)."""

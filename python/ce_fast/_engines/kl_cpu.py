@@ -1,4 +1,4 @@
-"""The distillation KL pass on the CPU: a thin adapter to ``_core.kl_run`` (rust/kl.rs)."""
+"""The distillation KL pass on the CPU: a thin adapter to ``_core.kl_run`` (rust/engine/kl.rs)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,6 @@ from .._arrays import Operand
 from .._core import kl_run
 from .._types import KlStats
 from . import cpu
-
-
-def _ptr(a: np.ndarray) -> int:
-    return a.__array_interface__["data"][0]
 
 
 def kl_pass(
@@ -36,16 +32,16 @@ def kl_pass(
         s = KlStats(*(np.empty(rows) for _ in range(5)))
     if rows == 0:
         return s
-    gk = None if g is None else np.ascontiguousarray(g, dtype=np.float64)
-    grad = None if gk is None or out is None else (_ptr(gk), out.desc())
+    gk = None if g is None or out is None else np.ascontiguousarray(g, dtype=np.float64)
     kl_run(
-        x.desc(),
-        teacher.desc(),
+        x,
+        teacher,
         float(inv_temp),
         bool(reverse),
-        (_ptr(s.ms), _ptr(s.ls), _ptr(s.mt), _ptr(s.lt), _ptr(s.cross)),
-        grad,
-        given is not None,
-        cpu._threads,
+        s,
+        g=gk,
+        out=None if gk is None else out,
+        given=given is not None,
+        threads=cpu._threads,
     )
     return s

@@ -1,6 +1,6 @@
 //! Portable reference kernels, generic over f32 / f64, using the platform's libm.
 
-use super::{GradParams, Kernels, Level};
+use crate::arch::{GradParams, Kernels, Level};
 use crate::float::Float;
 
 #[derive(Clone, Copy)]

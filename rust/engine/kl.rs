@@ -10,66 +10,15 @@
 //! `q (log q - log p - KL) / T` (reverse), written chunk by chunk, so `out` may be the
 //! student logits themselves.
 
-use crate::elem::{Compute, Matrix};
-use crate::float::Float;
-use crate::rows::CHUNK;
-use crate::simd::scalar::Scalar;
-use crate::simd::{GradParams, Kernels};
+use crate::arch::{scalar::Scalar, GradParams, Kernels};
+use crate::elem::{Compute, DType, Matrix};
+use crate::engine::rows::CHUNK;
 use rayon::prelude::*;
 
 /// A fused chunk's terms reach exp(this) at most: far inside f32's range.
 const FUSED_MAX_JUMP: f64 = 64.0;
 /// Rows handed to a worker at a time hold at least this many elements (of both rows).
 const TASK_ELEMS: usize = 1 << 16;
-
-/// One chunk's sums against given maxima: sums of exp(r - mr), exp(o - mo), the cross
-/// term sum exp(r - mr) (r - o) (terms with exp(r - mr) = 0 count as 0), the chunk's
-/// own maxima (NaN skipped) and whether a NaN was seen.
-pub struct Fused<F> {
-    pub sr: f64,
-    pub so: f64,
-    pub x: f64,
-    pub maxr: F,
-    pub maxo: F,
-    pub nan: bool,
-}
-
-/// Per-chunk kernel of the pass over the values `s * r` and `s * o` (s = 1/T > 0, applied
-/// in registers); the terms are only meaningful where the chunk's maxima stay below the
-/// given ones plus 88 (callers check the returned maxima).
-pub trait KlKernels<F: Float>: Kernels<F> {
-    fn kl_chunk(self, r: &[F], o: &[F], s: F, mr: F, mo: F) -> Fused<F> {
-        let (mut sr, mut so, mut x) = ([0.0f64; 2], [0.0f64; 2], [0.0f64; 2]);
-        let (mut maxr, mut maxo, mut nan) = (F::NEG_INF, F::NEG_INF, false);
-        for (i, (&ri, &oi)) in r.iter().zip(o).enumerate() {
-            let k = i & 1;
-            let (ri, oi) = (s * ri, s * oi);
-            if ri > maxr {
-                maxr = ri;
-            }
-            if oi > maxo {
-                maxo = oi;
-            }
-            nan |= ri.is_nan() || oi.is_nan();
-            let e = (ri - mr).exp();
-            sr[k] += e.to_f64();
-            so[k] += (oi - mo).exp().to_f64();
-            if e.to_f64() != 0.0 {
-                x[k] += (e * (ri - oi)).to_f64();
-            }
-        }
-        Fused {
-            sr: sr[0] + sr[1],
-            so: so[0] + so[1],
-            x: x[0] + x[1],
-            maxr,
-            maxo,
-            nan,
-        }
-    }
-}
-
-impl<F: Float> KlKernels<F> for Scalar {}
 
 /// The problem of one call: student and teacher rows of the same shape.
 pub struct KlProblem<'a> {
@@ -168,7 +117,7 @@ impl<'a, K> Ctx<'a, K> {
 
     fn row<F: Compute>(&self, bufs: &mut Bufs<F>, r: usize)
     where
-        K: KlKernels<F>,
+        K: Kernels<F>,
     {
         let p = self.p;
         let so_ = p.student.row_offset(r);
@@ -187,7 +136,7 @@ impl<'a, K> Ctx<'a, K> {
 
     fn stats_row<F: Compute>(&self, bufs: &mut Bufs<F>, so_: isize, to_: isize) -> [f64; 5]
     where
-        K: KlKernels<F>,
+        K: Kernels<F>,
     {
         let p = self.p;
         let cols = p.student.cols;
@@ -284,7 +233,7 @@ impl<'a, K> Ctx<'a, K> {
         to_: isize,
         st: [f64; 5],
     ) where
-        K: KlKernels<F>,
+        K: Kernels<F>,
     {
         let p = self.p;
         let cols = p.student.cols;
@@ -349,7 +298,7 @@ impl<'a, K> Ctx<'a, K> {
     }
 }
 
-pub fn run<F: Compute, K: KlKernels<F>>(
+pub fn run<F: Compute, K: Kernels<F>>(
     k: K,
     p: &KlProblem,
     stats: KlStats,
@@ -365,7 +314,7 @@ pub fn run<F: Compute, K: KlKernels<F>>(
         q: vec![F::ZERO; CHUNK],
     };
     let parallel = rows > 1
-        && rows.saturating_mul(cols) >= crate::rows::PAR_MIN_ELEMS
+        && rows.saturating_mul(cols) >= crate::engine::rows::PAR_MIN_ELEMS
         && pool.current_num_threads() > 1;
     if !parallel {
         let mut bufs = new();
@@ -383,157 +332,28 @@ pub fn run<F: Compute, K: KlKernels<F>>(
     });
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{Fused, KlKernels};
-    use crate::simd::avx2::Avx2;
-    use std::arch::x86_64::*;
-
-    /// (exp(x), x >= -87.3) for x <= 92: 2^n * p(f), the degree-5 minimax polynomial of the
-    /// engine's AVX2 kernels (their helpers are private). Below -87.3 (-inf included) the
-    /// value is ~1e-38, which no sum holding its own max (exp(0) = 1) can notice; the mask
-    /// says where it is a true exponential.
-    // The coefficients are the fitted minimax values, written as fitted.
-    #[allow(clippy::approx_constant, clippy::excessive_precision)]
-    #[inline(always)]
-    unsafe fn exp_ps(x: __m256) -> (__m256, __m256) {
-        let t = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E));
-        let lo = _mm256_set1_ps(-126.0);
-        let keep = _mm256_cmp_ps(t, lo, _CMP_NLT_UQ);
-        let t = _mm256_max_ps(lo, t);
-        let magic = _mm256_set1_ps(12_582_912.0);
-        let nf = _mm256_add_ps(t, magic);
-        let f = _mm256_sub_ps(t, _mm256_sub_ps(nf, magic));
-        let mut p = _mm256_set1_ps(1.326_472_4e-3);
-        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.671_513e-3));
-        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550_733_6e-2));
-        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402_224_2e-1));
-        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931_470e-1));
-        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0));
-        let e = _mm256_slli_epi32(_mm256_castps_si256(nf), 23);
-        let v = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-        (v, keep)
+/// `run` with the kernels chosen once for the call: the scalar f64 kernels when either
+/// operand is float64, else the f32 kernel set chosen now.
+pub fn run_auto(p: &KlProblem, stats: KlStats, grad: Option<&KlGrad>, pool: &rayon::ThreadPool) {
+    if p.student.dtype == DType::F64 || p.teacher.dtype == DType::F64 {
+        return run::<f64, _>(Scalar, p, stats, grad, pool);
     }
-
-    #[inline(always)]
-    unsafe fn hsum_f64(v: __m256) -> f64 {
-        let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
-        let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-        let s = _mm256_add_pd(lo, hi);
-        let s2 = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-        _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)))
+    struct Pass<'a> {
+        p: &'a KlProblem<'a>,
+        stats: KlStats,
+        grad: Option<&'a KlGrad<'a>>,
+        pool: &'a rayon::ThreadPool,
     }
-
-    #[inline(always)]
-    unsafe fn hmax(v: __m256) -> f32 {
-        let mut m = [0.0f32; 8];
-        _mm256_storeu_ps(m.as_mut_ptr(), v);
-        m.iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
-    }
-
-    /// Accumulators of one lane group: the two sums, the cross term, the maxima, the NaN mask.
-    struct Acc {
-        sr: __m256,
-        so: __m256,
-        x: __m256,
-        mr: __m256,
-        mo: __m256,
-        nan: __m256,
-    }
-
-    /// One vector of raw values r, o: maxima and the cross term unscaled (the caller
-    /// scales them by s once), the exponentials of s * x - m.
-    #[inline(always)]
-    unsafe fn step(acc: &mut Acc, r: __m256, o: __m256, vs: __m256, vmr: __m256, vmo: __m256) {
-        // max(x, acc) returns acc when x is NaN: NaN is skipped here, flagged below.
-        acc.mr = _mm256_max_ps(r, acc.mr);
-        acc.mo = _mm256_max_ps(o, acc.mo);
-        acc.nan = _mm256_or_ps(acc.nan, _mm256_cmp_ps(r, o, _CMP_UNORD_Q));
-        let (er, live) = exp_ps(_mm256_fmsub_ps(r, vs, vmr));
-        let (eo, _) = exp_ps(_mm256_fmsub_ps(o, vs, vmo));
-        acc.sr = _mm256_add_ps(acc.sr, er);
-        acc.so = _mm256_add_ps(acc.so, eo);
-        // Only true exponentials weigh r - o: a -inf logit (r - o inf or NaN) contributes 0.
-        let term = _mm256_mul_ps(er, _mm256_sub_ps(r, o));
-        acc.x = _mm256_add_ps(acc.x, _mm256_and_ps(term, live));
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `o` is at least as long as `r`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kl_chunk(r: &[f32], o: &[f32], s: f32, mr: f32, mo: f32) -> Fused<f32> {
-        let n = r.len();
-        let vs = _mm256_set1_ps(s);
-        let (pr, po) = (r.as_ptr(), o.as_ptr());
-        let (vmr, vmo) = (_mm256_set1_ps(mr), _mm256_set1_ps(mo));
-        let zero = _mm256_setzero_ps();
-        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
-        let new = || Acc {
-            sr: zero,
-            so: zero,
-            x: zero,
-            mr: ninf,
-            mo: ninf,
-            nan: zero,
-        };
-        // Two independent groups keep the adds free of one serial dependency.
-        let (mut a0, mut a1) = (new(), new());
-        let mut i = 0;
-        while i + 16 <= n {
-            step(
-                &mut a0,
-                _mm256_loadu_ps(pr.add(i)),
-                _mm256_loadu_ps(po.add(i)),
-                vs,
-                vmr,
-                vmo,
-            );
-            step(
-                &mut a1,
-                _mm256_loadu_ps(pr.add(i + 8)),
-                _mm256_loadu_ps(po.add(i + 8)),
-                vs,
-                vmr,
-                vmo,
-            );
-            i += 16;
-        }
-        while i < n {
-            // The tail padded with -inf: zero terms, no max, no NaN.
-            let (mut tr, mut to) = ([f32::NEG_INFINITY; 8], [f32::NEG_INFINITY; 8]);
-            let len = (n - i).min(8);
-            tr[..len].copy_from_slice(&r[i..i + len]);
-            to[..len].copy_from_slice(&o[i..i + len]);
-            step(
-                &mut a0,
-                _mm256_loadu_ps(tr.as_ptr()),
-                _mm256_loadu_ps(to.as_ptr()),
-                vs,
-                vmr,
-                vmo,
-            );
-            i += len;
-        }
-        // Scaling by s > 0 is monotonic, also after rounding: the max of the scaled values.
-        Fused {
-            sr: hsum_f64(_mm256_add_ps(a0.sr, a1.sr)),
-            so: hsum_f64(_mm256_add_ps(a0.so, a1.so)),
-            x: s as f64 * hsum_f64(_mm256_add_ps(a0.x, a1.x)),
-            maxr: s * hmax(_mm256_max_ps(a0.mr, a1.mr)),
-            maxo: s * hmax(_mm256_max_ps(a0.mo, a1.mo)),
-            nan: _mm256_movemask_ps(_mm256_or_ps(a0.nan, a1.nan)) != 0,
+    impl super::F32Pass for Pass<'_> {
+        type Out = ();
+        fn run<K: Kernels<f32>>(self, k: K) {
+            run::<f32, _>(k, self.p, self.stats, self.grad, self.pool)
         }
     }
-
-    impl KlKernels<f32> for Avx2 {
-        fn kl_chunk(self, r: &[f32], o: &[f32], s: f32, mr: f32, mo: f32) -> Fused<f32> {
-            // A short `o` panics here instead of being read past its end.
-            let o = &o[..r.len()];
-            // SAFETY: an Avx2 value exists only where detection found AVX2, FMA and F16C,
-            // and `o` now has exactly r.len() elements.
-            unsafe { kl_chunk(r, o, s, mr, mo) }
-        }
-    }
+    super::with_f32_kernels(Pass {
+        p,
+        stats,
+        grad,
+        pool,
+    })
 }

@@ -4,10 +4,10 @@
 //! (still in L2) and writes the gradient chunk by chunk, so `out` may alias the
 //! logits. The loss rules themselves live in Python (`ce_fast._rules`).
 
+use crate::arch::{scalar::Scalar, GradParams, Kernels};
 use crate::elem::DType;
 use crate::elem::{Compute, Matrix};
 use crate::float::Float;
-use crate::simd::{self, scalar::Scalar, GradParams, Kernels};
 use rayon::prelude::*;
 
 /// Elements per chunk: 8 KiB of f32, so a chunk and its weights stay in L1.
@@ -444,14 +444,22 @@ pub fn run<F: Compute, K: Kernels<F>>(
 }
 
 /// `run` with the kernels chosen once for the call: float64 logits on the scalar f64
-/// kernels, every other dtype on the best f32 kernel set allowed now.
+/// kernels, every other dtype on the f32 kernel set chosen now.
 pub fn run_auto(p: &Problem, grad: Option<&GradSpec>, out: StatsOut, pool: &rayon::ThreadPool) {
     if p.x.dtype == DType::F64 {
         return run::<f64, _>(Scalar, p, grad, out, pool);
     }
-    #[cfg(target_arch = "x86_64")]
-    if let (simd::Level::Avx2, Some(k)) = (simd::current(), simd::avx2::Avx2::new()) {
-        return run::<f32, _>(k, p, grad, out, pool);
+    struct Pass<'a> {
+        p: &'a Problem<'a>,
+        grad: Option<&'a GradSpec<'a>>,
+        out: StatsOut,
+        pool: &'a rayon::ThreadPool,
     }
-    run::<f32, _>(Scalar, p, grad, out, pool);
+    impl super::F32Pass for Pass<'_> {
+        type Out = ();
+        fn run<K: Kernels<f32>>(self, k: K) {
+            run::<f32, _>(k, self.p, self.grad, self.out, self.pool)
+        }
+    }
+    super::with_f32_kernels(Pass { p, grad, out, pool })
 }

@@ -5,7 +5,7 @@
 //! The numbers are those of the general rules (`ce_fast._rules`) with every weight 1.
 
 use crate::elem::Matrix;
-use crate::rows::{self, GradSpec, Problem, StatsOut};
+use crate::engine::rows::{self, GradSpec, Problem, StatsOut};
 
 /// Class indices with -1 for ignored rows and the number of counted rows, or `Err(r)`
 /// for the first row `r` whose target is neither in `[0, cols)` nor `ignore_index`.

@@ -16,8 +16,8 @@
 //! ((1 - t) x - lw min(x, 0)) + lw sp, which keeps tiny losses that the other order
 //! cancels to 0.
 
+use crate::arch::Kernels;
 use crate::elem::{bf16_to_f32, f32_to_bf16, DType, Matrix};
-use crate::simd::Level;
 
 /// Elements per chunk: the buffers of one chunk stay in L1.
 pub const CHUNK: usize = 1024;
@@ -297,7 +297,7 @@ pub fn scalar_chunk<F: Real>(kind: Kind, c: &Chunk<F>, loss: &mut [F], grad: Opt
 /// (m^gamma, gamma * m^(gamma - 1)) for m >= 0; the derivative is 0 for gamma == 0
 /// and at m == 0 (its limit times the vanishing sigmoid slope there).
 #[inline(always)]
-fn focal_pow<F: Real>(m: F, fg: F, gamma: f64) -> (F, F) {
+pub fn focal_pow<F: Real>(m: F, fg: F, gamma: f64) -> (F, F) {
     let one = F::ONE;
     if gamma == 0.0 {
         (one, F::ZERO)
@@ -379,14 +379,12 @@ impl Engine<f32> for ScalarF32 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+/// The f32 chunks of a SIMD kernel set (its `binary_chunk`), the scalar chunk where the
+/// set offers none.
 #[derive(Clone, Copy)]
-struct Avx2F32 {
-    _detected: (),
-}
+struct Simd<K>(K);
 
-#[cfg(target_arch = "x86_64")]
-impl Engine<f32> for Avx2F32 {
+impl<K: Kernels<f32>> Engine<f32> for Simd<K> {
     fn load(self, m: &Matrix, row_off: isize, start: usize, dst: &mut [f32]) {
         load_f32(m, row_off, start, dst)
     }
@@ -394,8 +392,20 @@ impl Engine<f32> for Avx2F32 {
         store_f32(m, row_off, start, src)
     }
     fn chunk(self, kind: Kind, c: &Chunk<f32>, loss: &mut [f32], grad: Option<&mut [f32]>) -> f64 {
-        // SAFETY: an Avx2F32 exists only after detection found AVX2 and FMA (see `run`).
-        unsafe { avx2::chunk(kind, c, loss, grad) }
+        match grad {
+            None => match self.0.binary_chunk(kind, c, loss, None) {
+                Some(s) => s,
+                None => ScalarF32.chunk(kind, c, loss, None),
+            },
+            Some(g) => {
+                // Offered or not is the set's property, the same for every chunk: ask
+                // with the gradient buffer lent, and fall back when declined.
+                match self.0.binary_chunk(kind, c, loss, Some(&mut *g)) {
+                    Some(s) => s,
+                    None => ScalarF32.chunk(kind, c, loss, Some(g)),
+                }
+            }
+        }
     }
 }
 
@@ -492,244 +502,21 @@ fn operand<'a, F: Real, E: Engine<F>>(
     buf
 }
 
-/// Runs the job on the kernels `level` allows; returns the sum of the losses (f64).
-pub fn run(job: &Job, level: Level, pool: &rayon::ThreadPool) -> f64 {
+/// Runs the job on the f32 kernel set chosen for the call (float64 on the scalar f64
+/// chunk); returns the sum of the losses (f64).
+pub fn run(job: &Job, pool: &rayon::ThreadPool) -> f64 {
     if job.x.dtype == DType::F64 {
         return run_with(ScalarF64, job, pool);
     }
-    #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        return run_with(Avx2F32 { _detected: () }, job, pool);
+    struct Pass<'a> {
+        job: &'a Job<'a>,
+        pool: &'a rayon::ThreadPool,
     }
-    let _ = level;
-    run_with(ScalarF32, job, pool)
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    //! 8 f32 lanes: exp by a Cephes-style polynomial with the exponent added into the
-    //! bits, log1p(e) as log(1 + e) plus the rounding error of 1 + e divided by 1 + e.
-
-    use super::{focal_pow, Chunk, Kind};
-    use std::arch::x86_64::*;
-
-    /// exp(a) for a <= 0: 0 below -87.3 (so -inf gives 0); NaN lanes give garbage that
-    /// the callers replace.
-    #[allow(clippy::excessive_precision)]
-    #[inline(always)]
-    unsafe fn exp_le0(a: __m256) -> __m256 {
-        let lo = _mm256_set1_ps(-87.3);
-        let keep = _mm256_cmp_ps(a, lo, _CMP_GE_OQ);
-        let x = _mm256_max_ps(a, lo);
-        let fx = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        // x - n ln 2 in two parts, exact for |n| <= 126.
-        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_199_9e-3));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.666_666_5e-1));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.000_000_1e-1));
-        y = _mm256_fmadd_ps(
-            y,
-            _mm256_mul_ps(r, r),
-            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-        );
-        let n = _mm256_slli_epi32(_mm256_cvtps_epi32(fx), 23);
-        let v = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), n));
-        _mm256_and_ps(v, keep)
-    }
-
-    /// ln(u) for 1 <= u <= 2 (Cephes logf's reduction and polynomial).
-    #[allow(clippy::excessive_precision)]
-    #[inline(always)]
-    unsafe fn ln_1_2(u: __m256) -> __m256 {
-        let big = _mm256_cmp_ps(u, _mm256_set1_ps(std::f32::consts::SQRT_2), _CMP_GT_OQ);
-        let k = _mm256_and_ps(big, _mm256_set1_ps(1.0));
-        let m = _mm256_blendv_ps(u, _mm256_mul_ps(u, _mm256_set1_ps(0.5)), big);
-        let f = _mm256_sub_ps(m, _mm256_set1_ps(1.0));
-        let z = _mm256_mul_ps(f, f);
-        let mut y = _mm256_set1_ps(7.037_683_6e-2);
-        for c in [
-            -1.151_461_0e-1,
-            1.167_699_9e-1,
-            -1.242_014_1e-1,
-            1.424_932_3e-1,
-            -1.666_805_8e-1,
-            2.000_071_5e-1,
-            -2.499_999_4e-1,
-            3.333_333_1e-1,
-        ] {
-            y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(c));
+    impl super::F32Pass for Pass<'_> {
+        type Out = f64;
+        fn run<K: Kernels<f32>>(self, k: K) -> f64 {
+            run_with(Simd(k), self.job, self.pool)
         }
-        y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
-        y = _mm256_fmadd_ps(k, _mm256_set1_ps(-2.121_944_4e-4), y);
-        y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5), y);
-        let r = _mm256_add_ps(f, y);
-        _mm256_fmadd_ps(k, _mm256_set1_ps(0.693_359_4), r)
     }
-
-    /// m^gamma and gamma m^(gamma-1) lane by lane, as the scalar kernels compute them.
-    #[inline(always)]
-    unsafe fn pow_lanes(m: __m256, gamma: f64) -> (__m256, __m256) {
-        let mut a = [0f32; 8];
-        _mm256_storeu_ps(a.as_mut_ptr(), m);
-        let (mut p, mut d) = ([0f32; 8], [0f32; 8]);
-        for i in 0..8 {
-            (p[i], d[i]) = focal_pow(a[i], gamma as f32, gamma);
-        }
-        (_mm256_loadu_ps(p.as_ptr()), _mm256_loadu_ps(d.as_ptr()))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn ld(s: &[f32], i: usize) -> __m256 {
-        let a = &s[i..i + 8];
-        // SAFETY: `a` holds 8 f32 (the slice above is bounds-checked).
-        unsafe { _mm256_loadu_ps(a.as_ptr()) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn st(s: &mut [f32], i: usize, v: __m256) {
-        let a = &mut s[i..i + 8];
-        // SAFETY: `a` holds 8 f32 (bounds-checked as in `ld`).
-        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) }
-    }
-
-    /// As `super::scalar_chunk`, and the sum of the losses in f64.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn chunk(
-        kind: Kind,
-        c: &Chunk<f32>,
-        loss: &mut [f32],
-        grad: Option<&mut [f32]>,
-    ) -> f64 {
-        let n = c.x.len();
-        let body = n - n % 8;
-        let one = _mm256_set1_ps(1.0);
-        let zero = _mm256_setzero_ps();
-        let sign = _mm256_set1_ps(-0.0);
-        let (alpha, gamma) = match kind {
-            Kind::Bce => (-1.0, 0.0),
-            Kind::Focal { alpha, gamma } => (alpha, gamma),
-        };
-        let fa = _mm256_set1_ps(alpha as f32);
-        let fg = _mm256_set1_ps(gamma as f32);
-        let gs = _mm256_set1_ps(c.gscale);
-        let mut grad = grad;
-        let (mut acc0, mut acc1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let mut i = 0;
-        while i < body {
-            let x = ld(c.x, i);
-            let t = ld(c.t, i);
-            let ax = _mm256_andnot_ps(sign, x);
-            let e = exp_le0(_mm256_xor_ps(ax, sign));
-            let u = _mm256_add_ps(one, e);
-            let r = _mm256_div_ps(one, u);
-            // log1p(e) = ln(u) + (e - (u - 1)) / u: the rounding of 1 + e put back.
-            let sp = _mm256_fmadd_ps(_mm256_sub_ps(e, _mm256_sub_ps(u, one)), r, ln_1_2(u));
-            let pos = _mm256_cmp_ps(x, zero, _CMP_GE_OQ);
-            let er = _mm256_mul_ps(e, r);
-            let p = _mm256_blendv_ps(er, r, pos);
-            let q = _mm256_blendv_ps(r, er, pos);
-            let min0 = _mm256_min_ps(x, zero);
-            let omt = _mm256_sub_ps(one, t);
-            // (1 - t) x - lw min(x, 0) first: it cancels exactly where the loss is only sp.
-            let (l, d) = match kind {
-                Kind::Bce => {
-                    let (mut l, mut d) = match c.pw {
-                        None => (
-                            _mm256_add_ps(_mm256_fmsub_ps(omt, x, min0), sp),
-                            _mm256_sub_ps(p, t),
-                        ),
-                        Some(pw) => {
-                            let pw = ld(pw, i);
-                            let lw = _mm256_fmadd_ps(_mm256_sub_ps(pw, one), t, one);
-                            let a = _mm256_fnmadd_ps(lw, min0, _mm256_mul_ps(omt, x));
-                            (
-                                _mm256_fmadd_ps(lw, sp, a),
-                                _mm256_fmsub_ps(lw, p, _mm256_mul_ps(pw, t)),
-                            )
-                        }
-                    };
-                    if let Some(w) = c.w {
-                        let w = ld(w, i);
-                        l = _mm256_mul_ps(l, w);
-                        d = _mm256_mul_ps(d, w);
-                    }
-                    (l, d)
-                }
-                Kind::Focal { .. } => {
-                    let ce = _mm256_add_ps(_mm256_fmsub_ps(omt, x, min0), sp);
-                    let m = _mm256_fmadd_ps(t, q, _mm256_mul_ps(omt, p));
-                    let (mg, dmg) = if gamma == 2.0 {
-                        (_mm256_mul_ps(m, m), _mm256_mul_ps(fg, m))
-                    } else if gamma == 1.0 {
-                        (m, one)
-                    } else if gamma == 0.0 {
-                        (one, zero)
-                    } else {
-                        pow_lanes(m, gamma)
-                    };
-                    let at = if alpha >= 0.0 {
-                        _mm256_fmadd_ps(fa, t, _mm256_mul_ps(_mm256_sub_ps(one, fa), omt))
-                    } else {
-                        one
-                    };
-                    let dm = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(omt, t), p), q);
-                    let l = _mm256_mul_ps(at, _mm256_mul_ps(ce, mg));
-                    let d = _mm256_fmadd_ps(
-                        _mm256_sub_ps(p, t),
-                        mg,
-                        _mm256_mul_ps(ce, _mm256_mul_ps(dmg, dm)),
-                    );
-                    (l, _mm256_mul_ps(at, d))
-                }
-            };
-            st(loss, i, l);
-            acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(l)));
-            acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(l, 1)));
-            if let Some(g) = grad.as_deref_mut() {
-                let s = match c.gout {
-                    None => gs,
-                    Some(go) => _mm256_mul_ps(ld(go, i), gs),
-                };
-                let v = _mm256_mul_ps(d, s);
-                // NaN logits give a NaN gradient, as autograd in float64 does.
-                let v = _mm256_blendv_ps(v, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-                st(g, i, v);
-            }
-            i += 8;
-        }
-        let s = _mm256_add_pd(acc0, acc1);
-        let mut h = [0f64; 4];
-        // SAFETY: h holds 4 f64.
-        unsafe { _mm256_storeu_pd(h.as_mut_ptr(), s) };
-        let mut sum = (h[0] + h[1]) + (h[2] + h[3]);
-        if body < n {
-            fn part(s: &[f32], a: usize, b: usize) -> &[f32] {
-                &s[a..b]
-            }
-            let tail = |s| part(s, body, n);
-            let ct = Chunk {
-                x: tail(c.x),
-                t: tail(c.t),
-                w: c.w.map(tail),
-                pw: c.pw.map(tail),
-                gout: c.gout.map(tail),
-                gscale: c.gscale,
-            };
-            super::scalar_chunk(kind, &ct, &mut loss[body..n], grad.map(|g| &mut g[body..n]));
-            sum += loss[body..n].iter().map(|&v| v as f64).sum::<f64>();
-        }
-        sum
-    }
+    super::with_f32_kernels(Pass { job, pool })
 }
