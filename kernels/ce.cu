@@ -427,7 +427,24 @@ struct Red {
     float av;
     i64 ai;
     int zw, zt;
+    double mx, ls, els;  // the row's end (ce_row_end): lse = mx + ls, els = exp(-ls)
 };
+
+// The f64 end of a row, done by the one thread that ends its reduction (all lanes of a
+// warp when G <= 32: one issue either way). lse = mx + ls with the float64 conventions:
+// NaN anywhere -> NaN; a +inf -> +inf; all -inf -> -inf (ls = 0 when the max is not
+// finite). `bad`: a target outside [0, C) left unchecked (CUDA-graph capture): a NaN row.
+// `fused`: also exp(-ls), the factor of p = exp(z - mx) * exp(-ls) the gradient needs.
+__device__ __forceinline__ void ce_row_end(Red& a, bool bad, bool fused) {
+    a.ls = 0.0;
+    if (a.nan || bad) {
+        a.mx = CE_NAN_D;
+    } else {
+        a.mx = (double)a.m;
+        if (ce_finite(a.m)) a.ls = log(a.s);
+    }
+    a.els = fused ? exp(-a.ls) : 1.0;
+}
 
 __device__ __forceinline__ void ce_combine(Red& a, const Red& b, bool wz, bool soft, bool am) {
     const float M = fmaxf(a.m, b.m);
@@ -482,9 +499,13 @@ __device__ __forceinline__ void ce_warp_reduce(Red& a, int width, bool wz, bool 
 // Combines the G threads of a row group; every thread of the group gets the result.
 // G <= 32: shuffles inside the (sub-)warp. G == blockDim.x > 32: shuffles, then one
 // round through shared memory (two barriers, so the slots can be reused next row).
-__device__ __forceinline__ Red ce_group_reduce(Red a, int G, bool wz, bool soft, bool am) {
+// With `end`, the row's f64 end (ce_row_end) is done once, by the thread that writes
+// the block's result (G > 32), not by every warp of the block.
+__device__ __forceinline__ Red ce_group_reduce(Red a, int G, bool wz, bool soft, bool am, bool end = false,
+                                               bool bad = false, bool fused = false) {
     __shared__ Red slot[33];
     ce_warp_reduce(a, G < 32 ? G : 32, wz, soft, am);
+    if (G <= 32 && end) ce_row_end(a, bad, fused);
     if (G > 32) {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         if (lane == 0) slot[warp] = a;
@@ -503,7 +524,10 @@ __device__ __forceinline__ Red ce_group_reduce(Red a, int G, bool wz, bool soft,
                 b.ai = -1;
             }
             ce_warp_reduce(b, 32, wz, soft, am);
-            if (lane == 0) slot[32] = b;
+            if (lane == 0) {
+                if (end) ce_row_end(b, bad, fused);
+                slot[32] = b;
+            }
         }
         __syncthreads();
         a = slot[32];
@@ -570,7 +594,7 @@ __device__ __forceinline__ void ce_body(
         const bool vec = ce_row_vec<TX, TS>(xr, x_cs, tr, t_cs, C, head, nv);
         const i64 tail0 = head + nv * V;
 
-        double mx = 0.0, ls = 0.0, swt_row = 0.0;
+        double mx = 0.0, ls = 0.0, swt_row = 0.0, els = 1.0;
         if (!given) {
             // ---------------------------------------------------------- pass 1
             Acc A;
@@ -655,16 +679,11 @@ __device__ __forceinline__ void ce_body(
             R.ai = A.ai;
             R.zw = A.zw;
             R.zt = A.zt;
-            R = ce_group_reduce(R, G, want_wz, SOFT, want_am);
-            // lse = mx + ls with the float64 conventions: NaN anywhere -> NaN; a +inf ->
-            // +inf; all -inf -> -inf (ls = 0 when the max is not finite).
             // y == -2: a target outside [0, C) left unchecked (CUDA-graph capture): NaN row.
-            if (R.nan || y < -1) {
-                mx = CE_NAN_D;
-            } else {
-                mx = (double)R.m;
-                if (ce_finite(R.m)) ls = log(R.s);
-            }
+            R = ce_group_reduce(R, G, want_wz, SOFT, want_am, true, y < -1, FUSED);
+            mx = R.mx;
+            ls = R.ls;
+            els = R.els;
             swt_row = R.swt;
             if (active && gl == 0) {
                 o_mx[r] = mx;
@@ -682,6 +701,7 @@ __device__ __forceinline__ void ce_body(
             mx = given_mx[r];
             ls = given_ls[r];
             swt_row = given_swt ? given_swt[r] : 0.0;
+            els = exp(-ls);
         }
         if (!FUSED || !active) continue;
 
@@ -712,7 +732,7 @@ __device__ __forceinline__ void ce_body(
         GradF P;
         P.scale = scale;
         P.cap = cap;
-        P.a = (float)(ad * exp(-ls));  // p = exp(z - mx) * exp(-ls): the factor joins a
+        P.a = (float)(ad * els);  // p = exp(z - mx) * exp(-ls): the factor joins a
         P.m = (float)mx;
         P.g = (float)g;
         P.d = (float)dco;
@@ -861,7 +881,7 @@ __device__ __forceinline__ u32 ce_smem_addr(const void* p) {
 // The reduction slots of the CL blocks of a cluster, combined in rank order (every block
 // gets the same bits). sm_90 only; CL == 1 returns the block's own part.
 template <int CL>
-__device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz) {
+__device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz, bool bad) {
 #if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (CL > 1) {
         __shared__ Red part, all;
@@ -884,6 +904,7 @@ __device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz) {
                     ce_combine(acc, other, wz, false, false);
                 }
             }
+            ce_row_end(acc, bad, true);  // once per row, by the thread that ends it
             all = acc;
         }
         // No block leaves (its shared memory must stay readable) before all have read.
@@ -891,6 +912,11 @@ __device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz) {
         return all;
     }
 #endif
+    if (CL > 1) {  // no clusters here (the engine launches none): this block is the row
+        Red r = mine;
+        ce_row_end(r, bad, true);
+        return r;
+    }
     return mine;
 }
 
@@ -969,15 +995,11 @@ __device__ __forceinline__ void ce_fused1_body(
     R.ai = -1;
     R.zw = A.zw;
     R.zt = 0;
-    R = ce_group_reduce(R, G, want_wz, false, false);
-    R = ce_cluster_reduce<CL>(R, want_wz);
-    double mx = 0.0, ls = 0.0;
-    if (R.nan || y < -1) {  // y == -2: an unchecked out-of-range target (graph capture)
-        mx = CE_NAN_D;
-    } else {
-        mx = (double)R.m;
-        if (ce_finite(R.m)) ls = log(R.s);
-    }
+    // y == -2: an unchecked out-of-range target (graph capture). One block: the row ends
+    // in the group reduction; a cluster: in the cluster's combine.
+    R = ce_group_reduce(R, G, want_wz, false, false, CL == 1, y < -1, true);
+    R = ce_cluster_reduce<CL>(R, want_wz, y < -1);
+    const double mx = R.mx, ls = R.ls;
     if (q == 0) {
         o_mx[r] = mx;
         o_ls[r] = ls;
@@ -1003,7 +1025,7 @@ __device__ __forceinline__ void ce_fused1_body(
     GradF P;
     P.scale = scale;
     P.cap = cap;
-    P.a = (float)(ad * exp(-ls));
+    P.a = (float)(ad * R.els);
     P.m = (float)mx;
     P.g = (float)g;
     P.d = (float)dco;
