@@ -24,9 +24,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_kernels_compile import compile_all, compile_module
 
 from ce_fast._engines import cuda as _cuda
+
+from test_kernels_compile import compile_all, compile_module
 
 ARCHS = ["sm_80", "sm_90"]
 
