@@ -172,13 +172,10 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any) -> Batch:
         if len(w.shape) != 1 or w.shape[0] != C:
             raise ValueError(f"weight must have shape ({C},) (one per class), got {w.shape}")
         wa = engine.to_float64(w)
-        if not bool(xp.all(xp.isfinite(wa))):
-            raise ValueError("weight must be finite")
-        if bool(xp.any(wa < 0)):
-            bad = int(xp.argmax(wa < 0))
-            raise ValueError(f"weight must be non-negative; weight[{bad}] = {float(wa[bad])}")
+        _check_weight(xp, wa)
         b.weight = wa
-        b.weight_total = float(wa.sum())
+        # On a device the total stays there (a 0-d array the rules use as is): no sync.
+        b.weight_total = float(wa.sum()) if xp is np else wa.sum()
     else:
         b.weight_total = float(C)
 
@@ -212,6 +209,18 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any) -> Batch:
     else:
         b.wy = b.valid.astype(xp.float64)
     return b
+
+
+def _check_weight(xp: Any, wa: Any) -> None:
+    """ValueError for a non-finite or negative class weight. Both checks are folded into
+    one small array read back once (on a device: the one sync of the weight checks)."""
+    neg = wa < 0  # False for NaN: a non-finite weight is reported as such first
+    first_neg = xp.where(neg.any(), xp.argmax(neg), -1)
+    nonfinite, bad = (int(v) for v in xp.stack([(~xp.isfinite(wa)).any().astype(xp.int64), first_neg]).tolist())
+    if nonfinite:
+        raise ValueError("weight must be finite")
+    if bad >= 0:
+        raise ValueError(f"weight must be non-negative; weight[{bad}] = {float(wa[bad])}")
 
 
 # ---------------------------------------------------------------- destinations (`out=`)

@@ -122,7 +122,7 @@ class Batch:
     weight: Any = None  # float64 (C,) or None
     valid: Any = None  # bool (rows,): rows that count
     wy: Any = None  # float64 (rows,): weight of each row's target, 0 for ignored rows
-    weight_total: float = 0.0  # sum of class weights (C without weights)
+    weight_total: Any = 0.0  # sum of class weights (C without weights): a float, or 0-d on a device
     grad_output: Any = None  # float64: a 0-d host array, or an engine array of the batch shape
     out: Operand | None = None  # where the gradient (or logsumexp) is written
     result: Any = None  # what the caller gets back for `out`: their array, or a fresh one
