@@ -1139,3 +1139,17 @@ __global__ void ce_read_pass(const uint4* p, i64 n16, u32* out) {
     for (int off = 16; off > 0; off >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, off);
     if ((threadIdx.x & 31) == 0 && acc != 0u) atomicXor(out, acc);
 }
+
+// g *= s[0] in place: the in-place gradient times a 0-d incoming gradient, formed in f32
+// and rounded once into T (as torch's g.mul_(s) with s given dims). Every thread reads
+// s[0] first, so an incoming 1 (loss.backward()) returns at once: no pass over g, and no
+// host sync to find that out.
+template <typename T>
+__global__ void ce_scale(T* g, i64 n, const float* s) {
+    const float f = *s;
+    if (f == 1.0f) return;
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        E<T>::st_bits(g + i, E<T>::bits(E<T>::ld(g + i) * f));
+    }
+}

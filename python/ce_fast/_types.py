@@ -76,9 +76,10 @@ class Engine(Protocol):
     def to_float64(self, op: Operand) -> Any:
         """A contiguous float64 copy of `op` in the engine's array module."""
 
-    def index_targets(self, t: Operand, C: int, ignore_index: int) -> tuple[Any, Any]:
+    def index_targets(self, t: Operand, C: int, ignore_index: int, checked: bool = False) -> tuple[Any, Any]:
         """(int64 indices with -1 for ignored rows, bool mask of counted rows); IndexError
-        for a target outside [0, C) that is not ignore_index."""
+        for a target outside [0, C) that is not ignore_index. `checked`: an earlier call
+        checked these targets (an engine may skip what that costs, e.g. a host sync)."""
 
     def grad_output(self, value: Any, x: Operand) -> Any:
         """A validated real grad_output as a float64 0-d host array or an engine array."""
