@@ -427,7 +427,11 @@ struct Red {
     float av;
     i64 ai;
     int zw, zt;
-    double mx, ls, els;  // the row's end (ce_row_end): lse = mx + ls, els = exp(-ls)
+};
+
+// The f64 end of a row: lse = mx + ls, and els = exp(-ls) for the gradient.
+struct RowEnd {
+    double mx, ls, els;
 };
 
 // The f64 end of a row, done by the one thread that ends its reduction (all lanes of a
@@ -435,15 +439,17 @@ struct Red {
 // NaN anywhere -> NaN; a +inf -> +inf; all -inf -> -inf (ls = 0 when the max is not
 // finite). `bad`: a target outside [0, C) left unchecked (CUDA-graph capture): a NaN row.
 // `fused`: also exp(-ls), the factor of p = exp(z - mx) * exp(-ls) the gradient needs.
-__device__ __forceinline__ void ce_row_end(Red& a, bool bad, bool fused) {
-    a.ls = 0.0;
+__device__ __forceinline__ RowEnd ce_row_end(const Red& a, bool bad, bool fused) {
+    RowEnd e;
+    e.ls = 0.0;
     if (a.nan || bad) {
-        a.mx = CE_NAN_D;
+        e.mx = CE_NAN_D;
     } else {
-        a.mx = (double)a.m;
-        if (ce_finite(a.m)) a.ls = log(a.s);
+        e.mx = (double)a.m;
+        if (ce_finite(a.m)) e.ls = log(a.s);
     }
-    a.els = fused ? exp(-a.ls) : 1.0;
+    e.els = fused ? exp(-e.ls) : 1.0;
+    return e;
 }
 
 __device__ __forceinline__ void ce_combine(Red& a, const Red& b, bool wz, bool soft, bool am) {
@@ -499,13 +505,14 @@ __device__ __forceinline__ void ce_warp_reduce(Red& a, int width, bool wz, bool 
 // Combines the G threads of a row group; every thread of the group gets the result.
 // G <= 32: shuffles inside the (sub-)warp. G == blockDim.x > 32: shuffles, then one
 // round through shared memory (two barriers, so the slots can be reused next row).
-// With `end`, the row's f64 end (ce_row_end) is done once, by the thread that writes
-// the block's result (G > 32), not by every warp of the block.
-__device__ __forceinline__ Red ce_group_reduce(Red a, int G, bool wz, bool soft, bool am, bool end = false,
+// With `end`, the row's f64 end (ce_row_end) goes there, done once by the thread that
+// writes the block's result (G > 32), not by every warp of the block.
+__device__ __forceinline__ Red ce_group_reduce(Red a, int G, bool wz, bool soft, bool am, RowEnd* end = nullptr,
                                                bool bad = false, bool fused = false) {
     __shared__ Red slot[33];
+    __shared__ RowEnd end_slot;
     ce_warp_reduce(a, G < 32 ? G : 32, wz, soft, am);
-    if (G <= 32 && end) ce_row_end(a, bad, fused);
+    if (G <= 32 && end) *end = ce_row_end(a, bad, fused);
     if (G > 32) {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         if (lane == 0) slot[warp] = a;
@@ -525,12 +532,13 @@ __device__ __forceinline__ Red ce_group_reduce(Red a, int G, bool wz, bool soft,
             }
             ce_warp_reduce(b, 32, wz, soft, am);
             if (lane == 0) {
-                if (end) ce_row_end(b, bad, fused);
+                if (end) end_slot = ce_row_end(b, bad, fused);
                 slot[32] = b;
             }
         }
         __syncthreads();
         a = slot[32];
+        if (end) *end = end_slot;
     }
     return a;
 }
@@ -680,10 +688,14 @@ __device__ __forceinline__ void ce_body(
             R.zw = A.zw;
             R.zt = A.zt;
             // y == -2: a target outside [0, C) left unchecked (CUDA-graph capture): NaN row.
-            R = ce_group_reduce(R, G, want_wz, SOFT, want_am, true, y < -1, FUSED);
-            mx = R.mx;
-            ls = R.ls;
-            els = R.els;
+            // Fused: the row ends in the reduction (every thread needs it). Statistics only:
+            // the one thread that writes them ends the row.
+            RowEnd e = {0.0, 0.0, 1.0};
+            R = ce_group_reduce(R, G, want_wz, SOFT, want_am, FUSED ? &e : nullptr, y < -1, FUSED);
+            if (!FUSED && gl == 0) e = ce_row_end(R, y < -1, false);
+            mx = e.mx;
+            ls = e.ls;
+            els = e.els;
             swt_row = R.swt;
             if (active && gl == 0) {
                 o_mx[r] = mx;
@@ -881,10 +893,11 @@ __device__ __forceinline__ u32 ce_smem_addr(const void* p) {
 // The reduction slots of the CL blocks of a cluster, combined in rank order (every block
 // gets the same bits). sm_90 only; CL == 1 returns the block's own part.
 template <int CL>
-__device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz, bool bad) {
+__device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz, bool bad, RowEnd& end) {
 #if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (CL > 1) {
         __shared__ Red part, all;
+        __shared__ RowEnd all_end;
         if (threadIdx.x == 0) part = mine;
         asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
         if (threadIdx.x == 0) {
@@ -904,19 +917,16 @@ __device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz, bool 
                     ce_combine(acc, other, wz, false, false);
                 }
             }
-            ce_row_end(acc, bad, true);  // once per row, by the thread that ends it
+            all_end = ce_row_end(acc, bad, true);  // once per row, by the thread that ends it
             all = acc;
         }
         // No block leaves (its shared memory must stay readable) before all have read.
         asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+        end = all_end;
         return all;
     }
 #endif
-    if (CL > 1) {  // no clusters here (the engine launches none): this block is the row
-        Red r = mine;
-        ce_row_end(r, bad, true);
-        return r;
-    }
+    if (CL > 1) end = ce_row_end(mine, bad, true);  // no clusters here: this block is the row
     return mine;
 }
 
@@ -997,9 +1007,10 @@ __device__ __forceinline__ void ce_fused1_body(
     R.zt = 0;
     // y == -2: an unchecked out-of-range target (graph capture). One block: the row ends
     // in the group reduction; a cluster: in the cluster's combine.
-    R = ce_group_reduce(R, G, want_wz, false, false, CL == 1, y < -1, true);
-    R = ce_cluster_reduce<CL>(R, want_wz, y < -1);
-    const double mx = R.mx, ls = R.ls;
+    RowEnd e;
+    R = ce_group_reduce(R, G, want_wz, false, false, CL == 1 ? &e : nullptr, y < -1, true);
+    R = ce_cluster_reduce<CL>(R, want_wz, y < -1, e);
+    const double mx = e.mx, ls = e.ls;
     if (q == 0) {
         o_mx[r] = mx;
         o_ls[r] = ls;
@@ -1025,7 +1036,7 @@ __device__ __forceinline__ void ce_fused1_body(
     GradF P;
     P.scale = scale;
     P.cap = cap;
-    P.a = (float)(ad * R.els);
+    P.a = (float)(ad * e.els);
     P.m = (float)mx;
     P.g = (float)g;
     P.d = (float)dco;
