@@ -429,6 +429,29 @@ struct Red {
     int zw, zt;
 };
 
+// The f64 end of a row: lse = mx + ls, and els = exp(-ls) for the gradient.
+struct RowEnd {
+    double mx, ls, els;
+};
+
+// The f64 end of a row, done by the one thread that ends its reduction (all lanes of a
+// warp when G <= 32: one issue either way). lse = mx + ls with the float64 conventions:
+// NaN anywhere -> NaN; a +inf -> +inf; all -inf -> -inf (ls = 0 when the max is not
+// finite). `bad`: a target outside [0, C) left unchecked (CUDA-graph capture): a NaN row.
+// `fused`: also exp(-ls), the factor of p = exp(z - mx) * exp(-ls) the gradient needs.
+__device__ __forceinline__ RowEnd ce_row_end(const Red& a, bool bad, bool fused) {
+    RowEnd e;
+    e.ls = 0.0;
+    if (a.nan || bad) {
+        e.mx = CE_NAN_D;
+    } else {
+        e.mx = (double)a.m;
+        if (ce_finite(a.m)) e.ls = log(a.s);
+    }
+    e.els = fused ? exp(-e.ls) : 1.0;
+    return e;
+}
+
 __device__ __forceinline__ void ce_combine(Red& a, const Red& b, bool wz, bool soft, bool am) {
     const float M = fmaxf(a.m, b.m);
     const double fa = (a.m == -CE_INF) ? 0.0 : (double)__expf(a.m - M);
@@ -482,9 +505,14 @@ __device__ __forceinline__ void ce_warp_reduce(Red& a, int width, bool wz, bool 
 // Combines the G threads of a row group; every thread of the group gets the result.
 // G <= 32: shuffles inside the (sub-)warp. G == blockDim.x > 32: shuffles, then one
 // round through shared memory (two barriers, so the slots can be reused next row).
-__device__ __forceinline__ Red ce_group_reduce(Red a, int G, bool wz, bool soft, bool am) {
+// With `end`, the row's f64 end (ce_row_end) goes there, done once by the thread that
+// writes the block's result (G > 32), not by every warp of the block.
+__device__ __forceinline__ Red ce_group_reduce(Red a, int G, bool wz, bool soft, bool am, RowEnd* end = nullptr,
+                                               bool bad = false, bool fused = false) {
     __shared__ Red slot[33];
+    __shared__ RowEnd end_slot;
     ce_warp_reduce(a, G < 32 ? G : 32, wz, soft, am);
+    if (G <= 32 && end) *end = ce_row_end(a, bad, fused);
     if (G > 32) {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         if (lane == 0) slot[warp] = a;
@@ -503,10 +531,14 @@ __device__ __forceinline__ Red ce_group_reduce(Red a, int G, bool wz, bool soft,
                 b.ai = -1;
             }
             ce_warp_reduce(b, 32, wz, soft, am);
-            if (lane == 0) slot[32] = b;
+            if (lane == 0) {
+                if (end) end_slot = ce_row_end(b, bad, fused);
+                slot[32] = b;
+            }
         }
         __syncthreads();
         a = slot[32];
+        if (end) *end = end_slot;
     }
     return a;
 }
@@ -570,7 +602,7 @@ __device__ __forceinline__ void ce_body(
         const bool vec = ce_row_vec<TX, TS>(xr, x_cs, tr, t_cs, C, head, nv);
         const i64 tail0 = head + nv * V;
 
-        double mx = 0.0, ls = 0.0, swt_row = 0.0;
+        double mx = 0.0, ls = 0.0, swt_row = 0.0, els = 1.0;
         if (!given) {
             // ---------------------------------------------------------- pass 1
             Acc A;
@@ -655,16 +687,15 @@ __device__ __forceinline__ void ce_body(
             R.ai = A.ai;
             R.zw = A.zw;
             R.zt = A.zt;
-            R = ce_group_reduce(R, G, want_wz, SOFT, want_am);
-            // lse = mx + ls with the float64 conventions: NaN anywhere -> NaN; a +inf ->
-            // +inf; all -inf -> -inf (ls = 0 when the max is not finite).
             // y == -2: a target outside [0, C) left unchecked (CUDA-graph capture): NaN row.
-            if (R.nan || y < -1) {
-                mx = CE_NAN_D;
-            } else {
-                mx = (double)R.m;
-                if (ce_finite(R.m)) ls = log(R.s);
-            }
+            // Fused: the row ends in the reduction (every thread needs it). Statistics only:
+            // the one thread that writes them ends the row.
+            RowEnd e = {0.0, 0.0, 1.0};
+            R = ce_group_reduce(R, G, want_wz, SOFT, want_am, FUSED ? &e : nullptr, y < -1, FUSED);
+            if (!FUSED && gl == 0) e = ce_row_end(R, y < -1, false);
+            mx = e.mx;
+            ls = e.ls;
+            els = e.els;
             swt_row = R.swt;
             if (active && gl == 0) {
                 o_mx[r] = mx;
@@ -682,6 +713,7 @@ __device__ __forceinline__ void ce_body(
             mx = given_mx[r];
             ls = given_ls[r];
             swt_row = given_swt ? given_swt[r] : 0.0;
+            els = exp(-ls);
         }
         if (!FUSED || !active) continue;
 
@@ -712,7 +744,7 @@ __device__ __forceinline__ void ce_body(
         GradF P;
         P.scale = scale;
         P.cap = cap;
-        P.a = (float)(ad * exp(-ls));  // p = exp(z - mx) * exp(-ls): the factor joins a
+        P.a = (float)(ad * els);  // p = exp(z - mx) * exp(-ls): the factor joins a
         P.m = (float)mx;
         P.g = (float)g;
         P.d = (float)dco;
@@ -861,10 +893,11 @@ __device__ __forceinline__ u32 ce_smem_addr(const void* p) {
 // The reduction slots of the CL blocks of a cluster, combined in rank order (every block
 // gets the same bits). sm_90 only; CL == 1 returns the block's own part.
 template <int CL>
-__device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz) {
+__device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz, bool bad, RowEnd& end) {
 #if !defined(CE_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (CL > 1) {
         __shared__ Red part, all;
+        __shared__ RowEnd all_end;
         if (threadIdx.x == 0) part = mine;
         asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
         if (threadIdx.x == 0) {
@@ -884,13 +917,16 @@ __device__ __forceinline__ Red ce_cluster_reduce(const Red& mine, bool wz) {
                     ce_combine(acc, other, wz, false, false);
                 }
             }
+            all_end = ce_row_end(acc, bad, true);  // once per row, by the thread that ends it
             all = acc;
         }
         // No block leaves (its shared memory must stay readable) before all have read.
         asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+        end = all_end;
         return all;
     }
 #endif
+    if (CL > 1) end = ce_row_end(mine, bad, true);  // no clusters here: this block is the row
     return mine;
 }
 
@@ -969,15 +1005,12 @@ __device__ __forceinline__ void ce_fused1_body(
     R.ai = -1;
     R.zw = A.zw;
     R.zt = 0;
-    R = ce_group_reduce(R, G, want_wz, false, false);
-    R = ce_cluster_reduce<CL>(R, want_wz);
-    double mx = 0.0, ls = 0.0;
-    if (R.nan || y < -1) {  // y == -2: an unchecked out-of-range target (graph capture)
-        mx = CE_NAN_D;
-    } else {
-        mx = (double)R.m;
-        if (ce_finite(R.m)) ls = log(R.s);
-    }
+    // y == -2: an unchecked out-of-range target (graph capture). One block: the row ends
+    // in the group reduction; a cluster: in the cluster's combine.
+    RowEnd e;
+    R = ce_group_reduce(R, G, want_wz, false, false, CL == 1 ? &e : nullptr, y < -1, true);
+    R = ce_cluster_reduce<CL>(R, want_wz, y < -1, e);
+    const double mx = e.mx, ls = e.ls;
     if (q == 0) {
         o_mx[r] = mx;
         o_ls[r] = ls;
@@ -1003,7 +1036,7 @@ __device__ __forceinline__ void ce_fused1_body(
     GradF P;
     P.scale = scale;
     P.cap = cap;
-    P.a = (float)(ad * exp(-ls));
+    P.a = (float)(ad * e.els);
     P.m = (float)mx;
     P.g = (float)g;
     P.d = (float)dco;
@@ -1116,4 +1149,18 @@ __global__ void ce_read_pass(const uint4* p, i64 n16, u32* out) {
     }
     for (int off = 16; off > 0; off >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, off);
     if ((threadIdx.x & 31) == 0 && acc != 0u) atomicXor(out, acc);
+}
+
+// g *= s[0] in place: the in-place gradient times a 0-d incoming gradient, formed in f32
+// and rounded once into T (as torch's g.mul_(s) with s given dims). Every thread reads
+// s[0] first, so an incoming 1 (loss.backward()) returns at once: no pass over g, and no
+// host sync to find that out.
+template <typename T>
+__global__ void ce_scale(T* g, i64 n, const float* s) {
+    const float f = *s;
+    if (f == 1.0f) return;
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        E<T>::st_bits(g + i, E<T>::bits(E<T>::ld(g + i) * f));
+    }
 }

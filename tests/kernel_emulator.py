@@ -180,7 +180,7 @@ def emulated_engine(emu: Emulator, *, sms: int = 3, l2: int = 1 << 16, **knobs):
     `sms` / `l2` are the pretend device's multiprocessors and L2 bytes (small values
     make the grids loop over row tiles); `knobs` override _cuda module constants
     (e.g. VECTORS_PER_THREAD=1 for wider row groups on small rows)."""
-    from ce_fast import _batch
+    from ce_fast import _api, _batch
     from ce_fast._engines import cuda as _cuda
 
     fake = _fake_cupy(sms, l2)
@@ -193,6 +193,7 @@ def emulated_engine(emu: Emulator, *, sms: int = 3, l2: int = 1 << 16, **knobs):
     }
     saved_knobs = {k: getattr(_cuda, k) for k in knobs}
     saved_engine_for = _batch.engine_for
+    saved_plain_loss = _api._plain_loss
     try:
         _cuda.xp = lambda: fake
         _cuda._function = emu.function
@@ -202,6 +203,8 @@ def emulated_engine(emu: Emulator, *, sms: int = 3, l2: int = 1 << 16, **knobs):
         for k, v in knobs.items():
             setattr(_cuda, k, v)
         _batch.engine_for = lambda op: _cuda
+        # The CPU's lean path would answer plain int64 NumPy calls before any engine runs.
+        _api._plain_loss = lambda *args: None
         yield
     finally:
         _cuda.xp = saved["xp"]
@@ -214,6 +217,7 @@ def emulated_engine(emu: Emulator, *, sms: int = 3, l2: int = 1 << 16, **knobs):
         for k, v in saved_knobs.items():
             setattr(_cuda, k, v)
         _batch.engine_for = saved_engine_for
+        _api._plain_loss = saved_plain_loss
 
 
 if __name__ == "__main__":  # pragma: no cover - manual build check

@@ -765,3 +765,77 @@ def test_non_finite_rows_across_warps(lib, fused):
     assert np.all(np.isnan(gh[0]))  # NaN anywhere in a row: NaN gradient, as torch
     np.testing.assert_allclose(host64(loss), got, rtol=1e-6, equal_nan=True)
     assert np.isfinite(gh[[3, 5]]).all()
+
+
+# ---------------------------------------------------------------- syncs of the torch path
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("grad", [1.0, 2.5, 0.0])
+def test_inplace_backward_scaled_on_the_device(dtype, grad):
+    """inplace_backward on CUDA: the incoming gradient scales the stored gradient in one
+    kernel that skips the pass when it is 1; the result is the default path's, rounded as
+    torch's mul_ rounds it; a second backward still fails."""
+    import ce_fast.torch as cet
+
+    torch.manual_seed(4)
+    x0 = torch.randn(64, 5000, device="cuda", dtype=getattr(torch, dtype)) * 2
+    y = torch.randint(0, 5000, (64,), device="cuda")
+    xa = x0.clone().requires_grad_(True)
+    (cet.cross_entropy(xa * 1, y) * grad).backward()
+    x = x0.clone().requires_grad_(True)
+    h = x * 1
+    loss = cet.cross_entropy(h, y, inplace_backward=True)
+    (loss * grad).backward(retain_graph=True)
+    tol = dict(rtol=0, atol=0) if dtype == "float32" or grad in (0.0, 1.0) else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(x.grad.float(), xa.grad.float(), **tol)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@needs_torch
+def test_torch_backward_reuses_the_forward_check(monkeypatch):
+    """The custom op's backward passes `checked` to the engine: the target flag is not
+    read again (one host sync per training step, the forward's)."""
+    import ce_fast.torch as cet
+
+    calls = []
+    real = _cuda.index_targets
+
+    def spy(t, C, ignore_index, checked=False):
+        calls.append(checked)
+        return real(t, C, ignore_index, checked)
+
+    monkeypatch.setattr(_cuda, "index_targets", spy)
+    x = torch.randn(32, 1000, device="cuda", requires_grad=True)
+    y = torch.randint(0, 1000, (32,), device="cuda")
+    w = torch.rand(1000, device="cuda") + 0.1
+    cet.cross_entropy(x, y, weight=w, label_smoothing=0.1).backward()
+    assert calls == [False, True]
+    xr = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(xr, y, weight=w, label_smoothing=0.1).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_weights_checked_in_one_read_total_on_the_device(lib):
+    """With weight=: one read back for both value checks, the weight total a 0-d device
+    array, negative weights still a ValueError; soft targets with smoothing use it."""
+    from ce_fast import _batch
+    from ce_fast._spec import LossSpec
+
+    rng = np.random.default_rng(8)
+    xh = rng.standard_normal((16, 300)).astype(np.float32)
+    wh = rng.uniform(0.1, 2.0, 300)
+    th = rng.dirichlet(np.ones(300), 16).astype(np.float32)
+    x, w, t = make(lib, xh, "float32"), make(lib, wh, "float64"), make(lib, th, "float32")
+    b = _batch.make_batch(x, t, LossSpec.make(label_smoothing=0.1), w)
+    assert isinstance(b.weight_total, cp.ndarray) and b.weight_total.shape == ()
+    got = ce_fast.cross_entropy(x, t, weight=w, label_smoothing=0.1)
+    ref = ce_fast.cross_entropy(xh, th, weight=wh, label_smoothing=0.1)
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+    bad = wh.copy()
+    bad[7] = -0.5
+    with pytest.raises(ValueError, match=r"weight must be non-negative; weight\[7\] = -0.5"):
+        ce_fast.cross_entropy(x, make(lib, rng.integers(0, 300, 16), ""), weight=make(lib, bad, "float64"))

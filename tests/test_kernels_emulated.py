@@ -917,3 +917,70 @@ def test_fused_kernel_switch(monkeypatch):
     monkeypatch.setenv(_cuda.FUSED_ENV, "fast")
     with pytest.raises(ValueError, match="CE_FAST_FUSED='fast'"):
         _cuda.fused_kind()
+
+
+# ---------------------------------------------------------------- in-place scaling, checked targets
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: IDS[d])
+@pytest.mark.parametrize("s", [1.0, 0.37, -2.5, 0.0])
+def test_scale_kernel_rounds_once_and_skips_one(emu, dtype, s):
+    """ce_scale: g * s formed in f32 and rounded once into g's dtype (torch's
+    g.mul_(s) with s given dims); s == 1 leaves every bit as it was (inf / NaN too)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    g = _logits(rng, (3, 1000), dtype, scale=0.01)
+    g.reshape(-1)[[5, 77, 901]] = [np.inf, -np.inf, np.nan]
+    before = g.copy()
+    sv = np.array(s, dtype=np.float32)
+    with kernel_emulator.emulated_engine(emu):
+        assert _cuda.scale_kernel_name  # the engine's name for it
+        args = _cuda.kernel_args("ce_scale", g=g.ctypes.data, n=g.size, s=sv)  # bf16: no array interface
+        start = len(emu.launches)
+        emu.function("targets", _cuda.scale_kernel_name(_code(dtype)))((2,), (256,), args)
+        assert len(emu.launches) == start + 1
+    if s == 1.0:
+        assert before.tobytes() == g.tobytes()
+        return
+    # torch's own rounding, value for value (bf16 through its int16 view; NaN payloads aside)
+    ref = torch.from_numpy(before.view(np.int16)).view(torch.bfloat16) if dtype == BF16 else torch.from_numpy(before)
+    ref = ref.clone().mul_(torch.tensor(s, dtype=torch.float32).reshape(1, 1))
+    want = ref.view(torch.int16).numpy().view(BF16) if dtype == BF16 else ref.numpy()
+    np.testing.assert_array_equal(_f64(g), _f64(want))
+
+
+def _code(dtype):
+    from ce_fast import _arrays
+
+    return {np.dtype(np.float32): _arrays.F32, np.dtype(np.float16): _arrays.F16, BF16: _arrays.BF16}[np.dtype(dtype)]
+
+
+def test_checked_targets_are_not_read_back(emu):
+    """A backward reusing its forward's check (`checked`) does not read the kernel's
+    error flag: no IndexError (no host sync) and, as under graph capture, NaN rows for a
+    target the check would have refused; unchecked, the same call raises."""
+    rng = np.random.default_rng(5)
+    x = _logits(rng, (4, 50), np.float32)
+    y = np.array([1, 2, 50, 3], dtype=np.int64)
+    spec = LossSpec.make()
+    with kernel_emulator.emulated_engine(emu):
+        with pytest.raises(IndexError):
+            _batch.make_batch(x, y, spec)
+        b = _batch.make_batch(x, y, spec, checked=True)
+    assert b.target.tolist() == [1, 2, -2, 3]
+
+
+def test_weight_checks_read_back_once_and_keep_the_total_on_the_device(emu):
+    """With weight= the GPU engine's batch reads one small array back (both value
+    checks) and leaves the weight total a device value; the losses match the CPU."""
+    rng = np.random.default_rng(6)
+    x = _logits(rng, (6, 40), np.float32)
+    y = rng.integers(0, 40, 6)
+    w = rng.uniform(0.1, 2.0, 40)
+    spec = LossSpec.make(label_smoothing=0.1)
+    with kernel_emulator.emulated_engine(emu):
+        b = _batch.make_batch(x, y, spec, w)
+        got = ce_fast.cross_entropy(x, y, weight=w, label_smoothing=0.1)
+    assert type(b.weight_total) is not float  # an array of the engine (CuPy: 0-d on the device)
+    assert float(b.weight_total) == pytest.approx(w.sum(), rel=1e-15)
+    _close(got, ce_fast.cross_entropy(x, y, weight=w, label_smoothing=0.1), 1e-6, 1e-7)

@@ -192,11 +192,14 @@ def cross_entropy_and_grad(
 
 
 @_on_device
-def _grad_with_saved(logits, target, saved: Stats, *, weight=None, grad_output=1.0, out=None, **options) -> ArrayLike:
+def _grad_with_saved(
+    logits, target, saved: Stats, *, weight=None, grad_output=1.0, out=None, checked=False, **options
+) -> ArrayLike:
     """The gradient only, from statistics saved by a forward call (mx and ls; swt for
-    soft targets): one read and one write of the logits. For ce_fast.torch's backward."""
+    soft targets): one read and one write of the logits. For ce_fast.torch's backward.
+    `checked`: target and weight are those the forward checked (not checked again)."""
     spec = LossSpec.make(**options)
-    b = _batch.make_batch(logits, target, spec, weight, grad_output=grad_output, out=out)
+    b = _batch.make_batch(logits, target, spec, weight, grad_output=grad_output, out=out, checked=checked)
     _stats(b, spec, grad=True, given=saved)
     return b.result
 

@@ -137,11 +137,14 @@ def make_batch(
     *,
     grad_output: Any = _NO_GRAD,
     out: Any = None,
+    checked: bool = False,
 ) -> Batch:
     """Every argument of a loss call checked once: logits, target, weight, and for a
     gradient call (`grad_output` given) grad_output and the destination `out` (a fresh
-    array of the logits' kind when None)."""
-    b = _loss_batch(logits, target, spec, weight)
+    array of the logits' kind when None). `checked`: the values of target and weight
+    were checked by an earlier call (a backward reusing its forward's check): their
+    shapes and dtypes are checked, their values not again (no host sync for them)."""
+    b = _loss_batch(logits, target, spec, weight, checked)
     if grad_output is not _NO_GRAD:
         b.grad_output = _grad_output(b, grad_output, spec.reduction)
         if out is None:
@@ -154,7 +157,7 @@ def make_batch(
     return b
 
 
-def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any) -> Batch:
+def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any, checked: bool = False) -> Batch:
     x = logits_operand(logits)
     check_options_for(x, spec)
     engine = engine_for(x)
@@ -172,13 +175,11 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any) -> Batch:
         if len(w.shape) != 1 or w.shape[0] != C:
             raise ValueError(f"weight must have shape ({C},) (one per class), got {w.shape}")
         wa = engine.to_float64(w)
-        if not bool(xp.all(xp.isfinite(wa))):
-            raise ValueError("weight must be finite")
-        if bool(xp.any(wa < 0)):
-            bad = int(xp.argmax(wa < 0))
-            raise ValueError(f"weight must be non-negative; weight[{bad}] = {float(wa[bad])}")
+        if not checked:
+            _check_weight(xp, wa)
         b.weight = wa
-        b.weight_total = float(wa.sum())
+        # On a device the total stays there (a 0-d array the rules use as is): no sync.
+        b.weight_total = float(wa.sum()) if xp is np else wa.sum()
     else:
         b.weight_total = float(C)
 
@@ -206,12 +207,27 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any) -> Batch:
             f"target shape {t.shape} does not match logits shape {x.shape}: expected {x.shape[:-1]} "
             "(the class axis is the last axis of logits)"
         )
-    b.target, b.valid = engine.index_targets(t, C, spec.ignore_index)
+    if checked:
+        b.target, b.valid = engine.index_targets(t, C, spec.ignore_index, checked=True)
+    else:
+        b.target, b.valid = engine.index_targets(t, C, spec.ignore_index)
     if b.weight is not None:
         b.wy = xp.where(b.valid, b.weight[xp.maximum(b.target, 0)], 0.0)
     else:
         b.wy = b.valid.astype(xp.float64)
     return b
+
+
+def _check_weight(xp: Any, wa: Any) -> None:
+    """ValueError for a non-finite or negative class weight. Both checks are folded into
+    one small array read back once (on a device: the one sync of the weight checks)."""
+    neg = wa < 0  # False for NaN: a non-finite weight is reported as such first
+    first_neg = xp.where(neg.any(), xp.argmax(neg), -1)
+    nonfinite, bad = (int(v) for v in xp.stack([(~xp.isfinite(wa)).any().astype(xp.int64), first_neg]).tolist())
+    if nonfinite:
+        raise ValueError("weight must be finite")
+    if bad >= 0:
+        raise ValueError(f"weight must be non-negative; weight[{bad}] = {float(wa[bad])}")
 
 
 # ---------------------------------------------------------------- destinations (`out=`)

@@ -121,8 +121,9 @@ def grad_coef(b: Batch, spec: LossSpec) -> GradCoef:
     g = xp.where(b.valid, go, 0.0)
     smooth = eps / C
     if b.soft is not None:
+        a0 = smooth * b.weight_total  # a 0-d device array with weights on a device
         return GradCoef(
-            a0=xp.full(rows, smooth * b.weight_total),
+            a0=xp.full(rows, a0) if isinstance(a0, float) else xp.zeros(rows) + a0,
             b=xp.zeros(rows),
             g=g,
             a_lse=2.0 * spec.z_loss,

@@ -76,9 +76,10 @@ class Engine(Protocol):
     def to_float64(self, op: Operand) -> Any:
         """A contiguous float64 copy of `op` in the engine's array module."""
 
-    def index_targets(self, t: Operand, C: int, ignore_index: int) -> tuple[Any, Any]:
+    def index_targets(self, t: Operand, C: int, ignore_index: int, checked: bool = False) -> tuple[Any, Any]:
         """(int64 indices with -1 for ignored rows, bool mask of counted rows); IndexError
-        for a target outside [0, C) that is not ignore_index."""
+        for a target outside [0, C) that is not ignore_index. `checked`: an earlier call
+        checked these targets (an engine may skip what that costs, e.g. a host sync)."""
 
     def grad_output(self, value: Any, x: Operand) -> Any:
         """A validated real grad_output as a float64 0-d host array or an engine array."""
@@ -122,7 +123,7 @@ class Batch:
     weight: Any = None  # float64 (C,) or None
     valid: Any = None  # bool (rows,): rows that count
     wy: Any = None  # float64 (rows,): weight of each row's target, 0 for ignored rows
-    weight_total: float = 0.0  # sum of class weights (C without weights)
+    weight_total: Any = 0.0  # sum of class weights (C without weights): a float, or 0-d on a device
     grad_output: Any = None  # float64: a 0-d host array, or an engine array of the batch shape
     out: Operand | None = None  # where the gradient (or logsumexp) is written
     result: Any = None  # what the caller gets back for `out`: their array, or a fresh one

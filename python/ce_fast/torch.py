@@ -181,7 +181,9 @@ def _ce_backward(
         swt=_engine_array(swt) if target.is_floating_point() else None,
     )
     opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
-    g = _api._grad_with_saved(input, target, saved, weight=weight, grad_output=grad, **opts)
+    # The forward checked target and weight (autograd's version counters keep them as
+    # they were): no second check, and no second host sync on CUDA.
+    g = _api._grad_with_saved(input, target, saved, weight=weight, grad_output=grad, checked=True, **opts)
     return _as_tensor(g, input, input.dtype)
 
 
@@ -279,11 +281,15 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
 
 def _scale_inplace(g: Tensor, grad: Tensor, reduction: str) -> Tensor:
-    """The in-place gradient `g` times the incoming gradient, in place. An incoming 1 on
-    the CPU (the usual `loss.backward()`) costs no pass over `g` and no second rounding;
-    the version is bumped all the same, so a second backward fails as with the multiply."""
+    """The in-place gradient `g` times the incoming gradient, in place. An incoming 1
+    (the usual `loss.backward()`) costs no pass over `g` and no second rounding: on the
+    CPU read here, on CUDA by the scaling kernel itself (no host sync). The version is
+    bumped all the same, so a second backward fails as with the multiply."""
     eager = not torch.compiler.is_compiling()  # traced graphs cannot branch on the value
     if eager and grad.dim() == 0 and grad.device.type == "cpu" and grad.item() == 1.0:
+        torch.autograd.graph.increment_version(g)
+        return g
+    if eager and grad.dim() == 0 and g.device.type == "cuda" and _scale_on_device(g, grad.detach()):
         torch.autograd.graph.increment_version(g)
         return g
     if reduction == "none":
@@ -291,6 +297,16 @@ def _scale_inplace(g: Tensor, grad: Tensor, reduction: str) -> Tensor:
     else:
         scale = grad.reshape((1,) * g.dim())
     return g.mul_(scale)
+
+
+def _scale_on_device(g: Tensor, grad: Tensor) -> bool:
+    """g *= grad by the CUDA engine's scaling kernel (which skips g when grad is 1);
+    False where it does not apply."""
+    if grad.device != g.device or grad.dtype is not torch.float32:
+        return False
+    from ._engines import cuda
+
+    return cuda.scale_inplace(g, grad)
 
 
 class _PlainCrossEntropy(torch.autograd.Function):

@@ -44,8 +44,9 @@ def to_float64(op: Operand) -> np.ndarray:
     return np.ascontiguousarray(numpy_of(op), dtype=np.float64)
 
 
-def index_targets(t: Operand, C: int, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """int64 class indices with -1 for ignored rows, and the mask of counted rows."""
+def index_targets(t: Operand, C: int, ignore_index: int, checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """int64 class indices with -1 for ignored rows, and the mask of counted rows.
+    `checked` (targets an earlier call checked) changes nothing here: the scan is cheap."""
     a = np.asarray(numpy_of(t))
     bad = first_out_of_range(a, C, ignore_index, np)
     if bad is not None:

@@ -112,6 +112,11 @@ def target_kernel_name(dtype_name: str) -> str:
 
 READ_PASS = "ce_read_pass"
 
+
+def scale_kernel_name(x_code: int) -> str:
+    return f"ce_scale<{LOGIT_TYPES[x_code]}>"
+
+
 # The kernels' parameters in order, with their kinds: "p" pointer, "q" int64 (i64),
 # "Q" uint64 (u64), "i" int32, "d" double. tests/test_kernels_compile.py checks these
 # against the signatures in ce.cu, so the launch arguments cannot drift from the source.
@@ -198,6 +203,7 @@ KERNEL_PARAMS = {
         ("bad", "p"),
     ),
     "ce_read_pass": (("p", "p"), ("n16", "q"), ("out", "p")),
+    "ce_scale": (("g", "p"), ("n", "q"), ("s", "p")),
 }
 
 
@@ -209,6 +215,7 @@ def modules() -> dict[Any, list[str]]:
         for soft_code in SOFT_TYPES:
             mods[(x_code, soft_code)] = list(row_kernel_names(x_code, soft_code))
     mods["targets"] = [target_kernel_name(n) for n in INT_TYPES] + [READ_PASS]
+    mods["targets"] += [scale_kernel_name(c) for c in LOGIT_TYPES]
     plains = (True, False)
     mods["one-read"] = [one_read_kernel_name(c, 1, p) for c in LOGIT_TYPES for p in plains]
     # Thread-block clusters: sm_90+ only (compiled out elsewhere and in the CPU emulator).
@@ -514,13 +521,14 @@ def _element(op: Operand, pos: tuple) -> int:
     return int(_cupy_array(op)[pos])
 
 
-def index_targets(t: Operand, C: int, ignore_index: int):
+def index_targets(t: Operand, C: int, ignore_index: int, checked: bool = False):
     """int64 class indices with -1 for ignored rows, and the mask of counted rows.
 
     One kernel converts any integer dtype and checks the range; an offending row is
     recorded on the device (atomicMin of its flat position) and read back once: the
     one host sync of a call. Under CUDA-graph capture it is not read: such rows get
-    index -2 and NaN losses.
+    index -2 and NaN losses. With `checked` (targets an earlier call checked, e.g. the
+    forward of this backward) it is not read either.
     """
     cp = xp()
     n = int(np.prod(t.shape, dtype=np.int64))
@@ -555,7 +563,7 @@ def index_targets(t: Operand, C: int, ignore_index: int):
         bad=bad,
     )
     _function("targets", target_kernel_name(t.dtype_name))((grid,), (block,), args)
-    if capturing():
+    if checked or capturing():
         # No sync while a CUDA graph is captured: the kernel marked such rows -2, which
         # the row kernels turn into NaN losses (and NaN gradients).
         return idx, valid
@@ -728,6 +736,38 @@ def read_pass(a) -> Any:
         grid = max(1, min(-(-n16 // block), sms * 4))
         _function("targets", READ_PASS)((grid,), (block,), kernel_args("ce_read_pass", p=op.ptr, n16=n16, out=acc))
     return acc
+
+
+def scale_inplace(g: Any, s: Any) -> bool:
+    """``g *= s`` in place for a C-contiguous CUDA gradient `g` (float32, float16 or
+    bfloat16) and a 0-d float32 `s` on its device, as one launch on the current stream
+    that leaves `g` untouched when s == 1 (no pass over it, no host sync). False, with
+    nothing done, where it does not apply (the caller multiplies)."""
+    op, so = operand(g, "gradient"), operand(s, "grad")
+    if not (op.is_cuda and so.is_cuda) or op.code not in LOGIT_TYPES or so.code != F32 or so.shape != ():
+        return False
+    if _device_id(op) != _device_id(so) or not _dense(op):
+        return False
+    n = int(np.prod(op.shape, dtype=np.int64))
+    if n == 0:
+        return True
+    with scope(op):
+        sms, _ = _device_info(_device_id(op))
+        block = 256
+        grid = max(1, min(-(-n // block), sms * 8))
+        args = kernel_args("ce_scale", g=op.ptr, n=n, s=so.ptr)
+        _function("targets", scale_kernel_name(op.code))((grid,), (block,), args)
+    return True
+
+
+def _dense(op: Operand) -> bool:
+    """C-contiguous: every element once, in order."""
+    expect = 1
+    for n, st in reversed(list(zip(op.shape, op.strides))):
+        if n != 1 and st != expect:
+            return False
+        expect *= n
+    return True
 
 
 def wrap(value, like: Operand):
