@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import ce_fast
 from ce_fast import cli, evaluate
 from ce_fast.streaming import StreamingCrossEntropy
 
@@ -283,7 +284,7 @@ def test_json_folder_must_exist(capsys, files):
 def test_command_line_process_has_no_traceback(tmp_path):
     np.save(tmp_path / "i.npy", np.zeros((3, 4), np.int8))
     np.save(tmp_path / "y.npy", np.zeros(3, np.int64))
-    env_path = str(Path(__file__).resolve().parent.parent / "python")
+    env_path = str(Path(ce_fast.__file__).resolve().parent.parent)  # the ce_fast this test imports
     res = subprocess.run(
         [
             sys.executable,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ce_fast
 from ce_fast.streaming import StreamingCrossEntropy
 
 WORKER = textwrap.dedent(
@@ -52,8 +53,9 @@ def test_all_reduce_two_gloo_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ)
-    here = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here.parent / "python"), env.get("PYTHONPATH", "")])
+    # The workers import the same ce_fast as this test (installed, or the checkout's).
+    pkg_root = Path(ce_fast.__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(pkg_root), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     port = _free_port()
     outs = [tmp_path / f"rank{r}.json" for r in range(2)]
