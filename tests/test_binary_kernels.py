@@ -7,12 +7,7 @@ for CuPy, compared with the Rust engine and the float64 references."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import hashlib
 import re
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -72,77 +67,11 @@ def test_launch_arguments_match_the_signature():
 # ---------------------------------------------------------------- the emulator
 
 
-class BinaryEmulator:
+class BinaryEmulator(kernel_emulator.KernelLibrary):
     """binary.cu compiled for the CPU with the emulator prelude."""
 
     def __init__(self):
-        names = _bc.names()
-        src = _core.kernel_source("binary.cu")
-        lines = [
-            '#include "kernel_emulator_prelude.h"',
-            '#include "binary.cu"',
-            "struct EmuEntry { const char* name; int arity; void (*launch)(unsigned, unsigned, void**); };",
-            "static const EmuEntry emu_entries[] = {",
-        ]
-        for n in names:
-            launch = f"[](unsigned g, unsigned b, void** a) {{ emu_kernel(&{n}, g, b, a); }}"
-            lines.append(f'    {{"{n}", emu_arity(&{n}), {launch}}},')
-        lines += [
-            "};",
-            'extern "C" int emu_launch_kernel(const char* name, unsigned grid, unsigned block,',
-            "                                 void** args, int nargs) {",
-            "    for (const EmuEntry& e : emu_entries) {",
-            "        if (std::strcmp(e.name, name) == 0) {",
-            "            if (nargs != e.arity) return -2;",
-            "            e.launch(grid, block, args);",
-            "            return 0;",
-            "        }",
-            "    }",
-            "    return -1;",
-            "}",
-        ]
-        unit = "\n".join(lines) + "\n"
-        prelude = kernel_emulator.PRELUDE.read_text()
-        key = hashlib.sha256((prelude + src + unit).encode()).hexdigest()[:16]
-        out = Path(tempfile.gettempdir()) / f"ce_fast_bx_emu_{key}.so"
-        if not out.exists():
-            with tempfile.TemporaryDirectory() as d:
-                (Path(d) / "emu.cpp").write_text(unit)
-                (Path(d) / "binary.cu").write_bytes(src.encode())
-                tmp = Path(d) / "emu.so"
-                cmd = [kernel_emulator.compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread"]
-                cmd += [f"-I{kernel_emulator.HERE}", str(Path(d) / "emu.cpp"), "-o", str(tmp)]
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                assert res.returncode == 0, res.stderr[-8000:]
-                shutil.move(str(tmp), str(out))
-        self.lib = ctypes.CDLL(str(out))
-        self.lib.emu_launch_kernel.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_uint,
-            ctypes.c_uint,
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.c_int,
-        ]
-        self.lib.emu_launch_kernel.restype = ctypes.c_int
-        self.launches: list = []
-
-    _CT = {
-        np.dtype(np.uint64): ctypes.c_uint64,
-        np.dtype(np.int64): ctypes.c_int64,
-        np.dtype(np.int32): ctypes.c_int32,
-        np.dtype(np.float64): ctypes.c_double,
-        np.dtype(np.float32): ctypes.c_float,
-    }
-
-    def function(self, name):
-        def launch(grid, block, args):
-            vals = [self._CT[np.asarray(a).dtype](a.item()) for a in args]
-            argv = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
-            self.launches.append((name, grid[0], block[0]))
-            rc = self.lib.emu_launch_kernel(name.encode(), grid[0], block[0], argv, len(vals))
-            assert rc == 0, (name, rc)
-
-        return launch
+        super().__init__("binary.cu", _core.kernel_source("binary.cu"), _bc.names())
 
 
 @pytest.fixture(scope="module")

@@ -85,14 +85,14 @@ def test_torch_backward_reuses_the_forward_check(monkeypatch, opts):
     calls = []
     real = _cpu.index_targets
 
-    def spy(t, C, ignore_index, checked=False):
+    def spy(t, C, ignore_index, checked=False, checks=()):
         calls.append(checked)
-        return real(t, C, ignore_index, checked)
+        return real(t, C, ignore_index, checked, checks)
 
     weight_checks = []
-    real_check = _batch._check_weight
+    real_errors = _batch._weight_errors
     monkeypatch.setattr(_cpu, "index_targets", spy)
-    monkeypatch.setattr(_batch, "_check_weight", lambda xp, wa: (weight_checks.append(1), real_check(xp, wa)))
+    monkeypatch.setattr(_batch, "_weight_errors", lambda *a, **k: (weight_checks.append(1), real_errors(*a, **k)))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 11, generator=g, requires_grad=True)
     y = torch.tensor([1, 0, -100, 10, 3])

@@ -6,12 +6,7 @@ bins that fold to exactly the sum of its own per-row losses."""
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import math
-import shutil
-import subprocess
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -23,7 +18,7 @@ from ce_fast import _arrays, _eval_cuda, evaluate
 from ce_fast._engines import cuda as _cuda
 from ce_fast.streaming import exact_sum
 
-from kernel_emulator import PRELUDE, compiler
+from kernel_emulator import KernelLibrary, compiler
 from test_kernels_compile import CUPY_OPTIONS, _signature, compile_module
 
 HERE = Path(__file__).resolve().parent
@@ -68,62 +63,16 @@ def test_eval_source_is_self_contained():
 # ---------------------------------------------------------------- CPU emulation
 
 
-class EvalEmulator:
+class EvalEmulator(KernelLibrary):
     """eval.cu compiled with g++ against the emulator prelude (one OS thread per CUDA thread)."""
 
     def __init__(self):
-        src = _cuda.load_source(_eval_cuda.KERNEL_FILE)
-        names = _eval_cuda.names()
-        lines = ['#include "kernel_emulator_prelude.h"', '#include "eval.cu"', ""]
-        for i, n in enumerate(names):
-            lines.append(
-                f'extern "C" void emu_eval_{i}(unsigned g, unsigned b, void** a) {{ emu_kernel(&{n}, g, b, a); }}'
-            )
-        unit = "\n".join(lines) + "\n"
-        key = hashlib.sha256((PRELUDE.read_text() + src + unit).encode()).hexdigest()[:16]
-        out = Path(tempfile.gettempdir()) / f"ce_fast_eval_emu_{key}.so"
-        if not out.exists():
-            cxx = compiler()
-            if cxx is None:
-                pytest.fail("no C++ compiler for the kernel emulator")
-            with tempfile.TemporaryDirectory() as d:
-                (Path(d) / "emu.cpp").write_text(unit)
-                (Path(d) / "eval.cu").write_bytes(src.encode())
-                tmp = Path(d) / "emu.so"
-                cmd = [
-                    cxx,
-                    "-std=c++20",
-                    "-O1",
-                    "-shared",
-                    "-fPIC",
-                    "-pthread",
-                    f"-I{HERE}",
-                    str(Path(d) / "emu.cpp"),
-                    "-o",
-                    str(tmp),
-                ]
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                assert res.returncode == 0, res.stderr[-6000:]
-                shutil.move(str(tmp), str(out))
-        self.lib = ctypes.CDLL(str(out))
-        self.index = {n: i for i, n in enumerate(names)}
-
-    _CT = {
-        np.dtype(np.uint64): ctypes.c_uint64,
-        np.dtype(np.int64): ctypes.c_int64,
-        np.dtype(np.int32): ctypes.c_int32,
-        np.dtype(np.float64): ctypes.c_double,
-    }
+        if compiler() is None:
+            pytest.fail("no C++ compiler for the kernel emulator")
+        super().__init__("eval.cu", _cuda.load_source(_eval_cuda.KERNEL_FILE), _eval_cuda.names())
 
     def __call__(self, name):
-        fn = getattr(self.lib, f"emu_eval_{self.index[name]}")
-
-        def launch(grid, block, args):
-            vals = [self._CT[np.asarray(a).dtype](a.item()) for a in args]
-            argv = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
-            fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv)
-
-        return launch
+        return self.function(name)
 
 
 @pytest.fixture(scope="module")

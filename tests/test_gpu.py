@@ -657,6 +657,39 @@ def test_graph_capture_turns_bad_targets_into_nan():
         ce_fast.cross_entropy(x, y)  # outside a capture: the error
 
 
+@needs_torch
+def test_graph_capture_with_class_weights_and_focal_alpha():
+    """Weight and alpha checks read back nothing under capture (their values are checked
+    outside one); the captured losses are torch's."""
+    x = torch.randn(64, 3000, device="cuda")
+    y = torch.randint(0, 3000, (64,), device="cuda")
+    w = torch.rand(3000, device="cuda") + 0.1
+
+    def calls():
+        return (
+            ce_fast.cross_entropy(x, y, weight=w, label_smoothing=0.1),
+            ce_fast.focal_loss(x, y, alpha=w, gamma=2.0),
+            ce_fast.kl_divergence(x, x.flip(0), temperature=2.0),
+        )
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        calls()  # compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ce, focal, kl = calls()
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(
+        ce, torch.nn.functional.cross_entropy(x, y, weight=w, label_smoothing=0.1), rtol=1e-5, atol=1e-6
+    )
+    want_focal, want_kl = calls()[1:]
+    torch.testing.assert_close(focal, want_focal, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(kl, want_kl, rtol=1e-6, atol=1e-7)
+
+
 def test_cupy_stream_capture_needs_no_sync():
     """mean / sum come back as device arrays: the whole call captures into a CuPy graph."""
     x = cp.random.standard_normal((64, 5000), dtype=cp.float32)
@@ -803,9 +836,9 @@ def test_torch_backward_reuses_the_forward_check(monkeypatch):
     calls = []
     real = _cuda.index_targets
 
-    def spy(t, C, ignore_index, checked=False):
+    def spy(t, C, ignore_index, checked=False, checks=()):
         calls.append(checked)
-        return real(t, C, ignore_index, checked)
+        return real(t, C, ignore_index, checked, checks)
 
     monkeypatch.setattr(_cuda, "index_targets", spy)
     x = torch.randn(32, 1000, device="cuda", requires_grad=True)

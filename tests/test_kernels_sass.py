@@ -56,7 +56,7 @@ def _tool(name: str, env: str | None = None) -> str | None:
 
 
 def _sass(cubin: bytes) -> dict[str, Counter]:
-    """{mangled kernel name: Counter of memory and conversion opcodes} of a cubin."""
+    """{mangled kernel name: Counter of memory, conversion and call opcodes} of a cubin."""
     cuobjdump = _tool("cuobjdump")
     nvdisasm = _tool("nvdisasm", "NVDISASM_PATH")
     if cuobjdump is None or nvdisasm is None:
@@ -79,7 +79,7 @@ def _sass(cubin: bytes) -> dict[str, Counter]:
             cur = out.setdefault(m.group(1), Counter())
             continue
         if cur is not None:
-            for op in re.findall(r"\b((?:STG|LDG|STL|LDL|F2FP)(?:\.[\w]+)*)", line):
+            for op in re.findall(r"\b((?:STG|LDG|STL|LDL|F2FP|CALL)(?:\.[\w]+)*)", line):
                 cur[op] += 1
     assert out, f"no functions in the SASS listing:\n{res.stdout[:2000]}{res.stderr[:2000]}"
     return out

@@ -6,10 +6,6 @@ in for CuPy), give the Rust engine's numbers."""
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import ml_dtypes
@@ -72,42 +68,11 @@ def test_launch_arguments_match_the_kernel_signatures(kernel):
 # ---------------------------------------------------------------- the emulated kernels
 
 
-class KlEmulator(kernel_emulator.Emulator):
-    """kl.cu compiled for the CPU (the base class's launcher, another source)."""
+class KlEmulator(kernel_emulator.KernelLibrary):
+    """kl.cu compiled for the CPU (the shared launcher, another source)."""
 
-    def __init__(self):  # noqa: D401 - builds kl.cu instead of ce.cu
-        import ctypes
-
-        names = [n for group in kl_cuda.modules().values() for n in group]
-        src = _src()
-        unit = kernel_emulator._registry(names).replace(
-            '#include "kernel_emulator_prelude.h"\n', '#include "kernel_emulator_prelude.h"\n#include "kl.cu"\n'
-        )
-        prelude = kernel_emulator.PRELUDE
-        key = hashlib.sha256((prelude.read_text() + src + unit).encode()).hexdigest()[:16]
-        out = Path(tempfile.gettempdir()) / f"ce_fast_kl_emu_{key}.so"
-        if not out.exists():
-            with tempfile.TemporaryDirectory() as d:
-                cpp = Path(d) / "emu.cpp"
-                cpp.write_text(unit)
-                (Path(d) / "kl.cu").write_text(src)
-                tmp = Path(d) / "emu.so"
-                cmd = [kernel_emulator.compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread"]
-                cmd += [f"-I{prelude.parent}", str(cpp), "-o", str(tmp)]
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                if res.returncode != 0:
-                    raise RuntimeError(f"emulator build failed:\n{res.stderr[-8000:]}")
-                shutil.move(str(tmp), str(out))
-        self.lib = ctypes.CDLL(str(out))
-        self.lib.emu_launch_kernel.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_uint,
-            ctypes.c_uint,
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.c_int,
-        ]
-        self.lib.emu_launch_kernel.restype = ctypes.c_int
-        self.launches = []
+    def __init__(self):
+        super().__init__("kl.cu", _src(), [n for group in kl_cuda.modules().values() for n in group])
 
 
 needs_cxx = pytest.mark.skipif(kernel_emulator.compiler() is None, reason="no C++ compiler for the kernel emulator")

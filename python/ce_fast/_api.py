@@ -31,7 +31,7 @@ def _on_device(fn):
 
 def _stats(b: Batch, spec: LossSpec, *, grad: bool = False, given: Stats | None = None) -> Stats:
     """The engine's per-row statistics; with `grad`, the gradient is written into b.out."""
-    coef = _rules.grad_coef(b, spec) if grad else None
+    coef = b.engine.apply(_rules.grad_coef, b, spec) if grad else None
     s = b.engine.run(
         b,
         scale=spec.logit_scale,
@@ -48,7 +48,7 @@ def _stats(b: Batch, spec: LossSpec, *, grad: bool = False, given: Stats | None 
 
 def _loss(b: Batch, spec: LossSpec, s: Stats) -> Any:
     """The loss the caller gets, from the statistics, in the logits' library."""
-    return b.engine.wrap(_rules.reduce(b, spec, _rules.per_row(b, spec, s)), b.x)
+    return b.engine.wrap(b.engine.apply(_rules.loss, b, spec, s), b.x)
 
 
 @_on_device

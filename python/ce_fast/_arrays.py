@@ -8,6 +8,7 @@ elements.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +69,7 @@ class Operand:
 
     @property
     def rows(self) -> int:
-        return int(np.prod(self.batch_shape, dtype=np.int64))
+        return math.prod(self.batch_shape)  # Python ints: exact, and cheap on every call
 
     def desc(self) -> tuple:
         """(address, dtype code, columns, column stride, batch shape, batch strides)."""

@@ -5,11 +5,13 @@ target ranges are checked here, once, for every engine."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from typing import Any
 
 import numpy as np
 
-from . import _arrays, _errors
+from . import _arrays, _errors, _rules
 from ._arrays import Operand
 from ._engines import engine_for
 from ._spec import LossSpec
@@ -166,6 +168,7 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any, checked: 
     t = _arrays.operand(target, "target")
     same_device(x, t, "target")
     b = Batch(x=x, engine=engine, xp=xp, classes=C)
+    checks: list = []  # (device values, function raising for their host values), read back once
 
     if weight is not None:
         w = _arrays.operand(weight, "weight")
@@ -174,12 +177,12 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any, checked: 
             raise TypeError(f"weight must hold real numbers (an integer or floating dtype), got {w.dtype_name}")
         if len(w.shape) != 1 or w.shape[0] != C:
             raise ValueError(f"weight must have shape ({C},) (one per class), got {w.shape}")
-        wa = engine.to_float64(w)
-        if not checked:
-            _check_weight(xp, wa)
-        b.weight = wa
-        # On a device the total stays there (a 0-d array the rules use as is): no sync.
-        b.weight_total = float(wa.sum()) if xp is np else wa.sum()
+        b.weight = wa = engine.to_float64(w)
+        summary = engine.apply(_rules.weight_summary, b, spec)  # (non-finite, first negative, sum)
+        # On a device the sum stays there (a 0-d array the rules use as is): no sync.
+        b.weight_total = float(summary[2]) if xp is np else summary[2]
+        if not checked:  # read back with the target check (one sync for both on a device)
+            checks.append((summary, functools.partial(_weight_errors, wa=wa, what="weight")))
     else:
         b.weight_total = float(C)
 
@@ -195,6 +198,7 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any, checked: 
             raise ValueError("ignore_index is not supported with soft (probability) targets")
         b.soft = t
         b.valid = xp.ones(x.rows, dtype=bool)
+        engine.settle(checks)
         return b
 
     if _kind(t) not in "iu":
@@ -207,27 +211,25 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any, checked: 
             f"target shape {t.shape} does not match logits shape {x.shape}: expected {x.shape[:-1]} "
             "(the class axis is the last axis of logits)"
         )
-    if checked:
-        b.target, b.valid = engine.index_targets(t, C, spec.ignore_index, checked=True)
-    else:
-        b.target, b.valid = engine.index_targets(t, C, spec.ignore_index)
-    if b.weight is not None:
-        b.wy = xp.where(b.valid, b.weight[xp.maximum(b.target, 0)], 0.0)
-    else:
-        b.wy = b.valid.astype(xp.float64)
-    return b
+    b.target, b.valid = engine.index_targets(t, C, spec.ignore_index, checked=checked, checks=checks)
+    return b  # b.wy, the target weights, follow when a rule asks (_rules.target_weight)
 
 
-def _check_weight(xp: Any, wa: Any) -> None:
-    """ValueError for a non-finite or negative class weight. Both checks are folded into
-    one small array read back once (on a device: the one sync of the weight checks)."""
-    neg = wa < 0  # False for NaN: a non-finite weight is reported as such first
-    first_neg = xp.where(neg.any(), xp.argmax(neg), -1)
-    nonfinite, bad = (int(v) for v in xp.stack([(~xp.isfinite(wa)).any().astype(xp.int64), first_neg]).tolist())
+def _check_weight(xp: Any, wa: Any, what: str = "weight") -> None:
+    """ValueError for a non-finite or negative class weight (`what`: its name in the
+    message), from one small array read back once (on a device: one sync)."""
+    _weight_errors(_rules.summarize_weights(xp, wa, int(wa.shape[0])).tolist(), wa, what)
+
+
+def _weight_errors(summary: Any, wa: Any, what: str) -> None:
+    """Raises for the host values of :func:`ce_fast._rules.summarize_weights`; a non-finite
+    weight is reported first."""
+    nonfinite, first_negative = summary[0], summary[1]
     if nonfinite:
-        raise ValueError("weight must be finite")
-    if bad >= 0:
-        raise ValueError(f"weight must be non-negative; weight[{bad}] = {float(wa[bad])}")
+        raise ValueError(f"{what} must be finite")
+    if first_negative < math.inf:
+        bad = int(first_negative)
+        raise ValueError(f"{what} must be non-negative; {what}[{bad}] = {float(wa[bad])}")
 
 
 # ---------------------------------------------------------------- destinations (`out=`)

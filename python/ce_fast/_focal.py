@@ -37,11 +37,8 @@ def _batch_for(logits, target, spec: LossSpec, alpha, **grad) -> Batch:
         if len(a.shape) != 1 or a.shape[0] != C:
             raise ValueError(f"alpha must have shape ({C},) (one per class), got {a.shape}")
         av = b.engine.to_float64(a)
-        if not bool(xp.all(xp.isfinite(av))):
-            raise ValueError("alpha must be finite")
-        if bool(xp.any(av < 0)):
-            bad = int(xp.argmax(av < 0))
-            raise ValueError(f"alpha must be non-negative; alpha[{bad}] = {float(av[bad])}")
+        if not b.engine.capturing():  # one read back on a device, none inside a CUDA graph capture
+            _batch._check_weight(xp, av, "alpha")
         b.wy = xp.where(b.valid, av[xp.maximum(b.target, 0)], 0.0)
     return b
 
@@ -56,8 +53,7 @@ def _stats(b: Batch, *, grad=None, given: Stats | None = None) -> Stats:
 
 
 def _loss(b: Batch, spec: LossSpec, s: Stats, gamma: float):
-    rows = _rules.focal_per_row(b, s, gamma)
-    return b.engine.wrap(_rules.count_reduce(b, spec, rows), b.x)
+    return b.engine.wrap(b.engine.apply(_rules.focal_loss, b, spec, s, gamma=gamma), b.x)
 
 
 def focal_loss(
@@ -139,7 +135,7 @@ def focal_loss_and_grad(
         b = _batch_for(logits, target, spec, alpha, grad_output=grad_output, out=out)
         s = _stats(b)
         loss = _loss(b, spec, s, g)
-        _stats(b, grad=_rules.focal_grad_coef(b, spec, s, g), given=s)
+        _stats(b, grad=b.engine.apply(_rules.focal_grad_coef, b, spec, s, gamma=g), given=s)
         return loss, b.result
 
 
@@ -151,5 +147,5 @@ def _focal_grad_with_saved(
     spec = LossSpec.make(ignore_index=ignore_index, reduction=reduction)
     with _batch.device_scope(logits):
         b = _batch_for(logits, target, spec, alpha, grad_output=grad_output, out=out)
-        _stats(b, grad=_rules.focal_grad_coef(b, spec, saved, g), given=saved)
+        _stats(b, grad=b.engine.apply(_rules.focal_grad_coef, b, spec, saved, gamma=g), given=saved)
         return b.result

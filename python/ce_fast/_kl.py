@@ -101,7 +101,6 @@ def make_kl_batch(logits, teacher_logits, target, spec: KlSpec, *, grad_output: 
                 "(the class axis is the last axis of logits)"
             )
         b.target, b.valid = engine.index_targets(y, x.shape[-1], spec.ignore_index)
-    b.wy = b.valid.astype(xp.float64)
     if grad_output is not _NO_GRAD:
         b.grad_output = _batch._grad_output(b, grad_output, spec.reduction)
         if out is None:
@@ -118,8 +117,7 @@ def make_kl_batch(logits, teacher_logits, target, spec: KlSpec, *, grad_output: 
 
 
 def _result(b: Batch, teacher, spec: KlSpec, s: KlStats):
-    rows = _rules.kl_per_row(b, s, spec.reverse)
-    return b.engine.wrap(_rules.count_reduce(b, spec.loss_spec, rows), b.x)
+    return b.engine.wrap(b.engine.apply(_rules.kl_loss, b, spec.loss_spec, s, reverse=spec.reverse), b.x)
 
 
 _DOC_OPTIONS = """temperature : T > 0 (default 1); both logits are divided by it. The loss is *not*
@@ -214,7 +212,7 @@ def kl_divergence_and_grad(
     spec = KlSpec.make(temperature=temperature, reverse=reverse, ignore_index=ignore_index, reduction=reduction)
     with _batch.device_scope(logits):
         b, t = make_kl_batch(logits, teacher_logits, target, spec, grad_output=grad_output, out=out)
-        g = _rules.row_grad_scale(b, spec.loss_spec)
+        g = b.engine.apply(_rules.row_grad_scale, b, spec.loss_spec)
         s = _engine_pass(b, t, spec, g=g)
         return _result(b, t, spec, s), b.result
 
@@ -223,7 +221,7 @@ def _kl_grad_with_saved(logits, teacher_logits, target, saved: KlStats, spec: Kl
     """The gradient only, from statistics saved by a forward call (for ce_fast.torch)."""
     with _batch.device_scope(logits):
         b, t = make_kl_batch(logits, teacher_logits, target, spec, grad_output=grad_output, out=out)
-        g = _rules.row_grad_scale(b, spec.loss_spec)
+        g = b.engine.apply(_rules.row_grad_scale, b, spec.loss_spec)
         _engine_pass(b, t, spec, g=g, given=saved)
         return b.result
 

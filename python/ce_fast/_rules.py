@@ -29,11 +29,57 @@ import numpy as np
 from ._spec import LossSpec
 from ._types import Batch, GradCoef, KlStats, Stats
 
-__all__ = ["GradCoef", "Stats", "denominator", "grad_coef", "per_row", "reduce", "wants_wz"]
+__all__ = [
+    "GradCoef",
+    "Stats",
+    "denominator",
+    "grad_coef",
+    "loss",
+    "per_row",
+    "reduce",
+    "summarize_weights",
+    "target_weight",
+    "wants_wz",
+    "weight_summary",
+]
 
 
 def wants_wz(spec: LossSpec) -> bool:
     return spec.label_smoothing > 0.0
+
+
+def target_weight(b: Batch):
+    """float64 weight of each row's target, 0 for ignored rows (1 for counted rows without
+    class weights): ``b.wy``, computed on first use (a rule run on the device computes
+    it inside its own kernel)."""
+    if b.wy is None:
+        xp = b.xp
+        if b.weight is None:
+            b.wy = b.valid.astype(xp.float64)
+        else:
+            b.wy = xp.where(b.valid, b.weight[xp.maximum(b.target, 0)], 0.0)
+    return b.wy
+
+
+def summarize_weights(xp, w, classes: int):
+    """float64 (3,): the number of non-finite weights, the index of the first negative one
+    (inf when none; NaN is not negative) and their sum: what the weight checks and the
+    rules need, in one pass (on the GPU one generated kernel, read back with the target
+    check)."""
+    nonfinite = xp.where(xp.isfinite(w), 0.0, 1.0).sum()
+    first_negative = xp.where(w < 0.0, xp.arange(classes), xp.inf).min()
+    return xp.stack([nonfinite, first_negative, w.sum()])
+
+
+def weight_summary(b: Batch, spec: LossSpec):
+    """:func:`summarize_weights` of the batch's class weights (a rule: engines apply it)."""
+    return summarize_weights(b.xp, b.weight, b.classes)
+
+
+def loss(b: Batch, spec: LossSpec, s: Stats):
+    """What a cross-entropy call returns, from the per-row statistics: :func:`reduce` of
+    :func:`per_row` (engines run it as one rule; the GPU engine as one kernel)."""
+    return reduce(b, spec, per_row(b, spec, s))
 
 
 def per_row(b: Batch, spec: LossSpec, s: Stats):
@@ -58,7 +104,7 @@ def per_row(b: Batch, spec: LossSpec, s: Stats):
                     swtz = xp.where((s.swz == -xp.inf) & _smoothing_reaches_all(b, eps / C), -xp.inf, swtz_split)
             loss = s.ls * swt - swtz
         else:
-            loss = b.wy * ((s.mx - s.zy) + s.ls)
+            loss = target_weight(b) * ((s.mx - s.zy) + s.ls)
             if eps > 0.0:
                 loss = (1.0 - eps) * loss + (eps / C) * (b.weight_total * s.ls - s.swz)
         if spec.z_loss > 0.0:
@@ -86,7 +132,7 @@ def denominator(b: Batch):
     engine, left on the device), or the row count."""
     if b.soft is not None:
         return float(b.rows)
-    return b.wy.sum()
+    return target_weight(b).sum()
 
 
 def reduce(b: Batch, spec: LossSpec, rows_loss):
@@ -131,9 +177,10 @@ def grad_coef(b: Batch, spec: LossSpec) -> GradCoef:
             d=smooth,
             e=1.0 - eps,
         )
+    wy = target_weight(b)
     return GradCoef(
-        a0=(1.0 - eps) * b.wy + smooth * b.weight_total,
-        b=(1.0 - eps) * b.wy,
+        a0=(1.0 - eps) * wy + smooth * b.weight_total,
+        b=(1.0 - eps) * wy,
         g=g,
         a_lse=2.0 * spec.z_loss,
         a_swt=0.0,
@@ -166,30 +213,33 @@ class _quiet:
 
 
 def count_reduce(b: Batch, spec: LossSpec, rows_loss):
-    """As :func:`reduce`, the mean dividing by the number of counted rows (KL, focal)."""
+    """As :func:`reduce`, the mean dividing by the number of counted rows (KL, focal).
+    Left on the device (no sync), as :func:`reduce`."""
     xp = b.xp
     with _quiet(xp):
         if spec.reduction == "none":
             return rows_loss.astype(b.out_dtype).reshape(b.x.batch_shape)
-        total = float(rows_loss.sum())
+        total = rows_loss.sum()
         if spec.reduction == "mean":
-            den = float(b.valid.sum())
-            total = total / den if den != 0.0 else float("nan")
+            den = b.valid.astype(xp.float64).sum()
+            total = xp.where(den != 0.0, total / xp.where(den != 0.0, den, 1.0), xp.nan)
         return xp.asarray(total, dtype=b.out_dtype)
 
 
 def row_grad_scale(b: Batch, spec: LossSpec):
     """float64 factor of each row's gradient: grad_output, over the number of counted rows
-    for ``mean``, 0 for rows that do not count."""
+    for ``mean``, 0 for rows that do not count. Nothing is read back on the host."""
     xp = b.xp
-    if spec.reduction == "none":
-        go = xp.broadcast_to(xp.asarray(b.grad_output, dtype=xp.float64), b.x.batch_shape).reshape(b.rows)
-    else:
-        go = xp.full(b.rows, float(b.grad_output), dtype=xp.float64)
-        if spec.reduction == "mean":
-            den = float(b.valid.sum())
-            go = go / den if den != 0.0 else go * 0.0
-    return xp.where(b.valid, go, 0.0)
+    grad_output = b.grad_output
+    with _quiet(xp):
+        if spec.reduction == "none":
+            go = xp.broadcast_to(xp.asarray(grad_output, dtype=xp.float64), b.x.batch_shape).reshape(b.rows)
+        else:
+            go = float(grad_output) if _on_host(grad_output) else xp.asarray(grad_output, dtype=xp.float64)
+            if spec.reduction == "mean":
+                den = b.valid.astype(xp.float64).sum()
+                go = xp.where(den != 0.0, go / xp.where(den != 0.0, den, 1.0), go * 0.0)
+        return xp.where(b.valid, go, 0.0)
 
 
 def kl_per_row(b: Batch, s: KlStats, reverse: bool):
@@ -209,6 +259,11 @@ def kl_per_row(b: Batch, s: KlStats, reverse: bool):
             (mr, lr), (mo, lo) = (s.mt, s.lt), (s.ms, s.ls)
         loss = s.cross - (mr - mo) - (lr - lo)
         return xp.where(b.valid, loss, 0.0)
+
+
+def kl_loss(b: Batch, spec: LossSpec, s: KlStats, reverse: bool):
+    """What a kl_divergence call returns, from the KL statistics."""
+    return count_reduce(b, spec, kl_per_row(b, s, reverse))
 
 
 # ---------------------------------------------------------------- focal loss
@@ -232,9 +287,15 @@ def focal_per_row(b: Batch, s: Stats, gamma: float):
     xp = b.xp
     with _quiet(xp):
         u, om, _ = _focal_parts(b, s, gamma)
-        loss = b.wy * u if gamma == 0.0 else b.wy * (om**gamma) * u
+        wy = target_weight(b)
+        loss = wy * u if gamma == 0.0 else wy * (om**gamma) * u
         loss = xp.where(xp.isfinite(s.mx), loss, xp.nan)
         return xp.where(b.valid, loss, 0.0)
+
+
+def focal_loss(b: Batch, spec: LossSpec, s: Stats, gamma: float):
+    """What a focal_loss call returns, from the per-row statistics."""
+    return count_reduce(b, spec, focal_per_row(b, s, gamma))
 
 
 def focal_grad_coef(b: Batch, spec: LossSpec, s: Stats, gamma: float) -> GradCoef:
@@ -246,11 +307,12 @@ def focal_grad_coef(b: Batch, spec: LossSpec, s: Stats, gamma: float) -> GradCoe
     xp = b.xp
     with _quiet(xp):
         u, om, p = _focal_parts(b, s, gamma)
+        wy = target_weight(b)
         if gamma == 0.0:
-            k = b.wy
+            k = wy
         else:
             ratio = xp.where(u == 0.0, 1.0, u / xp.where(om == 0.0, 1.0, om))
             extra = xp.where(p == 0.0, 0.0, gamma * p * ratio)
-            k = b.wy * (om**gamma) * (1.0 + extra)
+            k = wy * (om**gamma) * (1.0 + extra)
         k = xp.where(b.valid, k, 0.0)
     return GradCoef(a0=k, b=k, g=row_grad_scale(b, spec), a_lse=0.0, a_swt=0.0, d=0.0, e=0.0)

@@ -73,13 +73,30 @@ class Engine(Protocol):
     def scope(self, x: Operand) -> AbstractContextManager[Any]:
         """Context of one call on the logits `x` (device and stream)."""
 
+    def apply(self, rule: Any, *args: Any, **options: Any) -> Any:
+        """``rule(*args, **options)`` for a rule of :mod:`ce_fast._rules` taking (batch,
+        spec, statistics...), run where the statistics are (the GPU engine traces it into
+        one kernel)."""
+
+    def capturing(self) -> bool:
+        """Whether the current stream is capturing a CUDA graph (then nothing may wait for
+        the device: value checks that read back are skipped)."""
+
     def to_float64(self, op: Operand) -> Any:
         """A contiguous float64 copy of `op` in the engine's array module."""
 
-    def index_targets(self, t: Operand, C: int, ignore_index: int, checked: bool = False) -> tuple[Any, Any]:
+    def settle(self, checks: Any) -> None:
+        """Runs pending value checks, each (values in the engine's array module, a function
+        raising for their host values), reading them back at once (on a device: one sync;
+        none under CUDA-graph capture)."""
+
+    def index_targets(
+        self, t: Operand, C: int, ignore_index: int, checked: bool = False, checks: Any = ()
+    ) -> tuple[Any, Any]:
         """(int64 indices with -1 for ignored rows, bool mask of counted rows); IndexError
-        for a target outside [0, C) that is not ignore_index. `checked`: an earlier call
-        checked these targets (an engine may skip what that costs, e.g. a host sync)."""
+        for a target outside [0, C) that is not ignore_index. `checks` are settled first,
+        read back together with the target check. `checked`: an earlier call checked these
+        targets (an engine may skip what that costs, e.g. a host sync)."""
 
     def grad_output(self, value: Any, x: Operand) -> Any:
         """A validated real grad_output as a float64 0-d host array or an engine array."""

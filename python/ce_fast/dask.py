@@ -175,7 +175,7 @@ def _rows_block(x: np.ndarray, t: np.ndarray, spec: LossSpec, weight: Any, batch
     s = _api._stats(b, spec)
     out = np.empty((x.shape[0], 2))
     out[:, 0] = _rules.per_row(b, spec, s)
-    out[:, 1] = 1.0 if b.soft is not None else b.wy
+    out[:, 1] = 1.0 if b.soft is not None else _rules.target_weight(b)
     return out
 
 

@@ -40,13 +40,33 @@ def get_threads() -> int:
     return _threads or default_threads()
 
 
+def apply(rule: Any, *args: Any, **options: Any) -> Any:
+    """Runs a rule of :mod:`ce_fast._rules` (e.g. ``_rules.loss``) with NumPy."""
+    return rule(*args, **options)
+
+
+def capturing() -> bool:
+    """Host work is never part of a CUDA graph capture."""
+    return False
+
+
 def to_float64(op: Operand) -> np.ndarray:
     return np.ascontiguousarray(numpy_of(op), dtype=np.float64)
 
 
-def index_targets(t: Operand, C: int, ignore_index: int, checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """int64 class indices with -1 for ignored rows, and the mask of counted rows.
-    `checked` (targets an earlier call checked) changes nothing here: the scan is cheap."""
+def settle(checks: Any) -> None:
+    """Runs each pending value check (values, raising function) on its host values."""
+    for values, raise_for in checks:
+        raise_for(np.asarray(values).tolist())
+
+
+def index_targets(
+    t: Operand, C: int, ignore_index: int, checked: bool = False, checks: Any = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 class indices with -1 for ignored rows, and the mask of counted rows;
+    `checks` (pending value checks, see :func:`settle`) are settled first. `checked`
+    (targets an earlier call checked) changes nothing here: the scan is cheap."""
+    settle(checks)
     a = np.asarray(numpy_of(t))
     bad = first_out_of_range(a, C, ignore_index, np)
     if bad is not None:

@@ -25,14 +25,21 @@ gradient.
   apply (soft targets, strided rows, rows beyond its registers) the two-pass one runs.
 - Logits never leave the device. The host reads one flag after the target check
   (an out-of-range target -> IndexError; skipped under CUDA-graph capture, where such
-  rows give NaN); the rules and reductions stay on the device (mean and sum are 0-d
-  device arrays), so nothing else waits for the device.
+  rows give NaN) and, with class weights, one after the weight checks (also skipped
+  under capture: the weights' values are then not checked); the rules and reductions
+  stay on the device (mean and sum are 0-d device arrays), so nothing else waits for
+  the device.
+- The loss rules of :mod:`ce_fast._rules` run as one generated kernel per rule and
+  option set (:func:`apply`, :mod:`ce_fast._engines.cuda_rules`): a forward is the target
+  check, the statistics kernel and one rules kernel; loss + gradient adds one kernel
+  for the gradient's per-row coefficients.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,6 +50,7 @@ from .._arrays import BF16, F16, F32, F64, Operand, _torch, is_torch, operand
 from .._core import kernel_source
 from .._errors import index_error
 from .._types import Batch, GradCoef, Stats
+from .cuda_rules import apply as _apply_rule
 
 KERNEL_NAME = "ce.cu"  # the engine's kernel file: kernels/ce.cu, embedded in _core
 KERNELS_DIR_ENV = "CE_FAST_KERNELS_DIR"  # a directory whose .cu files replace the embedded ones
@@ -521,20 +529,44 @@ def _element(op: Operand, pos: tuple) -> int:
     return int(_cupy_array(op)[pos])
 
 
-def index_targets(t: Operand, C: int, ignore_index: int, checked: bool = False):
+def _read_back(arrays: list) -> list:
+    """Host values of small device arrays (uint64 or float64), in one transfer: one sync."""
+    cp = xp()
+    bits = [a.view(cp.uint64) if a.dtype == cp.float64 else a for a in arrays]
+    flat = (bits[0] if len(bits) == 1 else cp.concatenate(bits)).tolist()
+    out, at = [], 0
+    for a in arrays:
+        part = flat[at : at + a.size]
+        at += a.size
+        out.append(np.array(part, dtype=np.uint64).view(np.float64).tolist() if a.dtype == cp.float64 else part)
+    return out
+
+
+def settle(checks: Any) -> None:
+    """Runs pending value checks (device values, raising function) with one read back;
+    nothing under CUDA-graph capture (no sync is allowed there)."""
+    if not checks or capturing():
+        return
+    for (_, raise_for), host in zip(checks, _read_back([v for v, _ in checks])):
+        raise_for(host)
+
+
+def index_targets(t: Operand, C: int, ignore_index: int, checked: bool = False, checks: Any = ()):
     """int64 class indices with -1 for ignored rows, and the mask of counted rows.
 
     One kernel converts any integer dtype and checks the range; an offending row is
-    recorded on the device (atomicMin of its flat position) and read back once: the
-    one host sync of a call. Under CUDA-graph capture it is not read: such rows get
+    recorded on the device (atomicMin of its flat position) and read back once, together
+    with the values of the pending `checks` (see :func:`settle`, settled first): the one
+    host sync of a call. Under CUDA-graph capture nothing is read: out-of-range rows get
     index -2 and NaN losses. With `checked` (targets an earlier call checked, e.g. the
-    forward of this backward) it is not read either.
+    forward of this backward) the target flag is not read either.
     """
     cp = xp()
     n = int(np.prod(t.shape, dtype=np.int64))
     idx = cp.empty(n, dtype=cp.int64)
     valid = cp.empty(n, dtype=cp.bool_)
     if n == 0:
+        settle(checks)
         return idx, valid
     name = INT_TYPES.get(t.dtype_name)
     if name is None:
@@ -566,8 +598,12 @@ def index_targets(t: Operand, C: int, ignore_index: int, checked: bool = False):
     if checked or capturing():
         # No sync while a CUDA graph is captured: the kernel marked such rows -2, which
         # the row kernels turn into NaN losses (and NaN gradients).
+        settle(checks)
         return idx, valid
-    flat = int(bad[0])  # the one synchronisation of the check
+    host = _read_back([bad] + [v for v, _ in checks])  # the one synchronisation of the checks
+    for (_, raise_for), values in zip(checks, host[1:]):
+        raise_for(values)
+    flat = int(host[0][0])
     if flat != _NO_BAD:
         pos = tuple(int(i) for i in np.unravel_index(flat, t.shape)) if len(t.shape) else ()
         raise index_error(pos, _element(t, pos), C, ignore_index)
@@ -810,3 +846,30 @@ def grad_output(value: Any, x: Operand):
     if isinstance(value, cp.ndarray) or hasattr(value, "__cuda_array_interface__"):
         return cp.asarray(value).astype(cp.float64)
     return np.asarray(value, dtype=np.float64)
+
+
+# ---------------------------------------------------------------- the loss rules
+
+# Options of the generated rule kernels: no fused multiply-add contraction, so each
+# operation rounds as NumPy's does and the CPU and GPU engines agree to the bit per row.
+RULE_OPTIONS: tuple[str, ...] = ("--fmad=false",)
+_rule_kernels: dict[str, Any] = {}
+
+
+def _generated(program: Any) -> Any:
+    """The kernel of a generated program (ce_fast._symbolic.Program), compiled by NVRTC on
+    first use in the process (CuPy's disk cache keeps it across processes)."""
+    ker = _rule_kernels.get(program.name)
+    if ker is None:
+        with _lock:
+            ker = _rule_kernels.get(program.name)
+            if ker is None:
+                mod = xp().RawModule(code=program.source, options=OPTIONS + RULE_OPTIONS)
+                ker = _rule_kernels[program.name] = mod.get_function(program.name)
+    return ker
+
+
+def apply(rule: Any, b: Batch, *args: Any, **options: Any) -> Any:
+    """``rule(b, *args, **options)`` for a rule of ce_fast._rules, as one generated kernel
+    on the batch's device (see :mod:`ce_fast._engines.cuda_rules`)."""
+    return _apply_rule(sys.modules[__name__], rule, b, *args, **options)
