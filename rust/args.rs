@@ -7,10 +7,10 @@
 use crate::elem::{DType, Matrix};
 use crate::engine::rows::StatsOut;
 use numpy::{
-    PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2,
-    PyUntypedArrayMethods,
+    PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1,
+    PyReadwriteArray2, PyUntypedArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 fn err(msg: String) -> PyErr {
@@ -169,6 +169,24 @@ pub fn pair<'a>(
         .as_slice()
         .map_err(|_| err(format!("{what}: not a contiguous array")))?;
     Ok(s.split_at(rows))
+}
+
+/// The address and size in bytes of a C-contiguous NumPy array of plain values (no
+/// Python objects), read from the array itself so no caller names a stray address.
+pub fn bytes(a: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(usize, usize)> {
+    let dtype = a.dtype();
+    if dtype.has_object() {
+        return Err(PyTypeError::new_err(format!(
+            "{what}: an array of Python objects (dtype {dtype}) holds references, not data"
+        )));
+    }
+    if !a.is_c_contiguous() {
+        return Err(err(format!("{what}: not a C-contiguous array")));
+    }
+    // SAFETY: `a` is a live NumPy array (its type was checked when the argument was
+    // extracted) and the GIL is held, so its array struct may be read.
+    let ptr = unsafe { (*numpy::npyffi::_PyArray_GET_ITEM_DATA(a.as_array_ptr())).data };
+    Ok((ptr as usize, a.len() * dtype.itemsize()))
 }
 
 /// Destinations of the per-row statistics, read by attribute from `ce_fast._types.Stats`:

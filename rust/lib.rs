@@ -19,7 +19,9 @@ mod kernels;
 use args::{ArrayDesc, Coefficients, Outputs, Saved};
 use elem::DType;
 use engine::{binary, kl, plain, rows};
-use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2};
+use numpy::{
+    PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArray,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rows::{GradSpec, Problem, StatsOut};
@@ -434,12 +436,13 @@ fn plain_backward(
     Ok(())
 }
 
-/// Reads every byte of a C-contiguous buffer once, on the engine's threads: the
-/// memory-bandwidth yardstick the benchmarks compare against. Returns a checksum
-/// so the reads cannot be optimised away.
+/// Reads every byte of the C-contiguous NumPy array `a` (any dtype but object) once, on
+/// the engine's threads: the memory-bandwidth yardstick the benchmarks compare against.
+/// Returns a checksum so the reads cannot be optimised away.
 #[pyfunction]
-#[pyo3(signature = (ptr, nbytes, threads=0))]
-fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyResult<u64> {
+#[pyo3(signature = (a, threads=0))]
+fn read_pass(py: Python<'_>, a: &Bound<'_, PyUntypedArray>, threads: usize) -> PyResult<u64> {
+    let (ptr, nbytes) = args::bytes(a, "a")?;
     if ptr == 0 && nbytes > 0 {
         return Err(PyValueError::new_err("null data pointer"));
     }
@@ -454,15 +457,15 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
             if n == 0 {
                 return &[];
             }
-            // SAFETY: [from, from + n) lies in the caller's buffer of `nbytes` bytes at the
-            // non-null `ptr`, which the caller keeps alive and unwritten for the call.
+            // SAFETY: [from, from + n) lies in the array's buffer of `nbytes` bytes at the
+            // non-null `ptr`, which the argument keeps alive (and the caller unwritten).
             unsafe { std::slice::from_raw_parts(from as *const u8, n) }
         };
         let data: &[u64] = if words == 0 {
             &[]
         } else {
             // SAFETY: ptr + head is 8-byte aligned (head rounds ptr up) and non-null, and
-            // its `words` words end inside the caller's live buffer of `nbytes` bytes.
+            // its `words` words end inside the array's live buffer of `nbytes` bytes.
             unsafe { std::slice::from_raw_parts((ptr + head) as *const u64, words) }
         };
         let end = ptr + head + words * 8;

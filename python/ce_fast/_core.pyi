@@ -138,8 +138,10 @@ def kl_run(
     and with `g` (float64 per-row factors) and `out` the student's gradient. Vectors of
     the wrong dtype, length or layout raise ValueError (or TypeError)."""
 
-def read_pass(ptr: int, nbytes: int, threads: int = 0) -> int:
-    """Reads `nbytes` at `ptr` once on the engine's threads; an xor checksum."""
+def read_pass(a: np.ndarray, threads: int = 0) -> int:
+    """Reads every byte of the C-contiguous NumPy array `a` once on the engine's threads;
+    an xor checksum. A non-array or an array of Python objects is a TypeError, a
+    non-contiguous array a ValueError."""
 
 def set_simd(name: str) -> None:
     """Forces the kernel set: "scalar", "auto", "avx2" or "avx512" (any case); a set the
