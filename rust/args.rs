@@ -38,7 +38,7 @@ pub struct ArrayDesc {
 
 impl ArrayDesc {
     /// The rows-by-classes view the engine reads, after the checks it relies on.
-    pub fn matrix(&self, what: &str) -> PyResult<Matrix> {
+    pub fn matrix(self, what: &str) -> PyResult<Matrix> {
         let dtype = match self.code {
             Some(c) => DType::from_code(c)
                 .ok_or_else(|| err(format!("{what}: unsupported dtype code {c}")))?,
@@ -53,8 +53,10 @@ impl ArrayDesc {
         if cols == 0 {
             return Err(err(format!("{what}: zero classes")));
         }
-        let n = self.shape.len() - 1;
-        let batch_shape = self.shape[..n].to_vec();
+        // The batch axes are the vectors less their last entry (no copy: small calls count).
+        let (mut batch_shape, mut batch_strides) = (self.shape, self.strides);
+        batch_shape.pop();
+        batch_strides.pop();
         if self.ptr == 0 && batch_shape.iter().product::<usize>() > 0 {
             return Err(err(format!("{what}: null data pointer")));
         }
@@ -64,18 +66,21 @@ impl ArrayDesc {
             cols,
             col_stride,
             batch_shape,
-            batch_strides: self.strides[..n].to_vec(),
+            batch_strides,
         })
     }
 
     /// An operand read or written alongside the logits `x`: their classes and batch shape.
-    pub fn like(&self, x: &Matrix, what: &str) -> PyResult<Matrix> {
+    pub fn like(self, x: &Matrix, what: &str) -> PyResult<Matrix> {
         let m = self.matrix(what)?;
         if m.cols != x.cols || m.batch_shape != x.batch_shape {
-            let logits: Vec<usize> = x.batch_shape.iter().copied().chain([x.cols]).collect();
+            let full = |m: &Matrix| -> Vec<usize> {
+                m.batch_shape.iter().copied().chain([m.cols]).collect()
+            };
             return Err(err(format!(
-                "{what}: shape {:?} differs from the logits' {logits:?}",
-                self.shape
+                "{what}: shape {:?} differs from the logits' {:?}",
+                full(&m),
+                full(x)
             )));
         }
         Ok(m)

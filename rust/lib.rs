@@ -350,7 +350,8 @@ fn plain_targets(
 /// written into `out` in the same pass. Returns the counted rows, or -1 - r for the
 /// first row r whose target is out of range (then nothing is computed).
 #[pyfunction]
-#[pyo3(signature = (x, target, ignore_index, lse, loss, *, go=None, mean=false, out=None, threads=0))]
+// `threads` before the named options: the small-call path passes it positionally.
+#[pyo3(signature = (x, target, ignore_index, lse, loss, threads=0, *, go=None, mean=false, out=None))]
 #[allow(clippy::too_many_arguments)]
 fn plain_forward(
     py: Python<'_>,
@@ -359,10 +360,10 @@ fn plain_forward(
     ignore_index: i64,
     mut lse: PyReadwriteArray2<'_, f64>,
     mut loss: PyReadwriteArray1<'_, f64>,
+    threads: usize,
     go: Option<f64>,
     mean: bool,
     out: Option<ArrayDesc>,
-    threads: usize,
 ) -> PyResult<i64> {
     let x = x.matrix("logits")?;
     let rows = x.rows();
@@ -398,7 +399,7 @@ fn plain_forward(
 /// `go` for the batch (divided by the counted rows when `mean`) or `go_rows`, float64
 /// values one per row.
 #[pyfunction]
-#[pyo3(signature = (x, target, ignore_index, lse, out, *, go=None, go_rows=None, mean=false, threads=0))]
+#[pyo3(signature = (x, target, ignore_index, lse, out, threads=0, *, go=None, go_rows=None, mean=false))]
 #[allow(clippy::too_many_arguments)]
 fn plain_backward(
     py: Python<'_>,
@@ -407,10 +408,10 @@ fn plain_backward(
     ignore_index: i64,
     lse: PyReadonlyArray2<'_, f64>,
     out: ArrayDesc,
+    threads: usize,
     go: Option<f64>,
     go_rows: Option<PyReadonlyArray1<'_, f64>>,
     mean: bool,
-    threads: usize,
 ) -> PyResult<()> {
     let x = x.matrix("logits")?;
     let rows = x.rows();

@@ -102,7 +102,7 @@ def test_plain_forward_refuses_bad_arguments():
             _core.plain_forward(_op(x), kw.pop("target"), IGNORE, kw.pop("lse"), kw.pop("loss"), **kw)
         assert np.isnan(lse).all() and np.isnan(loss).all(), msg
     with pytest.raises(TypeError, match="positional"):  # the gradient's arguments are named
-        _core.plain_forward(_op(x), y, IGNORE, *_stats(), 1.0)
+        _core.plain_forward(_op(x), y, IGNORE, *_stats(), 0, 1.0)
 
 
 def test_plain_backward_refuses_bad_arguments():

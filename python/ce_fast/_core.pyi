@@ -81,11 +81,11 @@ def plain_forward(
     ignore_index: int,
     lse: NDArray[np.float64],
     loss: NDArray[np.float64],
+    threads: int = 0,
     *,
     go: float | None = None,
     mean: bool = False,
     out: _ArrayDesc | None = None,
-    threads: int = 0,
 ) -> int:
     """The plain cross-entropy (int64 `target`, one per row, contiguous): row maxima and
     log-sums into the contiguous float64 (2, rows) `lse`, per-row losses into the float64
@@ -101,11 +101,11 @@ def plain_backward(
     ignore_index: int,
     lse: NDArray[np.float64],
     out: _ArrayDesc,
+    threads: int = 0,
     *,
     go: float | None = None,
     go_rows: NDArray[np.float64] | None = None,
     mean: bool = False,
-    threads: int = 0,
 ) -> None:
     """The plain cross-entropy's gradient from `plain_forward`'s lse into `out` (the
     logits' shape): exactly one of `go` for the batch (over the counted rows when `mean`)

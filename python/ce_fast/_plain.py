@@ -92,9 +92,9 @@ def torch_forward(
     per = torch.empty(rows, dtype=torch.float64)
     tv, lv, pv = t.numpy().reshape(-1), lse.numpy(), per.numpy()
     if inplace:
-        n = plain_forward(d, tv, ignore_index, lv, pv, go=1.0, mean=reduction == "mean", out=d, threads=cpu._threads)
+        n = plain_forward(d, tv, ignore_index, lv, pv, cpu._threads, go=1.0, mean=reduction == "mean", out=d)
     else:
-        n = plain_forward(d, tv, ignore_index, lv, pv, threads=cpu._threads)
+        n = plain_forward(d, tv, ignore_index, lv, pv, cpu._threads)
     if n < 0:
         raise _target_error(t.numpy(), -1 - n, d.shape[-1], ignore_index)
     f64 = input.dtype is torch.float64
@@ -121,10 +121,10 @@ def torch_backward(grad: Any, input: Any, d: Layout, target: Any, ignore_index: 
     tv, lv = target.numpy().reshape(-1), lse.numpy()
     if reduction == "none":
         go = grad.to(torch.float64).contiguous().reshape(-1).numpy()
-        plain_backward(d, tv, ignore_index, lv, od, go_rows=go, threads=cpu._threads)
+        plain_backward(d, tv, ignore_index, lv, od, cpu._threads, go_rows=go)
     else:
         mean = reduction == "mean"
-        plain_backward(d, tv, ignore_index, lv, od, go=float(grad), mean=mean, threads=cpu._threads)
+        plain_backward(d, tv, ignore_index, lv, od, cpu._threads, go=float(grad), mean=mean)
     return out
 
 
@@ -156,8 +156,8 @@ def numpy_loss(logits: Any, target: Any, ignore_index: int, reduction: str) -> A
     rows = t.size
     lse = np.empty((2, rows))
     per = np.empty(rows)
-    d = Layout(logits.__array_interface__["data"][0], code, shape, tuple(s // item for s in strides))
-    n = plain_forward(d, t.reshape(-1), ignore_index, lse, per, threads=cpu._threads)
+    d = Layout(logits.__array_interface__["data"][0], code, shape, tuple([s // item for s in strides]))
+    n = plain_forward(d, t.reshape(-1), ignore_index, lse, per, cpu._threads)
     if n < 0:
         raise _target_error(t, -1 - n, shape[-1], ignore_index)
     dtype = np.float64 if code == _arrays.F64 else np.float32

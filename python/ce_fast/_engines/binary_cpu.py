@@ -55,7 +55,7 @@ def _layout(a: np.ndarray) -> Layout:
     code = _CODES.get(a.dtype, _arrays.BF16)
     item = a.dtype.itemsize
     ptr = a.__array_interface__["data"][0]
-    return Layout(ptr, code, a.shape, tuple(s // item for s in a.strides))
+    return Layout(ptr, code, a.shape, tuple([s // item for s in a.strides]))
 
 
 def _view(op: Operand, shape: tuple, float_dtype: Any) -> np.ndarray:
