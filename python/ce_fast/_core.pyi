@@ -17,10 +17,11 @@ MAX_THREADS: int
 class _ArrayDesc(Protocol):
     """What the engine reads of an array argument, by attribute (ce_fast._arrays.Operand
     and ce_fast._arrays.Layout have it): address, dtype code, shape and strides in
-    elements, the class axis last. An object without them is an AttributeError (wrapped
-    in a TypeError naming the argument); a code other than float32 / float64 / float16 /
-    bfloat16's, a 0-d shape, zero classes or shape and strides of different lengths a
-    ValueError."""
+    elements, the class axis last. An object without them is an AttributeError, one of
+    the wrong type (a negative size, a float code) a TypeError; a code other than
+    float32 / float64 / float16 / bfloat16's, a 0-d shape, zero classes, shape and
+    strides of different lengths or a null address of a non-empty array a ValueError. The
+    address itself is the caller's word: the Python package derives it from a live array."""
 
     # Read-only, so the frozen Operand dataclass satisfies it.
     @property
