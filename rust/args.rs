@@ -6,12 +6,24 @@
 
 use crate::elem::{DType, Matrix};
 use crate::engine::rows::StatsOut;
-use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
-use pyo3::exceptions::PyValueError;
+use numpy::{
+    PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1,
+    PyReadwriteArray2, PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 fn err(msg: String) -> PyErr {
     PyValueError::new_err(msg)
+}
+
+/// A slice needs aligned values; NumPy allows views at any byte offset.
+fn aligned<T>(p: *const T, what: &str) -> PyResult<()> {
+    if (p as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        Ok(())
+    } else {
+        Err(err(format!("{what}: values not aligned")))
+    }
 }
 
 /// An array as `ce_fast._arrays.Operand` describes it: address, dtype code (None for
@@ -26,11 +38,12 @@ pub struct ArrayDesc {
 
 impl ArrayDesc {
     /// The rows-by-classes view the engine reads, after the checks it relies on.
-    pub fn matrix(&self, what: &str) -> PyResult<Matrix> {
-        let dtype = self
-            .code
-            .and_then(DType::from_code)
-            .ok_or_else(|| err(format!("{what}: unsupported dtype code {:?}", self.code)))?;
+    pub fn matrix(self, what: &str) -> PyResult<Matrix> {
+        let dtype = match self.code {
+            Some(c) => DType::from_code(c)
+                .ok_or_else(|| err(format!("{what}: unsupported dtype code {c}")))?,
+            None => return Err(err(format!("{what}: not a floating-point array"))),
+        };
         let (Some(&cols), Some(&col_stride)) = (self.shape.last(), self.strides.last()) else {
             return Err(err(format!("{what}: no class axis (a 0-d array)")));
         };
@@ -40,8 +53,10 @@ impl ArrayDesc {
         if cols == 0 {
             return Err(err(format!("{what}: zero classes")));
         }
-        let n = self.shape.len() - 1;
-        let batch_shape = self.shape[..n].to_vec();
+        // The batch axes are the vectors less their last entry (no copy: small calls count).
+        let (mut batch_shape, mut batch_strides) = (self.shape, self.strides);
+        batch_shape.pop();
+        batch_strides.pop();
         if self.ptr == 0 && batch_shape.iter().product::<usize>() > 0 {
             return Err(err(format!("{what}: null data pointer")));
         }
@@ -51,8 +66,24 @@ impl ArrayDesc {
             cols,
             col_stride,
             batch_shape,
-            batch_strides: self.strides[..n].to_vec(),
+            batch_strides,
         })
+    }
+
+    /// An operand read or written alongside the logits `x`: their classes and batch shape.
+    pub fn like(self, x: &Matrix, what: &str) -> PyResult<Matrix> {
+        let m = self.matrix(what)?;
+        if m.cols != x.cols || m.batch_shape != x.batch_shape {
+            let full = |m: &Matrix| -> Vec<usize> {
+                m.batch_shape.iter().copied().chain([m.cols]).collect()
+            };
+            return Err(err(format!(
+                "{what}: shape {:?} differs from the logits' {:?}",
+                full(&m),
+                full(x)
+            )));
+        }
+        Ok(m)
     }
 }
 
@@ -62,10 +93,7 @@ pub fn vector<'a, T: numpy::Element>(
     len: usize,
     what: &str,
 ) -> PyResult<&'a [T]> {
-    // A slice needs aligned values; NumPy allows views at any byte offset.
-    if !(a.data() as usize).is_multiple_of(std::mem::align_of::<T>()) {
-        return Err(err(format!("{what}: values not aligned")));
-    }
+    aligned(a.data(), what)?;
     let s = a
         .as_slice()
         .map_err(|_| err(format!("{what}: not a contiguous array")))?;
@@ -87,22 +115,83 @@ pub fn destination<T: numpy::Element>(
     }
 }
 
+/// A writable contiguous vector of exactly `len` values.
+pub fn vector_mut<'a, T: numpy::Element>(
+    a: &'a mut PyReadwriteArray1<'_, T>,
+    len: usize,
+    what: &str,
+) -> PyResult<&'a mut [T]> {
+    aligned(a.data(), what)?;
+    if a.len() != len {
+        return Err(err(format!("{what}: {} values, expected {len}", a.len())));
+    }
+    a.as_slice_mut()
+        .map_err(|_| err(format!("{what}: not a contiguous array")))
+}
+
 /// The address of a writable contiguous vector of exactly `len` values.
 pub fn address_mut<T: numpy::Element>(
     a: &mut PyReadwriteArray1<'_, T>,
     len: usize,
     what: &str,
 ) -> PyResult<usize> {
-    if !(a.data() as usize).is_multiple_of(std::mem::align_of::<T>()) {
-        return Err(err(format!("{what}: values not aligned")));
+    Ok(vector_mut(a, len, what)?.as_mut_ptr() as usize)
+}
+
+/// The shape check of a (2, rows) array of per-row statistics.
+fn pair_shape(shape: &[usize], rows: usize, what: &str) -> PyResult<()> {
+    if shape != [2, rows] {
+        return Err(err(format!(
+            "{what}: shape {shape:?}, expected [2, {rows}]"
+        )));
     }
-    if a.len() != len {
-        return Err(err(format!("{what}: {} values, expected {len}", a.len())));
-    }
+    Ok(())
+}
+
+/// A writable contiguous float64 (2, rows) array as its two rows (row maxima, log-sums).
+pub fn pair_mut<'a>(
+    a: &'a mut PyReadwriteArray2<'_, f64>,
+    rows: usize,
+    what: &str,
+) -> PyResult<(&'a mut [f64], &'a mut [f64])> {
+    pair_shape(a.shape(), rows, what)?;
+    aligned(a.data(), what)?;
     let s = a
         .as_slice_mut()
         .map_err(|_| err(format!("{what}: not a contiguous array")))?;
-    Ok(s.as_mut_ptr() as usize)
+    Ok(s.split_at_mut(rows))
+}
+
+/// A contiguous float64 (2, rows) array as its two rows, only read.
+pub fn pair<'a>(
+    a: &'a PyReadonlyArray2<'_, f64>,
+    rows: usize,
+    what: &str,
+) -> PyResult<(&'a [f64], &'a [f64])> {
+    pair_shape(a.shape(), rows, what)?;
+    aligned(a.data(), what)?;
+    let s = a
+        .as_slice()
+        .map_err(|_| err(format!("{what}: not a contiguous array")))?;
+    Ok(s.split_at(rows))
+}
+
+/// The address and size in bytes of a C-contiguous NumPy array of plain values (no
+/// Python objects), read from the array itself so no caller names a stray address.
+pub fn bytes(a: &Bound<'_, PyUntypedArray>, what: &str) -> PyResult<(usize, usize)> {
+    let dtype = a.dtype();
+    if dtype.has_object() {
+        return Err(PyTypeError::new_err(format!(
+            "{what}: an array of Python objects (dtype {dtype}) holds references, not data"
+        )));
+    }
+    if !a.is_c_contiguous() {
+        return Err(err(format!("{what}: not a C-contiguous array")));
+    }
+    // SAFETY: `a` is a live NumPy array (its type was checked when the argument was
+    // extracted) and the GIL is held, so its array struct may be read.
+    let ptr = unsafe { (*numpy::npyffi::_PyArray_GET_ITEM_DATA(a.as_array_ptr())).data };
+    Ok((ptr as usize, a.len() * dtype.itemsize()))
 }
 
 /// Destinations of the per-row statistics, read by attribute from `ce_fast._types.Stats`:

@@ -17,41 +17,15 @@ mod float;
 mod kernels;
 
 use args::{ArrayDesc, Coefficients, Outputs, Saved};
-use elem::{DType, Matrix};
+use elem::DType;
 use engine::{binary, kl, plain, rows};
-use numpy::{PyReadonlyArray1, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArrayMethods};
+use numpy::{
+    PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArray,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rows::{GradSpec, Problem, StatsOut};
 use std::sync::{Arc, Mutex, OnceLock};
-
-/// (address, dtype code, columns, column stride, batch shape, batch strides)
-type Desc = (usize, u8, usize, isize, Vec<usize>, Vec<isize>);
-
-fn matrix(d: Desc, what: &str) -> PyResult<Matrix> {
-    let (ptr, code, cols, col_stride, batch_shape, batch_strides) = d;
-    let dtype = DType::from_code(code)
-        .ok_or_else(|| PyValueError::new_err(format!("{what}: unknown dtype code {code}")))?;
-    if batch_shape.len() != batch_strides.len() {
-        return Err(PyValueError::new_err(format!(
-            "{what}: shape and strides differ in length"
-        )));
-    }
-    if cols == 0 {
-        return Err(PyValueError::new_err(format!("{what}: zero classes")));
-    }
-    if ptr == 0 && batch_shape.iter().product::<usize>() > 0 {
-        return Err(PyValueError::new_err(format!("{what}: null data pointer")));
-    }
-    Ok(Matrix {
-        ptr,
-        dtype,
-        cols,
-        col_stride,
-        batch_shape,
-        batch_strides,
-    })
-}
 
 /// Largest thread count accepted: above the logical CPU count of today's largest
 /// machines (768), far below what would exhaust memory with thread stacks.
@@ -163,16 +137,9 @@ fn run(
     if given.is_some() && grad.is_none() {
         return Err(PyValueError::new_err("given statistics need a gradient"));
     }
-    let soft = soft.map(|d| d.matrix("soft target")).transpose()?;
-    if let Some(s) = &soft {
-        if s.cols != x.cols || s.batch_shape != x.batch_shape {
-            return Err(PyValueError::new_err(
-                "soft target shape differs from logits",
-            ));
-        }
-    }
+    let soft = soft.map(|d| d.like(&x, "soft target")).transpose()?;
     let gout = match (&grad, out) {
-        (Some(_), Some(d)) => Some(like_logits(d.matrix("grad out")?, &x)?),
+        (Some(_), Some(d)) => Some(d.like(&x, "grad out")?),
         (None, None) => None,
         _ => return Err(PyValueError::new_err("grad and out go together")),
     };
@@ -241,24 +208,27 @@ fn run(
 }
 
 /// Elementwise binary losses: `kind` 0 is binary cross-entropy with logits (weights `w`,
-/// `pw`), 1 the sigmoid focal loss (`alpha`, `gamma`). Every descriptor has the logits'
-/// batch shape and columns (broadcast operands with stride 0); `loss` receives the
-/// per-element losses, `grad` the gradient times `gscale` (and `gout` per element).
-/// Returns the sum of the losses in f64.
+/// `pw`), 1 the sigmoid focal loss (`alpha`, `gamma`). Every operand (an `Operand`) has
+/// the logits' shape (broadcast operands with stride 0); `loss` receives the per-element
+/// losses, `grad` the gradient times `gscale` (and `gout` per element). Returns the sum
+/// of the losses in f64.
 #[pyfunction]
-#[pyo3(signature = (kind, x, t, w=None, pw=None, loss=None, grad=None, gscale=1.0, gout=None, alpha=0.25, gamma=2.0, threads=0))]
+#[pyo3(signature = (
+    kind, x, t, *, w=None, pw=None, loss=None, grad=None, gscale=1.0, gout=None,
+    alpha=0.25, gamma=2.0, threads=0
+))]
 #[allow(clippy::too_many_arguments)]
 fn run_binary(
     py: Python<'_>,
     kind: u8,
-    x: Desc,
-    t: Desc,
-    w: Option<Desc>,
-    pw: Option<Desc>,
-    loss: Option<Desc>,
-    grad: Option<Desc>,
+    x: ArrayDesc,
+    t: ArrayDesc,
+    w: Option<ArrayDesc>,
+    pw: Option<ArrayDesc>,
+    loss: Option<ArrayDesc>,
+    grad: Option<ArrayDesc>,
     gscale: f64,
-    gout: Option<Desc>,
+    gout: Option<ArrayDesc>,
     alpha: f64,
     gamma: f64,
     threads: usize,
@@ -268,18 +238,9 @@ fn run_binary(
         1 => binary::Kind::Focal { alpha, gamma },
         _ => return Err(PyValueError::new_err(format!("unknown loss kind {kind}"))),
     };
-    let x = matrix(x, "logits")?;
-    let like = |d: Option<Desc>, what: &str| -> PyResult<Option<Matrix>> {
-        let Some(d) = d else { return Ok(None) };
-        let m = matrix(d, what)?;
-        if m.cols != x.cols || m.batch_shape != x.batch_shape {
-            return Err(PyValueError::new_err(format!(
-                "{what}: shape differs from the logits'"
-            )));
-        }
-        Ok(Some(m))
-    };
-    let t = like(Some(t), "target")?.expect("given");
+    let x = x.matrix("logits")?;
+    let like = |d: Option<ArrayDesc>, what: &str| d.map(|d| d.like(&x, what)).transpose();
+    let t = t.like(&x, "target")?;
     let (w, pw) = (like(w, "weight")?, like(pw, "pos_weight")?);
     let (loss, grad, gout) = (
         like(loss, "loss out")?,
@@ -296,6 +257,9 @@ fn run_binary(
         return Err(PyValueError::new_err(
             "grad out must have the logits' dtype",
         ));
+    }
+    if gout.is_some() && grad.is_none() {
+        return Err(PyValueError::new_err("grad_output needs grad"));
     }
     let pool = pool(py, threads)?;
     Ok(py.detach(move || {
@@ -335,15 +299,10 @@ fn kl_run(
     threads: usize,
 ) -> PyResult<()> {
     let x = x.matrix("logits")?;
-    let teacher = teacher.matrix("teacher logits")?;
-    if teacher.cols != x.cols || teacher.batch_shape != x.batch_shape {
-        return Err(PyValueError::new_err(
-            "teacher logits shape differs from logits",
-        ));
-    }
+    let teacher = teacher.like(&x, "teacher logits")?;
     let rows = x.rows();
     let gout = match (&g, out) {
-        (Some(_), Some(d)) => Some(like_logits(d.matrix("grad out")?, &x)?),
+        (Some(_), Some(d)) => Some(d.like(&x, "grad out")?),
         (None, None) => None,
         _ => return Err(PyValueError::new_err("g and out go together")),
     };
@@ -383,63 +342,47 @@ fn plain_targets(
     Ok(plain::targets(t, cols, ignore_index))
 }
 
-/// The (2, rows) float64 statistics as one contiguous slice, checked.
-fn lse_slice<'a>(lse: &'a mut PyReadwriteArray2<'_, f64>, rows: usize) -> PyResult<&'a mut [f64]> {
-    if lse.shape() != [2, rows] {
-        return Err(PyValueError::new_err(format!(
-            "lse: shape {:?}, expected [2, {rows}]",
-            lse.shape()
-        )));
-    }
-    lse.as_slice_mut()
-        .map_err(|_| PyValueError::new_err("lse: not a contiguous array"))
-}
-
 /// The plain cross-entropy's forward (integer targets and `ignore_index`, no other
-/// option): `target` int64, one per row; `lse` float64 (2, rows) receives the row
-/// maxima then the log-sums; `loss` float64 (rows,) the per-row losses (0 for ignored
-/// rows). With `grad = (go, mean, out)` the gradient of `go * loss` (go divided by the
-/// counted rows when `mean`) is written into `out` in the same pass. Returns the counted
-/// rows, or -1 - r for the first row r whose target is out of range (then nothing is
-/// computed).
+/// option) of the logits `x` (an `Operand`): `target` int64, one per row; `lse` float64
+/// (2, rows) receives the row maxima then the log-sums; `loss` float64 (rows,) the
+/// per-row losses (0 for ignored rows). With `go` and `out` (an `Operand` of the logits'
+/// shape) the gradient of `go * loss` (go divided by the counted rows when `mean`) is
+/// written into `out` in the same pass. Returns the counted rows, or -1 - r for the
+/// first row r whose target is out of range (then nothing is computed).
 #[pyfunction]
-#[pyo3(signature = (x, target, ignore_index, lse, loss, grad=None, threads=0))]
+// `threads` before the named options: the small-call path passes it positionally.
+#[pyo3(signature = (x, target, ignore_index, lse, loss, threads=0, *, go=None, mean=false, out=None))]
 #[allow(clippy::too_many_arguments)]
 fn plain_forward(
     py: Python<'_>,
-    x: Desc,
+    x: ArrayDesc,
     target: PyReadonlyArray1<'_, i64>,
     ignore_index: i64,
     mut lse: PyReadwriteArray2<'_, f64>,
     mut loss: PyReadwriteArray1<'_, f64>,
-    grad: Option<(f64, bool, Desc)>,
     threads: usize,
+    go: Option<f64>,
+    mean: bool,
+    out: Option<ArrayDesc>,
 ) -> PyResult<i64> {
-    let x = matrix(x, "logits")?;
+    let x = x.matrix("logits")?;
     let rows = x.rows();
+    let gout = match (go, out) {
+        (Some(go), Some(d)) => Some((go, d.like(&x, "grad out")?)),
+        (None, None) if mean => return Err(PyValueError::new_err("mean needs go")),
+        (None, None) => None,
+        _ => return Err(PyValueError::new_err("go and out go together")),
+    };
+    let (mx, ls) = args::pair_mut(&mut lse, rows, "lse")?;
+    let loss = args::vector_mut(&mut loss, rows, "loss")?;
     let (idx, counted) = match plain_targets(&target, rows, x.cols, ignore_index)? {
         Ok(v) => v,
         Err(r) => return Ok(-1 - r as i64),
     };
-    let gout = match grad {
-        Some((go, mean, d)) => Some((go, mean, grad_matrix(d, &x)?)),
-        None => None,
-    };
-    let lse = lse_slice(&mut lse, rows)?;
-    let loss = loss
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("loss: not a contiguous array"))?;
-    if loss.len() != rows {
-        return Err(PyValueError::new_err(format!(
-            "loss: {} values, expected {rows}",
-            loss.len()
-        )));
-    }
-    let (mx, ls) = lse.split_at_mut(rows);
     let pool = pool(py, threads)?;
     py.detach(|| {
-        let grad = gout.as_ref().map(|(go, mean, m)| {
-            let up = if *mean {
+        let grad = gout.as_ref().map(|(go, m)| {
+            let up = if mean {
                 plain::Upstream::Mean(*go)
             } else {
                 plain::Upstream::Sum(*go)
@@ -451,61 +394,56 @@ fn plain_forward(
     Ok(counted as i64)
 }
 
-/// The plain cross-entropy's gradient from the `lse` a `plain_forward` call filled: `go`
-/// for the batch (divided by the counted rows when `mean`), or the float64 per-row
-/// values `go_rows`, into `out`.
+/// The plain cross-entropy's gradient of the logits `x` (an `Operand`) from the `lse` a
+/// `plain_forward` call filled, into `out` (an `Operand` of the logits' shape): either
+/// `go` for the batch (divided by the counted rows when `mean`) or `go_rows`, float64
+/// values one per row.
 #[pyfunction]
-#[pyo3(signature = (x, target, ignore_index, lse, go, go_rows, mean, out, threads=0))]
+#[pyo3(signature = (x, target, ignore_index, lse, out, threads=0, *, go=None, go_rows=None, mean=false))]
 #[allow(clippy::too_many_arguments)]
 fn plain_backward(
     py: Python<'_>,
-    x: Desc,
+    x: ArrayDesc,
     target: PyReadonlyArray1<'_, i64>,
     ignore_index: i64,
-    mut lse: PyReadwriteArray2<'_, f64>,
-    go: f64,
+    lse: PyReadonlyArray2<'_, f64>,
+    out: ArrayDesc,
+    threads: usize,
+    go: Option<f64>,
     go_rows: Option<PyReadonlyArray1<'_, f64>>,
     mean: bool,
-    out: Desc,
-    threads: usize,
 ) -> PyResult<()> {
-    let x = matrix(x, "logits")?;
+    let x = x.matrix("logits")?;
     let rows = x.rows();
+    let out = out.like(&x, "grad out")?;
+    let (mx, ls) = args::pair(&lse, rows, "lse")?;
+    let up = match (go, &go_rows) {
+        (Some(go), None) if mean => plain::Upstream::Mean(go),
+        (Some(go), None) => plain::Upstream::Sum(go),
+        (None, Some(_)) if mean => {
+            return Err(PyValueError::new_err("mean applies to go, not go_rows"))
+        }
+        (None, Some(v)) => plain::Upstream::Rows(args::vector(v, rows, "go_rows")?),
+        _ => {
+            return Err(PyValueError::new_err(
+                "exactly one of go and go_rows is needed",
+            ))
+        }
+    };
     let (idx, counted) = plain_targets(&target, rows, x.cols, ignore_index)?
         .map_err(|r| PyValueError::new_err(format!("target of row {r} out of range")))?;
-    let out = grad_matrix(out, &x)?;
-    let lse: &[f64] = lse_slice(&mut lse, rows)?;
-    let up = match &go_rows {
-        Some(v) => plain::Upstream::Rows(args::vector(v, rows, "go_rows")?),
-        None if mean => plain::Upstream::Mean(go),
-        None => plain::Upstream::Sum(go),
-    };
-    let (mx, ls) = lse.split_at(rows);
     let pool = pool(py, threads)?;
     py.detach(|| plain::backward(&x, &idx, counted, mx, ls, up, &out, &pool));
     Ok(())
 }
 
-/// A gradient destination: the logits' class count and batch shape.
-fn grad_matrix(d: Desc, x: &Matrix) -> PyResult<Matrix> {
-    like_logits(matrix(d, "grad out")?, x)
-}
-
-fn like_logits(m: Matrix, x: &Matrix) -> PyResult<Matrix> {
-    if m.cols != x.cols || m.batch_shape != x.batch_shape {
-        return Err(PyValueError::new_err(
-            "gradient out shape differs from logits",
-        ));
-    }
-    Ok(m)
-}
-
-/// Reads every byte of a C-contiguous buffer once, on the engine's threads: the
-/// memory-bandwidth yardstick the benchmarks compare against. Returns a checksum
-/// so the reads cannot be optimised away.
+/// Reads every byte of the C-contiguous NumPy array `a` (any dtype but object) once, on
+/// the engine's threads: the memory-bandwidth yardstick the benchmarks compare against.
+/// Returns a checksum so the reads cannot be optimised away.
 #[pyfunction]
-#[pyo3(signature = (ptr, nbytes, threads=0))]
-fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyResult<u64> {
+#[pyo3(signature = (a, threads=0))]
+fn read_pass(py: Python<'_>, a: &Bound<'_, PyUntypedArray>, threads: usize) -> PyResult<u64> {
+    let (ptr, nbytes) = args::bytes(a, "a")?;
     if ptr == 0 && nbytes > 0 {
         return Err(PyValueError::new_err("null data pointer"));
     }
@@ -520,15 +458,15 @@ fn read_pass(py: Python<'_>, ptr: usize, nbytes: usize, threads: usize) -> PyRes
             if n == 0 {
                 return &[];
             }
-            // SAFETY: [from, from + n) lies in the caller's buffer of `nbytes` bytes at the
-            // non-null `ptr`, which the caller keeps alive and unwritten for the call.
+            // SAFETY: [from, from + n) lies in the array's buffer of `nbytes` bytes at the
+            // non-null `ptr`, which the argument keeps alive (and the caller unwritten).
             unsafe { std::slice::from_raw_parts(from as *const u8, n) }
         };
         let data: &[u64] = if words == 0 {
             &[]
         } else {
             // SAFETY: ptr + head is 8-byte aligned (head rounds ptr up) and non-null, and
-            // its `words` words end inside the caller's live buffer of `nbytes` bytes.
+            // its `words` words end inside the array's live buffer of `nbytes` bytes.
             unsafe { std::slice::from_raw_parts((ptr + head) as *const u64, words) }
         };
         let end = ptr + head + words * 8;

@@ -396,14 +396,13 @@ def test_kl_engine_checks_every_vector_it_is_given():
 
 def test_read_pass_takes_empty_and_unaligned_spans():
     """The bandwidth yardstick's checksum folds to the xor of the bytes, for spans of any
-    length at any address, an empty one at address 0 included."""
+    length at any address, empty ones included."""
     buf = np.arange(1, 41, dtype=np.uint8)
-    p = buf.ctypes.data
-    assert _core.read_pass(0, 0) == 0
-    assert _core.read_pass(p + 3, 0) == 0
+    assert _core.read_pass(np.empty(0)) == 0
+    assert _core.read_pass(buf[3:3]) == 0
     for start, n in ((3, 2), (1, 7), (5, 20), (0, 40)):
         want = int(np.bitwise_xor.reduce(buf[start : start + n]))
-        got = _core.read_pass(p + start, n)
+        got = _core.read_pass(buf[start : start + n])
         folded = 0
         while got:
             folded ^= got & 0xFF

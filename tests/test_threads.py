@@ -297,9 +297,9 @@ def test_absurd_thread_counts_are_refused():
     # the engine refuses it too, for callers of _core
     buf = np.zeros(64, dtype=np.uint8)
     with pytest.raises(ValueError) as e:
-        _core.read_pass(buf.ctypes.data, buf.nbytes, 1025)
+        _core.read_pass(buf, 1025)
     assert str(e.value) == "threads must be at most 1024 (0 = the default), got 1025"
-    assert _core.read_pass(buf.ctypes.data, buf.nbytes, 3) == 0
+    assert _core.read_pass(buf, 3) == 0
 
 
 def test_default_threads_follows_rayon_num_threads():

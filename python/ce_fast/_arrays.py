@@ -71,16 +71,18 @@ class Operand:
     def rows(self) -> int:
         return math.prod(self.batch_shape)  # Python ints: exact, and cheap on every call
 
-    def desc(self) -> tuple:
-        """(address, dtype code, columns, column stride, batch shape, batch strides)."""
-        return (
-            self.ptr,
-            self.code,
-            self.shape[-1],
-            self.strides[-1],
-            list(self.shape[:-1]),
-            list(self.strides[:-1]),
-        )
+
+class Layout:
+    """What the engine reads of an array, as an :class:`Operand` has it, for the lean
+    paths that build no Operand: address, dtype code, shape and strides in elements."""
+
+    __slots__ = ("ptr", "code", "shape", "strides")
+
+    def __init__(self, ptr: int, code: int | None, shape: tuple, strides: tuple) -> None:
+        self.ptr = ptr
+        self.code = code
+        self.shape = shape
+        self.strides = strides
 
 
 def _device_of_dlpack(obj: Any) -> str | None:

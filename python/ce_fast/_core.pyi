@@ -14,12 +14,14 @@ PAR_MIN_ELEMS: int
 #: The largest thread count the engine accepts.
 MAX_THREADS: int
 
-#: (address, dtype code, columns, column stride, batch shape, batch strides), strides in elements.
-Desc = tuple[int, int, int, int, list[int], list[int]]
-
 class _ArrayDesc(Protocol):
-    """What `run` reads of an array argument (ce_fast._arrays.Operand has it): address,
-    dtype code, shape and strides in elements, the class axis last."""
+    """What the engine reads of an array argument, by attribute (ce_fast._arrays.Operand
+    and ce_fast._arrays.Layout have it): address, dtype code, shape and strides in
+    elements, the class axis last. An object without them is an AttributeError, one of
+    the wrong type (a negative size, a float code) a TypeError; a code other than
+    float32 / float64 / float16 / bfloat16's, a 0-d shape, zero classes, shape and
+    strides of different lengths or a null address of a non-empty array a ValueError. The
+    address itself is the caller's word: the Python package derives it from a live array."""
 
     # Read-only, so the frozen Operand dataclass satisfies it.
     @property
@@ -75,32 +77,41 @@ def run(
     first maximum, -1 for a row holding NaN, from the same pass."""
 
 def plain_forward(
-    x: Desc,
+    x: _ArrayDesc,
     target: NDArray[np.int64],
     ignore_index: int,
     lse: NDArray[np.float64],
     loss: NDArray[np.float64],
-    grad: tuple[float, bool, Desc] | None = None,
     threads: int = 0,
+    *,
+    go: float | None = None,
+    mean: bool = False,
+    out: _ArrayDesc | None = None,
 ) -> int:
-    """The plain cross-entropy (int64 `target`, one per row): row maxima and log-sums
-    into the float64 (2, rows) `lse`, per-row losses into `loss`; with `grad = (go, mean,
-    out)` also the gradient of go * loss. The counted rows, or -1 - r for the first row r
-    whose target is out of range."""
+    """The plain cross-entropy (int64 `target`, one per row, contiguous): row maxima and
+    log-sums into the contiguous float64 (2, rows) `lse`, per-row losses into the float64
+    (rows,) `loss`; with `go` and `out` (the logits' shape) also the gradient of go * loss
+    (go over the counted rows when `mean`) into `out`. The counted rows, or -1 - r for the
+    first row r whose target is out of range (then nothing is written). A vector of the
+    wrong dtype is a TypeError; of the wrong length or layout, `go` without `out` (or the
+    reverse), `mean` without `go`, or an `out` of another shape a ValueError."""
 
 def plain_backward(
-    x: Desc,
+    x: _ArrayDesc,
     target: NDArray[np.int64],
     ignore_index: int,
     lse: NDArray[np.float64],
-    go: float,
-    go_rows: NDArray[np.float64] | None,
-    mean: bool,
-    out: Desc,
+    out: _ArrayDesc,
     threads: int = 0,
+    *,
+    go: float | None = None,
+    go_rows: NDArray[np.float64] | None = None,
+    mean: bool = False,
 ) -> None:
-    """The plain cross-entropy's gradient from `plain_forward`'s lse into `out`: `go` for
-    the batch (over the counted rows when `mean`) or the float64 per-row values `go_rows`."""
+    """The plain cross-entropy's gradient from `plain_forward`'s lse into `out` (the
+    logits' shape): exactly one of `go` for the batch (over the counted rows when `mean`)
+    and `go_rows`, float64 values one per row. Checked as `plain_forward`; a target out of
+    range is a ValueError naming its row."""
 
 class _KlStats(Protocol):
     """ce_fast._types.KlStats: float64 vectors, one value per row."""
@@ -128,8 +139,10 @@ def kl_run(
     and with `g` (float64 per-row factors) and `out` the student's gradient. Vectors of
     the wrong dtype, length or layout raise ValueError (or TypeError)."""
 
-def read_pass(ptr: int, nbytes: int, threads: int = 0) -> int:
-    """Reads `nbytes` at `ptr` once on the engine's threads; an xor checksum."""
+def read_pass(a: np.ndarray, threads: int = 0) -> int:
+    """Reads every byte of the C-contiguous NumPy array `a` once on the engine's threads;
+    an xor checksum. A non-array or an array of Python objects is a TypeError, a
+    non-contiguous array a ValueError."""
 
 def set_simd(name: str) -> None:
     """Forces the kernel set: "scalar", "auto", "avx2" or "avx512" (any case); a set the
@@ -155,18 +168,21 @@ def kernel_names() -> list[str]:
 
 def run_binary(
     kind: int,
-    x: Desc,
-    t: Desc,
-    w: Desc | None = None,
-    pw: Desc | None = None,
-    loss: Desc | None = None,
-    grad: Desc | None = None,
+    x: _ArrayDesc,
+    t: _ArrayDesc,
+    *,
+    w: _ArrayDesc | None = None,
+    pw: _ArrayDesc | None = None,
+    loss: _ArrayDesc | None = None,
+    grad: _ArrayDesc | None = None,
     gscale: float = 1.0,
-    gout: Desc | None = None,
+    gout: _ArrayDesc | None = None,
     alpha: float = 0.25,
     gamma: float = 2.0,
     threads: int = 0,
 ) -> float:
     """Elementwise BCE-with-logits (kind 0, weights `w`, `pw`) or sigmoid focal loss (kind 1):
-    per-element losses into `loss`, the gradient times `gscale` (and `gout`) into `grad`;
-    every Desc has the logits' rows and columns. Returns the sum of the losses (f64)."""
+    per-element losses into `loss` (float32 or float64), the gradient times `gscale` (and
+    `gout` per element) into `grad` (the logits' dtype). Every operand has the logits'
+    shape (broadcast ones with stride 0), else a ValueError naming it; `gout` needs `grad`.
+    Returns the sum of the losses (f64)."""

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _arrays, _errors
+from ._arrays import Layout
 from ._core import plain_backward, plain_forward
 from ._engines import cpu
 
@@ -45,16 +46,15 @@ def plain_options(weight, ignore_index, reduction, label_smoothing, z_loss, soft
 _torch_codes: dict | None = None
 
 
-def torch_desc(t: Any) -> tuple | None:
-    """The engine's descriptor of a dense CPU tensor of a supported dtype, else None."""
+def torch_layout(t: Any) -> Layout | None:
+    """The engine's view of a dense CPU tensor of a supported dtype, else None."""
     global _torch_codes
     if _torch_codes is None:
         _torch_codes = _arrays._torch_codes()
     code = _torch_codes.get(t.dtype)
     if code is None or t.device.type != "cpu" or t.layout is not _arrays._torch().strided or t.is_neg():
         return None
-    shape, strides = t.shape, t.stride()
-    return (t.data_ptr(), code, shape[-1], strides[-1], list(shape[:-1]), list(strides[:-1]))
+    return Layout(t.data_ptr(), code, t.shape, t.stride())
 
 
 def torch_target(target: Any, batch: tuple) -> Any:
@@ -68,12 +68,12 @@ def torch_target(target: Any, batch: tuple) -> Any:
 
 
 def torch_prepare(input: Any, target: Any, inplace: bool = False) -> tuple | None:
-    """(logits descriptor, contiguous int64 target) when this path takes the tensors,
-    else None. In place needs contiguous logits (no two positions on one element)."""
+    """(logits' layout, contiguous int64 target) when this path takes the tensors, else
+    None. In place needs contiguous logits (no two positions on one element)."""
     if input.dim() == 0 or input.is_nested:
         return None
-    d = torch_desc(input)
-    if d is None or d[2] == 0 or (inplace and not input.is_contiguous()):
+    d = torch_layout(input)
+    if d is None or d.shape[-1] == 0 or (inplace and not input.is_contiguous()):
         return None
     t = torch_target(target, tuple(input.shape[:-1]))
     if t is None or t.numel() == 0:
@@ -82,7 +82,7 @@ def torch_prepare(input: Any, target: Any, inplace: bool = False) -> tuple | Non
 
 
 def torch_forward(
-    input: Any, d: tuple, t: Any, ignore_index: int, reduction: str, inplace: bool = False
+    input: Any, d: Layout, t: Any, ignore_index: int, reduction: str, inplace: bool = False
 ) -> tuple[Any, Any, int]:
     """(loss, lse, counted rows) for `torch_prepare`'s tensors, lse a float64 (2, rows)
     tensor; with `inplace` the gradient of the loss is written into `input`."""
@@ -90,10 +90,13 @@ def torch_forward(
     rows = t.numel()
     lse = torch.empty((2, rows), dtype=torch.float64)
     per = torch.empty(rows, dtype=torch.float64)
-    grad = (1.0, reduction == "mean", d) if inplace else None
-    n = plain_forward(d, t.numpy().reshape(-1), ignore_index, lse.numpy(), per.numpy(), grad, cpu._threads)
+    tv, lv, pv = t.numpy().reshape(-1), lse.numpy(), per.numpy()
+    if inplace:
+        n = plain_forward(d, tv, ignore_index, lv, pv, cpu._threads, go=1.0, mean=reduction == "mean", out=d)
+    else:
+        n = plain_forward(d, tv, ignore_index, lv, pv, cpu._threads)
     if n < 0:
-        raise _target_error(t.numpy(), -1 - n, d[2], ignore_index)
+        raise _target_error(t.numpy(), -1 - n, d.shape[-1], ignore_index)
     f64 = input.dtype is torch.float64
     if reduction == "none":
         loss = (per if f64 else per.to(torch.float32)).reshape(t.shape)
@@ -108,21 +111,20 @@ def _target_error(t: np.ndarray, r: int, C: int, ignore_index: int) -> IndexErro
     return _errors.index_error(pos, int(t.reshape(-1)[r]), C, ignore_index)
 
 
-def torch_backward(grad: Any, input: Any, d: tuple, target: Any, ignore_index: int, reduction: str, lse: Any) -> Any:
-    """d(grad * loss)/d input from `torch_forward`'s lse (`d`: the logits' descriptor
-    there): a fresh contiguous tensor."""
+def torch_backward(grad: Any, input: Any, d: Layout, target: Any, ignore_index: int, reduction: str, lse: Any) -> Any:
+    """d(grad * loss)/d input from `torch_forward`'s lse (`d`: the logits' layout there):
+    a fresh contiguous tensor."""
     torch = _arrays._torch()
     out = torch.empty(input.shape, dtype=input.dtype)
-    od = (out.data_ptr(),) + d[1:] if input.is_contiguous() else torch_desc(out)
+    od = Layout(out.data_ptr(), d.code, d.shape, d.strides) if input.is_contiguous() else torch_layout(out)
     assert od is not None  # a fresh dense tensor of a supported dtype
+    tv, lv = target.numpy().reshape(-1), lse.numpy()
     if reduction == "none":
         go = grad.to(torch.float64).contiguous().reshape(-1).numpy()
-        plain_backward(d, target.numpy().reshape(-1), ignore_index, lse.numpy(), 0.0, go, False, od, cpu._threads)
+        plain_backward(d, tv, ignore_index, lv, od, cpu._threads, go_rows=go)
     else:
         mean = reduction == "mean"
-        plain_backward(
-            d, target.numpy().reshape(-1), ignore_index, lse.numpy(), float(grad), None, mean, od, cpu._threads
-        )
+        plain_backward(d, tv, ignore_index, lv, od, cpu._threads, go=float(grad), mean=mean)
     return out
 
 
@@ -154,15 +156,8 @@ def numpy_loss(logits: Any, target: Any, ignore_index: int, reduction: str) -> A
     rows = t.size
     lse = np.empty((2, rows))
     per = np.empty(rows)
-    d = (
-        logits.__array_interface__["data"][0],
-        code,
-        shape[-1],
-        strides[-1] // item,
-        list(shape[:-1]),
-        [s // item for s in strides[:-1]],
-    )
-    n = plain_forward(d, t.reshape(-1), ignore_index, lse, per, None, cpu._threads)
+    d = Layout(logits.__array_interface__["data"][0], code, shape, tuple([s // item for s in strides]))
+    n = plain_forward(d, t.reshape(-1), ignore_index, lse, per, cpu._threads)
     if n < 0:
         raise _target_error(t, -1 - n, shape[-1], ignore_index)
     dtype = np.float64 if code == _arrays.F64 else np.float32

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _arrays
-from .._arrays import Operand, numpy_of
+from .._arrays import Layout, Operand, numpy_of
 from .._core import run_binary
 from . import cpu
 
@@ -50,13 +50,12 @@ _CODES = {
 }
 
 
-def _desc(a: np.ndarray) -> tuple:
-    """The engine's descriptor of a NumPy view (at least 1-d) of a supported dtype."""
+def _layout(a: np.ndarray) -> Layout:
+    """The engine's view of a NumPy array (at least 1-d) of a supported dtype."""
     code = _CODES.get(a.dtype, _arrays.BF16)
     item = a.dtype.itemsize
-    st = [s // item for s in a.strides]
     ptr = a.__array_interface__["data"][0]
-    return (ptr, code, a.shape[-1], st[-1], list(a.shape[:-1]), st[:-1])
+    return Layout(ptr, code, a.shape, tuple([s // item for s in a.strides]))
 
 
 def _view(op: Operand, shape: tuple, float_dtype: Any) -> np.ndarray:
@@ -87,17 +86,17 @@ def run(c: BinaryCall) -> tuple[float, np.ndarray | None]:
         grad = _values(c.out).reshape(shape) if not c.x.shape else _values(c.out)
     total = run_binary(
         c.kind,
-        _desc(x),
-        _desc(t),
-        None if w is None else _desc(w),
-        None if pw is None else _desc(pw),
-        None if loss is None else _desc(loss.reshape(shape)),
-        None if grad is None else _desc(grad),
-        float(c.gscale),
-        None if gout is None else _desc(gout),
-        float(c.alpha),
-        float(c.gamma),
-        cpu._threads,
+        _layout(x),
+        _layout(t),
+        w=None if w is None else _layout(w),
+        pw=None if pw is None else _layout(pw),
+        loss=None if loss is None else _layout(loss.reshape(shape)),
+        grad=None if grad is None else _layout(grad),
+        gscale=float(c.gscale),
+        gout=None if gout is None else _layout(gout),
+        alpha=float(c.alpha),
+        gamma=float(c.gamma),
+        threads=cpu._threads,
     )
     return float(total), loss
 

@@ -12,6 +12,7 @@ single-threaded ``np.copyto``.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -109,8 +110,12 @@ def clear_grad(leaf: Any) -> None:
     leaf.grad = None
 
 
-def read_pass_fn(z: np.ndarray, threads: int = 0) -> Callable[[], int]:
-    """A call that reads every byte of the C-contiguous ``z`` once with ``threads``
-    engine threads (0: the engine's default), ce_fast's read-bandwidth yardstick.
-    ``z`` must stay alive while the call is used."""
-    return functools.partial(_core.read_pass, z.ctypes.data, z.nbytes, threads)
+def read_pass_fn(z: Any, threads: int = 0) -> Callable[[], int]:
+    """A call that reads every byte of the C-contiguous ``z`` (a NumPy array or a CPU
+    torch tensor) once with ``threads`` engine threads (0: the engine's default),
+    ce_fast's read-bandwidth yardstick."""
+    if not isinstance(z, np.ndarray):
+        # torch: a same-width integer view, which NumPy can share for every dtype (bfloat16 too)
+        ints = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}[z.element_size()]
+        z = z.detach().view(getattr(sys.modules["torch"], ints)).numpy()
+    return functools.partial(_core.read_pass, z, threads)
