@@ -8,7 +8,6 @@
 // time). Arithmetic intrinsics map to libm; the f16 conversions use _Float16.
 
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -88,9 +87,28 @@ static inline unsigned atomicXor(unsigned* p, unsigned v) { return __atomic_fetc
 
 // ---------------------------------------------------------------- block and warp sync
 
+// A barrier of `count` threads: a generation counter the waiting threads poll, yielding
+// the CPU. Nothing can be missed (a late poll still sees the new generation), unlike the
+// futex waits of libstdc++'s std::barrier (GCC 12), seen to hang under heavy load.
+struct EmuBarrier {
+    explicit EmuBarrier(std::ptrdiff_t n) : count(n) {}
+    void arrive_and_wait() {
+        const unsigned long long gen = generation.load(std::memory_order_acquire);
+        if (waiting.fetch_add(1, std::memory_order_acq_rel) + 1 == count) {
+            waiting.store(0, std::memory_order_relaxed);
+            generation.fetch_add(1, std::memory_order_acq_rel);
+            return;
+        }
+        while (generation.load(std::memory_order_acquire) == gen) std::this_thread::yield();
+    }
+    const std::ptrdiff_t count;
+    std::atomic<std::ptrdiff_t> waiting{0};
+    std::atomic<unsigned long long> generation{0};
+};
+
 struct EmuBlock {
-    std::unique_ptr<std::barrier<>> block;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::unique_ptr<EmuBarrier> block;
+    std::vector<std::unique_ptr<EmuBarrier>> warps;
     std::vector<unsigned long long> slots;  // one 8-byte exchange slot per thread
 };
 static EmuBlock* emu_block = nullptr;
@@ -125,10 +143,10 @@ static inline void emu_launch(unsigned grid, unsigned block, const std::function
     const unsigned nwarps = (block + 31) / 32;
     for (unsigned b = 0; b < grid; ++b) {
         EmuBlock eb;
-        eb.block = std::make_unique<std::barrier<>>((std::ptrdiff_t)block);
+        eb.block = std::make_unique<EmuBarrier>((std::ptrdiff_t)block);
         for (unsigned w = 0; w < nwarps; ++w) {
             const unsigned n = (w + 1) * 32 <= block ? 32 : block - w * 32;
-            eb.warps.push_back(std::make_unique<std::barrier<>>((std::ptrdiff_t)n));
+            eb.warps.push_back(std::make_unique<EmuBarrier>((std::ptrdiff_t)n));
         }
         eb.slots.assign(block, 0);
         emu_block = &eb;
