@@ -29,9 +29,12 @@ def _on_device(fn):
     return call
 
 
-def _stats(b: Batch, spec: LossSpec, *, grad: bool = False, given: Stats | None = None) -> Stats:
-    """The engine's per-row statistics; with `grad`, the gradient is written into b.out."""
+def _stats(b: Batch, spec: LossSpec, *, grad: bool = False, given: Stats | None = None, argmax: Any = None) -> Stats:
+    """The engine's per-row statistics; with `grad`, the gradient is written into b.out;
+    `argmax` (int64, one per row, the engine's array module) receives each row's first
+    maximum from the same pass."""
     coef = b.engine.apply(_rules.grad_coef, b, spec) if grad else None
+    extra = {} if argmax is None else {"argmax": argmax}
     s = b.engine.run(
         b,
         scale=spec.logit_scale,
@@ -40,6 +43,7 @@ def _stats(b: Batch, spec: LossSpec, *, grad: bool = False, given: Stats | None 
         grad=coef,
         out=b.out if grad else None,
         given=given,
+        **extra,
     )
     if grad:
         _arrays.mark_written(b.out)

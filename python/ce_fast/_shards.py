@@ -73,12 +73,12 @@ def local_target(target: Any, start: int, width: int, ignore_index: int) -> Any:
     return (t - start) * inside + (-1) * ~inside
 
 
-def shard_stats(shard: Any, local: Any, spec: LossSpec) -> tuple[Batch, Stats]:
+def shard_stats(shard: Any, local: Any, spec: LossSpec, argmax: Any = None) -> tuple[Batch, Stats]:
     """The shard's batch and the engine's per-row statistics of it (integer `local`
-    targets, -1 for none)."""
+    targets, -1 for none); `argmax` receives each row's first maximum in the shard."""
     ls = local_spec(spec)
     b = _batch.make_batch(shard, local.reshape(shard.shape[:-1]), ls)
-    return b, _api._stats(b, ls)
+    return b, _api._stats(b, ls, argmax=argmax)
 
 
 def shard_grad_batch(shard: Any, local: Any, spec: LossSpec, grad_output: Any) -> Batch:

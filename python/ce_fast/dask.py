@@ -206,12 +206,15 @@ def _split_rows(x2: Any, t2: Any, spec: LossSpec, C: int, batch: tuple) -> Any:
     )
 
 
-def _partial_block(x: np.ndarray, t: np.ndarray, spec: LossSpec, block_info: Any = None) -> np.ndarray:
-    """(rows, 1, 5): the partial of one chunk of columns."""
+def _partial_block(
+    x: np.ndarray, t: np.ndarray, spec: LossSpec, block_info: Any = None, argmax: Any = None
+) -> np.ndarray:
+    """(rows, 1, 5): the partial of one chunk of columns; `argmax` (int64, one per row)
+    receives each row's first maximum in the chunk from the same pass."""
     width = x.shape[-1]
     local = _shards.local_target(np.asarray(t)[:, 0], _start(block_info, 1), width, spec.ignore_index)
     # a target outside [0, C) is reported by _finish_block, which sees the whole row
-    _, st = _shards.shard_stats(x, local, spec)
+    _, st = _shards.shard_stats(x, local, spec, argmax=argmax)
     with np.errstate(invalid="ignore", over="ignore"):
         m, s, zy, swz = _shards.partial(st, width, np)
     return np.stack([m, s, zy, swz, np.full(m.shape, float(width))], axis=-1)[:, None, :]
@@ -343,10 +346,12 @@ def _tree(items: list, pair: Any) -> Any:
 
 
 def _partial_argmax_block(x: np.ndarray, t: np.ndarray, spec: LossSpec, block_info: Any = None) -> np.ndarray:
-    """(rows, 1, 6): the partial of one chunk of columns and its first maximum's column."""
-    p = _partial_block(x, t, spec, block_info)
-    first = np.argmax(np.asarray(x, dtype=np.float64), axis=-1) + _start(block_info, 1) if x.shape[0] else np.zeros(0)
-    return np.concatenate([p, np.asarray(first, dtype=np.float64).reshape(-1, 1, 1)], axis=-1)
+    """(rows, 1, 6): the partial of one chunk of columns and its first maximum's column
+    (found by the statistics pass itself: the chunk is read once)."""
+    first = np.zeros(x.shape[0], dtype=np.int64)
+    p = _partial_block(x, t, spec, block_info, argmax=first)
+    first += _start(block_info, 1)
+    return np.concatenate([p, first.astype(np.float64).reshape(-1, 1, 1)], axis=-1)
 
 
 def _merge_argmax(p: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
