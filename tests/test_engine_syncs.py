@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ce_fast.torch as cet
-from ce_fast import _batch
+from ce_fast import _batch, _rules
 from ce_fast._engines import cpu as _cpu
 
 
@@ -57,7 +57,8 @@ class CountingXp:
 
 def _check(w):
     Counted.reads = 0
-    _batch._check_weight(CountingXp(), np.asarray(w, dtype=np.float64).view(Counted))
+    wa = np.asarray(w, dtype=np.float64).view(Counted)
+    _batch._weight_errors(_rules.summarize_weights(CountingXp(), wa, len(w)).tolist(), wa, "weight")
     return Counted.reads
 
 

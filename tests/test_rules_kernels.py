@@ -313,6 +313,20 @@ def test_nothing_is_read_back_under_graph_capture(emu, monkeypatch):
     assert ops.syncs == []
 
 
+def test_focal_alpha_is_checked_in_the_same_read_back(emu):
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((40, 300)).astype(np.float32)
+    y = rng.integers(0, 300, 40)
+    alpha = rng.random(300)
+    loss, kernels, ops = _count(emu, lambda: ce_fast.focal_loss(x, y, alpha=alpha))
+    assert kernels[0].startswith("ce_rules_") and kernels[1:3] == ["ce_targets", "ce_stats"] and len(kernels) == 4
+    assert ops.ops == ["full", "concatenate"] and ops.syncs == ["tolist"]
+    np.testing.assert_allclose(np.asarray(loss), ce_fast.focal_loss(x, y, alpha=alpha), rtol=1e-6)
+    alpha[9] = -1.0
+    with kernel_emulator.emulated_engine(emu), pytest.raises(ValueError, match=r"alpha\[9\] = -1.0"):
+        ce_fast.focal_loss(x, y, alpha=alpha)
+
+
 def test_counting_sees_what_it_should(emu):
     """The counting stand-in is not vacuous: a rule run with it as the array module
     (the CuPy path before rules were traced) costs a dozen operations."""

@@ -140,13 +140,16 @@ def make_batch(
     grad_output: Any = _NO_GRAD,
     out: Any = None,
     checked: bool = False,
+    checks: list | None = None,
 ) -> Batch:
     """Every argument of a loss call checked once: logits, target, weight, and for a
     gradient call (`grad_output` given) grad_output and the destination `out` (a fresh
     array of the logits' kind when None). `checked`: the values of target and weight
     were checked by an earlier call (a backward reusing its forward's check): their
-    shapes and dtypes are checked, their values not again (no host sync for them)."""
-    b = _loss_batch(logits, target, spec, weight, checked)
+    shapes and dtypes are checked, their values not again (no host sync for them).
+    `checks`: the caller's pending value checks (see :func:`value_check`), read back
+    with the target check."""
+    b = _loss_batch(logits, target, spec, weight, checked, list(checks or ()))
     if grad_output is not _NO_GRAD:
         b.grad_output = _grad_output(b, grad_output, spec.reduction)
         if out is None:
@@ -159,7 +162,9 @@ def make_batch(
     return b
 
 
-def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any, checked: bool = False) -> Batch:
+def _loss_batch(
+    logits: Any, target: Any, spec: LossSpec, weight: Any, checked: bool = False, checks: list | None = None
+) -> Batch:
     x = logits_operand(logits)
     check_options_for(x, spec)
     engine = engine_for(x)
@@ -168,7 +173,7 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any, checked: 
     t = _arrays.operand(target, "target")
     same_device(x, t, "target")
     b = Batch(x=x, engine=engine, xp=xp, classes=C)
-    checks: list = []  # (device values, function raising for their host values), read back once
+    checks = checks if checks is not None else []  # (values, raising function): read back once
 
     if weight is not None:
         w = _arrays.operand(weight, "weight")
@@ -178,11 +183,11 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any, checked: 
         if len(w.shape) != 1 or w.shape[0] != C:
             raise ValueError(f"weight must have shape ({C},) (one per class), got {w.shape}")
         b.weight = wa = engine.to_float64(w)
-        summary = engine.apply(_rules.weight_summary, b, spec)  # (non-finite, first negative, sum)
+        check = value_check(b, wa, "weight", spec)
         # On a device the sum stays there (a 0-d array the rules use as is): no sync.
-        b.weight_total = float(summary[2]) if xp is np else summary[2]
+        b.weight_total = float(check[0][2]) if xp is np else check[0][2]
         if not checked:  # read back with the target check (one sync for both on a device)
-            checks.append((summary, functools.partial(_weight_errors, wa=wa, what="weight")))
+            checks.append(check)
     else:
         b.weight_total = float(C)
 
@@ -215,10 +220,14 @@ def _loss_batch(logits: Any, target: Any, spec: LossSpec, weight: Any, checked: 
     return b  # b.wy, the target weights, follow when a rule asks (_rules.target_weight)
 
 
-def _check_weight(xp: Any, wa: Any, what: str = "weight") -> None:
-    """ValueError for a non-finite or negative class weight (`what`: its name in the
-    message), from one small array read back once (on a device: one sync)."""
-    _weight_errors(_rules.summarize_weights(xp, wa, int(wa.shape[0])).tolist(), wa, what)
+def value_check(b: Batch, wa: Any, what: str, spec: LossSpec) -> tuple:
+    """The pending check of class factors `wa` (float64, one per class; `what`: their name
+    in the messages): (the engine's :func:`ce_fast._rules.weight_summary` of them, the
+    function raising for its host values). On a device one generated kernel computes
+    the summary; make_batch reads it back together with the target check."""
+    tmp = Batch(x=b.x, engine=b.engine, xp=b.xp, classes=b.classes, weight=wa)
+    summary = b.engine.apply(_rules.weight_summary, tmp, spec)  # (non-finite, first negative, sum)
+    return summary, functools.partial(_weight_errors, wa=wa, what=what)
 
 
 def _weight_errors(summary: Any, wa: Any, what: str) -> None:

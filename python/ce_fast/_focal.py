@@ -24,22 +24,25 @@ def _gamma(gamma) -> float:
 
 
 def _batch_for(logits, target, spec: LossSpec, alpha, **grad) -> Batch:
-    """The cross-entropy batch (integer targets only) with wy = alpha_y for counted rows."""
+    """The cross-entropy batch (integer targets only) with the class factors alpha (the
+    rules' alpha_y), whose values are checked with the target check (one read back)."""
     if target is not None and _batch.real_kind(target) == "f":
         raise TypeError("focal_loss takes integer class-index targets, got a floating target")
-    b = _batch.make_batch(logits, target, spec, None, **grad)
-    if alpha is not None:
-        x, xp, C = b.x, b.xp, b.classes
-        a = _arrays.operand(alpha, "alpha")
-        _batch.same_device(x, a, "alpha")
-        if _batch.real_kind(alpha) not in "fiu" or (a.code is None and _batch._kind(a) not in "iu"):
-            raise TypeError(f"alpha must hold real numbers (an integer or floating dtype), got {a.dtype_name}")
-        if len(a.shape) != 1 or a.shape[0] != C:
-            raise ValueError(f"alpha must have shape ({C},) (one per class), got {a.shape}")
-        av = b.engine.to_float64(a)
-        if not b.engine.capturing():  # one read back on a device, none inside a CUDA graph capture
-            _batch._check_weight(xp, av, "alpha")
-        b.wy = xp.where(b.valid, av[xp.maximum(b.target, 0)], 0.0)
+    if alpha is None:
+        return _batch.make_batch(logits, target, spec, None, **grad)
+    x = _batch.logits_operand(logits)
+    engine = _batch.engine_for(x)  # the batch layer's choice of engine
+    C = x.shape[-1]
+    a = _arrays.operand(alpha, "alpha")
+    _batch.same_device(x, a, "alpha")
+    if _batch.real_kind(alpha) not in "fiu" or (a.code is None and _batch._kind(a) not in "iu"):
+        raise TypeError(f"alpha must hold real numbers (an integer or floating dtype), got {a.dtype_name}")
+    if len(a.shape) != 1 or a.shape[0] != C:
+        raise ValueError(f"alpha must have shape ({C},) (one per class), got {a.shape}")
+    av = engine.to_float64(a)
+    probe = Batch(x=x, engine=engine, xp=engine.xp(), classes=C)
+    b = _batch.make_batch(logits, target, spec, None, checks=[_batch.value_check(probe, av, "alpha", spec)], **grad)
+    b.alpha = av
     return b
 
 

@@ -51,13 +51,14 @@ def wants_wz(spec: LossSpec) -> bool:
 def target_weight(b: Batch):
     """float64 weight of each row's target, 0 for ignored rows (1 for counted rows without
     class weights): ``b.wy``, computed on first use (a rule run on the device computes
-    it inside its own kernel)."""
+    it inside its own kernel). The focal loss's alpha takes the place of the weights."""
     if b.wy is None:
         xp = b.xp
-        if b.weight is None:
+        w = b.weight if b.weight is not None else b.alpha
+        if w is None:
             b.wy = b.valid.astype(xp.float64)
         else:
-            b.wy = xp.where(b.valid, b.weight[xp.maximum(b.target, 0)], 0.0)
+            b.wy = xp.where(b.valid, w[xp.maximum(b.target, 0)], 0.0)
     return b.wy
 
 
@@ -282,7 +283,7 @@ def _focal_parts(b: Batch, s: Stats, gamma: float):
 
 def focal_per_row(b: Batch, s: Stats, gamma: float):
     """float64 focal loss ``-alpha_y (1 - p_y)**gamma log p_y`` of every row (0 for ignored
-    rows); ``b.wy`` holds alpha_y (1 without alpha). gamma = 0 gives
+    rows); :func:`target_weight` gives alpha_y (1 without alpha). gamma = 0 gives
     ``wy * ((mx - zy) + ls)``, cross_entropy's own rule, exactly."""
     xp = b.xp
     with _quiet(xp):

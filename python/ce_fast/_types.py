@@ -138,6 +138,7 @@ class Batch:
     target: Any = None  # int64 (rows,), -1 for ignored rows; None for soft targets
     soft: Operand | None = None
     weight: Any = None  # float64 (C,) or None
+    alpha: Any = None  # float64 (C,): the focal loss's class factors (the rules' alpha_y), or None
     valid: Any = None  # bool (rows,): rows that count
     wy: Any = None  # float64 (rows,): weight of each row's target, 0 for ignored rows
     weight_total: Any = 0.0  # sum of class weights (C without weights): a float, or 0-d on a device

@@ -53,7 +53,8 @@ def _symbolic(b: Batch, stats: tuple, xp: Any) -> tuple[Batch, tuple]:
     repl: dict[str, Any] = {"xp": sym.xp}
     for name, dtype in (("target", sym.I64), ("valid", sym.BOOL), ("wy", sym.F64)):
         repl[name] = None if getattr(b, name) is None else sym.row_input(name, dtype)
-    repl["weight"] = None if b.weight is None else sym.class_input("weight")
+    for name in ("weight", "alpha"):
+        repl[name] = None if getattr(b, name) is None else sym.class_input(name)
     repl["weight_total"] = _one("weight_total", b.weight_total, xp)
     if b.grad_output is not None:
         repl["grad_output"] = _one("grad_output", b.grad_output, xp)
@@ -153,7 +154,7 @@ def apply(engine: Any, rule: Any, b: Batch, spec: Any, *stats: Any, **options: A
 
 def _signature(b: Batch, stats: tuple, xp: Any) -> tuple:
     """What decides the traced program besides the rule, the options and the shape."""
-    sig: list = [b.target is None, b.valid is None, b.wy is None, b.weight is None, b.soft is None]
+    sig: list = [b.target is None, b.valid is None, b.wy is None, b.weight is None, b.alpha is None, b.soft is None]
     for v in (b.weight_total, b.grad_output):
         where = _placement(v, xp)
         sig.append(v if where == "float" else where)  # a float is a constant of the trace
