@@ -6,7 +6,6 @@ when the host needs the state."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
@@ -44,24 +43,14 @@ def names() -> list[str]:
 
 
 def kernel_args(**values: Any) -> tuple:
-    missing = [n for n, _ in PARAMS if n not in values]
-    extra = sorted(set(values) - {n for n, _ in PARAMS})
-    if missing or extra:
-        raise TypeError(f"ce_eval: missing arguments {missing}, unknown {extra}")
-    return tuple(_cuda._KINDS[k](values[n]) for n, k in PARAMS)
+    return _cuda.typed_args("ce_eval", PARAMS, values)
 
 
-_module: Any = None
-_lock = threading.Lock()
+_kernel_file = _cuda.KernelFile(KERNEL_FILE, lambda: {"eval": names()})
 
 
 def _function(name: str) -> Any:
-    global _module
-    with _lock:
-        if _module is None:
-            src = _cuda.load_source(KERNEL_FILE)
-            _module = _cuda.xp().RawModule(code=src, options=_cuda.OPTIONS, name_expressions=names())
-        return _module.get_function(name)
+    return _kernel_file.function("eval", name)
 
 
 def new_part() -> dict[str, Any]:

@@ -10,7 +10,6 @@ never waits for the GPU (apart from checking the weights' values, when given).""
 from __future__ import annotations
 
 import math
-import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,14 +37,6 @@ PARAMS = (
     ("loss", "p"), ("grad", "p"), ("g_rs", "q"), ("g_cs", "q"),
     ("partial", "p"), ("rows", "q"), ("cols", "q"), ("kind", "i"), ("alpha", "f"), ("gamma", "f"),
 )  # fmt: skip
-_KINDS = {
-    "p": lambda v: np.uint64(cuda._ptr(v)),
-    "q": lambda v: np.int64(int(v)),
-    "d": lambda v: np.float64(float(v)),
-    "i": lambda v: np.int32(int(v)),
-    "f": lambda v: np.float32(float(v)),
-}
-
 grad_output = cuda.grad_output
 empty_like = cuda.empty_like
 wrap = cuda.wrap
@@ -61,30 +52,15 @@ def names() -> list[str]:
 
 
 def kernel_args(**values: Any) -> tuple:
-    missing = [n for n, _ in PARAMS if n not in values]
-    extra = sorted(set(values) - {n for n, _ in PARAMS})
-    if missing or extra:
-        raise TypeError(f"bx_binary: missing arguments {missing}, unknown {extra}")
-    return tuple(_KINDS[k](values[n]) for n, k in PARAMS)
+    return cuda.typed_args("bx_binary", PARAMS, values)
 
 
-_module: Any = None
-_kernels: dict[str, Any] = {}
-_lock = threading.Lock()
+_kernel_file = cuda.KernelFile(KERNEL_FILE, lambda: {"binary": names()})
 
 
 def _function(name: str):
     """The kernel `name`, compiled with the module on first use in the process."""
-    global _module
-    ker = _kernels.get(name)
-    if ker is None:
-        with _lock:
-            if _module is None:
-                _module = cuda.xp().RawModule(
-                    code=cuda.load_source(KERNEL_FILE), options=cuda.OPTIONS, name_expressions=names()
-                )
-            ker = _kernels[name] = _module.get_function(name)
-    return ker
+    return _kernel_file.function("binary", name)
 
 
 # ---------------------------------------------------------------- operands

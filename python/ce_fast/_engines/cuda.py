@@ -126,7 +126,7 @@ def scale_kernel_name(x_code: int) -> str:
 
 
 # The kernels' parameters in order, with their kinds: "p" pointer, "q" int64 (i64),
-# "Q" uint64 (u64), "i" int32, "d" double. tests/test_kernels_compile.py checks these
+# "Q" uint64 (u64), "i" int32, "d" double, "f" float. tests/test_kernels_compile.py checks these
 # against the signatures in ce.cu, so the launch arguments cannot drift from the source.
 _ROW = (
     ("x", "p"),
@@ -232,8 +232,6 @@ def modules() -> dict[Any, list[str]]:
 
 
 _source: str | None = None
-_modules: dict[Any, Any] = {}
-_kernels: dict[tuple[Any, str], Any] = {}
 _lock = threading.Lock()
 
 
@@ -258,22 +256,42 @@ def source() -> str:
     return _source
 
 
+class KernelFile:
+    """The kernels of one kernel file (ce.cu, kl.cu, binary.cu, eval.cu), compiled by NVRTC
+    through cupy.RawModule one module at a time (`modules()`: key -> name expressions) on
+    first use in the process, then kept. A RawKernel keeps one loaded binary per device
+    and compiles (or loads from CuPy's disk cache) for another device on its first launch
+    there."""
+
+    def __init__(self, name: str, modules: Any):
+        self.name, self.modules = name, modules
+        self._modules: dict[Any, Any] = {}
+        self._kernels: dict[tuple[Any, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def function(self, key: Any, kernel: str) -> Any:
+        """The kernel `kernel` (a name expression) of module `key`."""
+        ker = self._kernels.get((key, kernel))
+        if ker is not None:
+            return ker
+        with self._lock:
+            ker = self._kernels.get((key, kernel))
+            if ker is None:
+                mod = self._modules.get(key)
+                if mod is None:
+                    code = source() if self.name == KERNEL_NAME else load_source(self.name)
+                    mod = xp().RawModule(code=code, options=OPTIONS, name_expressions=self.modules()[key])
+                    self._modules[key] = mod
+                ker = self._kernels[(key, kernel)] = mod.get_function(kernel)
+            return ker
+
+
+_kernel_file = KernelFile(KERNEL_NAME, modules)
+
+
 def _function(key, name: str):
-    """The kernel `name` of module `key` (a cupy.RawKernel). The module is compiled on
-    first use in the process; the RawKernel keeps one loaded binary per device and
-    compiles (or loads from CuPy's disk cache) for another device on its first launch there."""
-    ker = _kernels.get((key, name))
-    if ker is not None:
-        return ker
-    with _lock:
-        ker = _kernels.get((key, name))
-        if ker is None:
-            mod = _modules.get(key)
-            if mod is None:
-                mod = xp().RawModule(code=source(), options=OPTIONS, name_expressions=modules()[key])
-                _modules[key] = mod
-            ker = _kernels[(key, name)] = mod.get_function(name)
-        return ker
+    """The kernel `name` of module `key` of ce.cu (a cupy.RawKernel; see :class:`KernelFile`)."""
+    return _kernel_file.function(key, name)
 
 
 # ---------------------------------------------------------------- devices and streams
@@ -410,19 +428,25 @@ _KINDS = {
     "Q": lambda v: np.uint64(int(v)),
     "i": lambda v: np.int32(int(v)),
     "d": lambda v: np.float64(float(v)),
+    "f": lambda v: np.float32(float(v)),
 }
 
 
-def kernel_args(kernel: str, **values) -> tuple:
-    """The launch arguments of `kernel` (a template's base name), typed as its C++
-    parameters, from keyword values named as in ce.cu. Pointers take CuPy arrays,
-    ints or None."""
-    params = KERNEL_PARAMS[kernel]
+def typed_args(kernel: str, params: Any, values: dict) -> tuple:
+    """Launch arguments typed as the C++ parameters `params` ((name, kind) in order; kinds as
+    in KERNEL_PARAMS) of `kernel`, from values named as in the kernel file. Pointers take
+    CuPy arrays, ints or None. TypeError names missing and unknown arguments."""
     missing = [n for n, _ in params if n not in values]
     extra = sorted(set(values) - {n for n, _ in params})
     if missing or extra:
         raise TypeError(f"{kernel}: missing arguments {missing}, unknown {extra}")
     return tuple(_KINDS[k](values[n]) for n, k in params)
+
+
+def kernel_args(kernel: str, **values) -> tuple:
+    """The launch arguments of `kernel` (a template's base name in ce.cu), typed as its C++
+    parameters, from keyword values named as in ce.cu."""
+    return typed_args(kernel, KERNEL_PARAMS[kernel], values)
 
 
 def _layout(shape, strides) -> tuple[int, Any]:

@@ -8,7 +8,6 @@ synchronised: the statistics stay on the device for the rules.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from .._arrays import BF16, F16, F32, Operand
@@ -62,37 +61,17 @@ def modules() -> dict[Any, list[str]]:
     return {(a, b): list(kernel_names(a, b)) for a in TYPES for b in TYPES}
 
 
-_modules: dict[Any, Any] = {}
-_kernels: dict[tuple[Any, str], Any] = {}
-_lock = threading.Lock()
+_kernel_file = cuda.KernelFile(KERNEL_NAME, modules)
 
 
 def _function(key, name: str):
     """The kernel `name` of module `key`, compiled by NVRTC on first use."""
-    ker = _kernels.get((key, name))
-    if ker is not None:
-        return ker
-    with _lock:
-        ker = _kernels.get((key, name))
-        if ker is None:
-            mod = _modules.get(key)
-            if mod is None:
-                mod = cuda.xp().RawModule(
-                    code=cuda.load_source(KERNEL_NAME), options=cuda.OPTIONS, name_expressions=modules()[key]
-                )
-                _modules[key] = mod
-            ker = _kernels[(key, name)] = mod.get_function(name)
-        return ker
+    return _kernel_file.function(key, name)
 
 
 def kernel_args(kernel: str, **values) -> tuple:
     """Launch arguments typed as the C++ parameters of `kernel` (see ``cuda.kernel_args``)."""
-    params = KERNEL_PARAMS[kernel]
-    missing = [n for n, _ in params if n not in values]
-    extra = sorted(set(values) - {n for n, _ in params})
-    if missing or extra:
-        raise TypeError(f"{kernel}: missing arguments {missing}, unknown {extra}")
-    return tuple(cuda._KINDS[k](values[n]) for n, k in params)
+    return cuda.typed_args(kernel, KERNEL_PARAMS[kernel], values)
 
 
 def kl_pass(
