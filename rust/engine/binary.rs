@@ -18,6 +18,7 @@
 
 use crate::arch::Kernels;
 use crate::elem::{bf16_to_f32, f32_to_bf16, DType, Matrix};
+use crate::float::Float;
 
 /// Elements per chunk: the buffers of one chunk stay in L1.
 pub const CHUNK: usize = 1024;
@@ -51,42 +52,22 @@ pub struct Job<'a> {
     pub gout: Option<&'a Matrix>,
 }
 
-/// The scalar arithmetic each compute type needs.
-pub trait Real:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + 'static
-{
-    const ZERO: Self;
-    const ONE: Self;
+/// What the binary losses need of a compute type beyond the engine's `Float`: its stored
+/// dtype, element loads and stores, and a few more functions.
+pub trait Real: Float {
     /// The stored dtype whose elements are this type's values (read without a copy).
     const DTYPE: DType;
-    fn from_f64(x: f64) -> Self;
     fn from_stored(m: &Matrix, p: *const u8) -> Self;
     fn store(m: &Matrix, p: *mut u8, v: Self);
-    fn exp(self) -> Self;
     fn ln_1p(self) -> Self;
     fn abs(self) -> Self;
     fn powf(self, e: Self) -> Self;
-    fn is_nan(self) -> bool;
 }
 
 macro_rules! impl_real {
     ($t:ty, $d:expr) => {
         impl Real for $t {
-            const ZERO: Self = 0.0;
-            const ONE: Self = 1.0;
             const DTYPE: DType = $d;
-            #[inline(always)]
-            fn from_f64(x: f64) -> Self {
-                x as $t
-            }
             #[inline(always)]
             fn from_stored(m: &Matrix, p: *const u8) -> Self {
                 // SAFETY: `p` addresses one element of `m`'s live array (see `addr`).
@@ -119,10 +100,6 @@ macro_rules! impl_real {
                 }
             }
             #[inline(always)]
-            fn exp(self) -> Self {
-                <$t>::exp(self)
-            }
-            #[inline(always)]
             fn ln_1p(self) -> Self {
                 <$t>::ln_1p(self)
             }
@@ -133,10 +110,6 @@ macro_rules! impl_real {
             #[inline(always)]
             fn powf(self, e: Self) -> Self {
                 <$t>::powf(self, e)
-            }
-            #[inline(always)]
-            fn is_nan(self) -> bool {
-                <$t>::is_nan(self)
             }
         }
     };
