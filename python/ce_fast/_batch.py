@@ -94,9 +94,15 @@ def real_kind(value: Any) -> str:
 def _grad_output(b: Batch, value: Any, reduction: str) -> Any:
     """grad_output as float64: a 0-d host array, or an array of the loss's shape (reduction
     "none" only) on the logits' device. Host scalars go with logits on any device."""
+    return grad_output_value(b.x, b.engine, value, reduction, tuple(b.x.batch_shape))
+
+
+def grad_output_value(x: Operand, engine: Any, value: Any, reduction: str, loss_shape: tuple) -> Any:
+    """A checked grad_output for a loss of shape `loss_shape` over the logits `x`, as the
+    `engine`'s float64 (a 0-d host array, or an array of `loss_shape` on x's device; an
+    array only with reduction "none")."""
     if value is None or real_kind(value) not in "fiu":
         raise TypeError(f"grad_output must be a real number or an array of real numbers, got {value!r:.80}")
-    x = b.x
     dev = _arrays.device_of(value)
     if dev != x.device and not (dev == "cpu" and np.ndim(value) == 0):
         if dev == "cpu":
@@ -105,13 +111,13 @@ def _grad_output(b: Batch, value: Any, reduction: str) -> Any:
                 "ce_fast never copies between devices, pass a scalar or an array on the logits' device"
             )
         raise _errors.device_mismatch(x.device, "grad_output", dev)
-    g = b.engine.grad_output(value, x)
+    g = engine.grad_output(value, x)
     if g.ndim == 0:
         return g
     if reduction != "none":
         raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, got shape {tuple(g.shape)}")
-    if tuple(g.shape) != tuple(x.batch_shape):
-        raise ValueError(f"grad_output must be a scalar or have the loss's shape {x.batch_shape}, got {tuple(g.shape)}")
+    if tuple(g.shape) != loss_shape:
+        raise ValueError(f"grad_output must be a scalar or have the loss's shape {loss_shape}, got {tuple(g.shape)}")
     return g
 
 

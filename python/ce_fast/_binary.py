@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, _batch, _errors
+from . import _arrays, _batch
 from ._arrays import Operand
 from ._binary_call import BCE, FOCAL, BinaryCall
 from ._spec import REDUCTIONS, _real
@@ -98,28 +98,13 @@ def _alpha_gamma(alpha: Any, gamma: Any) -> tuple[float, float]:
 
 def _grad_output(c: BinaryCall, value: Any) -> None:
     x = c.x
-    if value is None or _batch.real_kind(value) not in "fiu":
-        raise TypeError(f"grad_output must be a real number or an array of real numbers, got {value!r:.80}")
-    dev = _arrays.device_of(value)
-    if dev != x.device and not (dev == "cpu" and np.ndim(value) == 0):
-        if dev == "cpu":
-            raise ValueError(
-                f"logits are on {x.device} but grad_output is a host array of shape {np.shape(value)}; "
-                "ce_fast never copies between devices, pass a scalar or an array on the logits' device"
-            )
-        raise _errors.device_mismatch(x.device, "grad_output", dev)
-    eng = _engine(x)
-    g = eng.grad_output(value, x)
+    g = _batch.grad_output_value(x, _engine(x), value, c.reduction, tuple(x.shape))
     if g.ndim == 0:
         s = float(g) if not x.is_cuda or isinstance(g, np.ndarray) else g
         if c.reduction == "mean":
             s = s / c.size if c.size else s * math.nan
         c.gscale, c.gout = s, None
         return
-    if c.reduction != "none":
-        raise ValueError(f"grad_output must be a scalar for reduction={c.reduction!r}, got shape {tuple(g.shape)}")
-    if tuple(g.shape) != tuple(x.shape):
-        raise ValueError(f"grad_output must be a scalar or have the loss's shape {x.shape}, got {tuple(g.shape)}")
     c.gscale, c.gout = 1.0, g
 
 
