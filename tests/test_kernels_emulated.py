@@ -793,6 +793,20 @@ def test_scope_uses_the_device_and_torch_current_stream(monkeypatch):
     # NumPy logits: no CUDA scope at all.
     with _batch.device_scope(np.zeros((2, 3), np.float32)):
         pass
+    # A saved tensor becomes a CuPy view exported on torch's current stream, so DLPack asks
+    # torch for no wait from the legacy stream (illegal while a CUDA graph is captured).
+    events.clear()
+    fake.from_dlpack = lambda t: events.append(("from_dlpack", t)) or "view"
+    t = types.SimpleNamespace(device=types.SimpleNamespace(index=1))
+    assert _cuda.from_torch(t) == "view"
+    assert events == [("stream", 4243, 1), ("from_dlpack", t), ("stream-exit", 4243)]
+    # A torch stream speaking the CUDA stream protocol goes through Stream.from_external.
+    events.clear()
+    protocol = types.SimpleNamespace(cuda_stream=4300, __cuda_stream__=lambda: (0, 4300))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: protocol)
+    fake.cuda.Stream = types.SimpleNamespace(from_external=lambda s: Ext(s.cuda_stream + 1, 7))
+    assert _cuda.from_torch(t) == "view"
+    assert events == [("stream", 4301, 7), ("from_dlpack", t), ("stream-exit", 4301)]
 
 
 # ---------------------------------------------------------------- one-read fused kernel

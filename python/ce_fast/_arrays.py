@@ -213,7 +213,10 @@ def _require_cupy(name: str):
 
 
 def _to_cupy(t):
-    return _require_cupy("tensor").from_dlpack(t)
+    """A CuPy view of CUDA tensor `t` (zero copy, DLPack, on torch's current stream)."""
+    from ._engines import cuda
+
+    return cuda.from_torch(t)
 
 
 def _cupy_operand(a, name: str, lib: str, keep: Any = None) -> Operand:

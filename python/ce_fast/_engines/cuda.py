@@ -340,6 +340,28 @@ def _torch_allocator():
     return _torch_alloc
 
 
+def torch_stream(device: int) -> Any:
+    """torch's current stream on CUDA `device` as a CuPy stream (a context manager that
+    makes it CuPy's current stream)."""
+    cp = xp()
+    stream = _torch().cuda.current_stream(device)
+    from_external = getattr(getattr(cp.cuda, "Stream", None), "from_external", None)
+    if from_external is not None and hasattr(stream, "__cuda_stream__"):
+        try:
+            return from_external(stream)  # CuPy 14 deprecates ExternalStream for this protocol
+        except (TypeError, ValueError, AttributeError):  # a protocol version it does not read
+            pass
+    return cp.cuda.ExternalStream(stream.cuda_stream, device)
+
+
+def from_torch(t: Any) -> Any:
+    """A CuPy view of CUDA tensor `t`, exported on torch's current stream. DLPack then asks
+    torch for no cross-stream wait: from CuPy's default (legacy) stream that wait is
+    illegal while a CUDA graph is being captured."""
+    with torch_stream(t.device.index):
+        return xp().from_dlpack(t)
+
+
 @contextlib.contextmanager
 def scope(x: Operand):
     """CuPy's current device is the logits' device while the body runs; for torch
@@ -349,9 +371,7 @@ def scope(x: Operand):
     dev = _device_id(x)
     with cp.cuda.Device(dev):
         if x.lib == "torch":
-            torch = _torch()
-            ptr = torch.cuda.current_stream(dev).cuda_stream
-            with cp.cuda.ExternalStream(ptr, dev):
+            with torch_stream(dev):
                 if os.environ.get(ALLOCATOR_ENV, "torch") == "cupy":
                     yield
                 else:
