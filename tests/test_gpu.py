@@ -129,7 +129,9 @@ def ref(
         yc = np.where(valid, y, 0)
         wy = np.where(valid, w[yc], 0.0)
         zy = np.take_along_axis(z, yc[..., None], -1)[..., 0]
-        rows = (1 - eps) * wy * (lse - zy) + eps / C * (w.sum() * lse - np.sum(w * z, -1))
+        rows = (1 - eps) * wy * (lse - zy)
+        if eps:  # without smoothing, 0 * (sum over a row holding -inf) would be NaN, not 0
+            rows = rows + eps / C * (w.sum() * lse - np.sum(w * z, -1))
         onehot = np.zeros_like(z)
         np.put_along_axis(onehot, yc[..., None], 1.0, -1)
         dz = (1 - eps) * wy[..., None] * (p - onehot) + eps / C * (w.sum() * p - w)
@@ -808,20 +810,29 @@ def test_non_finite_rows_across_warps(lib, fused):
 @pytest.mark.parametrize("grad", [1.0, 2.5, 0.0])
 def test_inplace_backward_scaled_on_the_device(dtype, grad):
     """inplace_backward on CUDA: the incoming gradient scales the stored gradient in one
-    kernel that skips the pass when it is 1; the result is the default path's, rounded as
-    torch's mul_ rounds it; a second backward still fails."""
+    kernel that skips the pass when it is 1. The stored gradient is the default path's at
+    grad 1 bit for bit, and the scaled one is that times grad as torch's mul_ rounds it (a
+    second rounding the default path, which folds grad in before rounding, does not have:
+    the two agree to an ulp); a second backward still fails."""
     import ce_fast.torch as cet
 
     torch.manual_seed(4)
     x0 = torch.randn(64, 5000, device="cuda", dtype=getattr(torch, dtype)) * 2
     y = torch.randint(0, 5000, (64,), device="cuda")
+    x1 = x0.clone().requires_grad_(True)
+    cet.cross_entropy(x1 * 1, y).backward()
     xa = x0.clone().requires_grad_(True)
     (cet.cross_entropy(xa * 1, y) * grad).backward()
     x = x0.clone().requires_grad_(True)
     h = x * 1
     loss = cet.cross_entropy(h, y, inplace_backward=True)
     (loss * grad).backward(retain_graph=True)
-    tol = dict(rtol=0, atol=0) if dtype == "float32" or grad in (0.0, 1.0) else dict(rtol=1e-2, atol=1e-5)
+    want = x1.grad * torch.tensor(grad, device="cuda")  # 0-d: rounded once into the dtype
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
+    if grad in (0.0, 1.0):
+        tol = dict(rtol=0, atol=0)
+    else:  # an ulp of the dtype; float16's subnormals round coarser
+        tol = dict(rtol=2**-22, atol=0) if dtype == "float32" else dict(rtol=1e-2, atol=1e-5)
     torch.testing.assert_close(x.grad.float(), xa.grad.float(), **tol)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
