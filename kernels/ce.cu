@@ -353,15 +353,17 @@ __device__ __forceinline__ double ce_dot_shift_d(const float (&z)[K], const floa
     return acc;
 }
 
-// Adds K transformed logits z (class c0 + k) to the accumulators.
-template <int K, bool SOFT>
+// Adds K transformed logits z (class c0 + k) to the accumulators. LEAN leaves the NaN
+// test of the elements summed to the sum itself (a NaN z with a finite max makes A.s NaN:
+// the caller then sets A.nan), and tests only those the sum skips.
+template <int K, bool SOFT, bool LEAN = false>
 __device__ __forceinline__ void ce_acc(Acc& A, const float (&z)[K], const float (&w)[K], const float (&t)[K],
                                        i64 c0, bool want_wz, bool want_am) {
     float cm = -CE_INF;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
         cm = fmaxf(cm, z[k]);
-        A.nan |= (z[k] != z[k]);
+        if (!LEAN) A.nan |= (z[k] != z[k]);
     }
     if (cm > A.m) {
         // In f64: +inf while the max was -inf, and up to 6.8e38 from -3e38 to 3e38.
@@ -379,6 +381,9 @@ __device__ __forceinline__ void ce_acc(Acc& A, const float (&z)[K], const float 
 #pragma unroll
         for (int k = 0; k < K; ++k) e += __expf(z[k] - A.m);
         A.s += e;
+    } else if (LEAN) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) A.nan |= (z[k] != z[k]);
     }
     if (want_wz) {
         float sw = 0.0f, swz = 0.0f;
@@ -564,6 +569,127 @@ __device__ __forceinline__ bool ce_row_vec(const TX* xr, i64 x_cs, const TS* tr,
     return true;
 }
 
+// Pass 1 over the 16-byte vectors of a row, by thread gl of its G, U vectors in flight.
+// PL: the plain call (no weights, soft targets, softcap, logit scale, w (z - m) sums or
+// argmax), compiled apart so that its loop keeps only the loads, the max, exp and the sum:
+// the same operations in the same order as the general loop, so the same bits.
+template <typename TX, typename TS, int U, bool PL>
+__device__ __forceinline__ void ce_pass1_vec(Acc& A, const TX* xr, const TS* tr, int head, i64 nv, int gl, int G,
+                                             const float* w32, float scale, float cap, bool want_wz, bool want_am) {
+    const bool SOFT = IsSoft<TS>::value != 0;
+    const int V = 16 / E<TX>::SIZE;
+    const int XW = 4;
+    const int TW = SOFT ? (V * E<TS>::SIZE) / 4 : 2;
+    if (PL) {
+        w32 = nullptr;
+        scale = 1.0f;
+        cap = 0.0f;
+        want_wz = want_am = false;
+    }
+    i64 i = gl;
+    for (; i + (i64)(U - 1) * G < nv; i += (i64)U * G) {
+        u32 xw[U][XW];
+        u32 tw[U][TW];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 c0 = head + (i + (i64)u * G) * V;
+            Words<XW>::load(xr + c0, xw[u]);
+            if (SOFT) Words<TW>::load(tr + c0, tw[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 c0 = head + (i + (i64)u * G) * V;
+            float z[V], w[V], tv[V];
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                z[k] = ce_tf(E<TX>::unpack(xw[u], k), scale, cap);
+                w[k] = w32 ? w32[c0 + k] : 1.0f;
+                tv[k] = SOFT ? E<TS>::unpack(tw[u], k) : 0.0f;
+            }
+            ce_acc<V, SOFT, PL>(A, z, w, tv, c0, want_wz, want_am);
+        }
+    }
+    for (; i < nv; i += G) {
+        const i64 c0 = head + i * V;
+        u32 xw[XW];
+        u32 tw[TW];
+        Words<XW>::load(xr + c0, xw);
+        if (SOFT) Words<TW>::load(tr + c0, tw);
+        float z[V], w[V], tv[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            z[k] = ce_tf(E<TX>::unpack(xw, k), scale, cap);
+            w[k] = w32 ? w32[c0 + k] : 1.0f;
+            tv[k] = SOFT ? E<TS>::unpack(tw, k) : 0.0f;
+        }
+        ce_acc<V, SOFT, PL>(A, z, w, tv, c0, want_wz, want_am);
+    }
+    // Every term of the sum is in [0, 1] when no z is NaN, and the sum only grows or is
+    // rescaled by a factor in [0, 1]: a NaN sum means a NaN logit.
+    if (PL) A.nan |= (A.s != A.s);
+}
+
+// Pass 2 over the 16-byte vectors of a row (as ce_pass1_vec; PL: the plain call, whose
+// gradient is the general expression with weight 1, soft target 0, scale 1 and no softcap).
+template <typename TX, typename TS, int U, bool PL>
+__device__ __forceinline__ void ce_pass2_vec(const TX* xr, const TS* tr, TX* orow, int head, i64 nv, int gl, int G,
+                                             const float* w32, GradF P, i64 yp, const GradY& Q) {
+    const bool SOFT = IsSoft<TS>::value != 0;
+    const int V = 16 / E<TX>::SIZE;
+    const int XW = 4;
+    const int TW = SOFT ? (V * E<TS>::SIZE) / 4 : 2;
+    if (PL) {  // e multiplies the soft target, 0 here: e * 0 is 0 for the finite e of hard targets
+        w32 = nullptr;
+        P.scale = 1.0f;
+        P.cap = 0.0f;
+        P.e = 0.0f;
+    }
+    i64 i = gl;
+    for (; i + (i64)(U - 1) * G < nv; i += (i64)U * G) {
+        u32 xw[U][XW];
+        u32 tw[U][TW];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 c0 = head + (i + (i64)u * G) * V;
+            Words<XW>::load(xr + c0, xw[u]);
+            if (SOFT) Words<TW>::load(tr + c0, tw[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 c0 = head + (i + (i64)u * G) * V;
+            float gv[V];
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float wk = w32 ? w32[c0 + k] : 1.0f;
+                const float tk = SOFT ? E<TS>::unpack(tw[u], k) : 0.0f;
+                gv[k] = ce_grad_f(E<TX>::unpack(xw[u], k), wk, tk, P);
+            }
+            u32 ow[XW];
+            ce_pack<TX, V>(gv, ow);
+            if ((u64)(yp - c0) < (u64)V) ce_patch<TX, XW>(ow, (int)(yp - c0), xr + yp, Q);
+            Words<XW>::store(orow + c0, ow);
+        }
+    }
+    for (; i < nv; i += G) {
+        const i64 c0 = head + i * V;
+        u32 xw[XW];
+        u32 tw[TW];
+        Words<XW>::load(xr + c0, xw);
+        if (SOFT) Words<TW>::load(tr + c0, tw);
+        float gv[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float wk = w32 ? w32[c0 + k] : 1.0f;
+            const float tk = SOFT ? E<TS>::unpack(tw, k) : 0.0f;
+            gv[k] = ce_grad_f(E<TX>::unpack(xw, k), wk, tk, P);
+        }
+        u32 ow[XW];
+        ce_pack<TX, V>(gv, ow);
+        if ((u64)(yp - c0) < (u64)V) ce_patch<TX, XW>(ow, (int)(yp - c0), xr + yp, Q);
+        Words<XW>::store(orow + c0, ow);
+    }
+}
+
 // The shared body of the statistics kernel (FUSED = false) and of the fused
 // loss + gradient kernel (FUSED = true).
 template <typename TX, typename TS, bool FUSED>
@@ -590,6 +716,8 @@ __device__ __forceinline__ void ce_body(
     const bool want_wz = o_swz != nullptr;
     const bool want_am = o_amax != nullptr;
     const bool given = FUSED && given_mx != nullptr;
+    // The common call, whose vector loops are compiled apart (ce_pass1_vec, ce_pass2_vec).
+    const bool plain = !SOFT && w32 == nullptr && !want_wz && !want_am && scale == 1.0f && !(cap > 0.0f);
 
     for (i64 tile = blockIdx.x; tile * rpb < rows; tile += gridDim.x) {
         const i64 r = tile * rpb + grp;
@@ -628,43 +756,10 @@ __device__ __forceinline__ void ce_body(
                         float tv[1] = {SOFT ? E<TS>::ld(tr + c) : 0.0f};
                         ce_acc<1, SOFT>(A, z, w, tv, c, want_wz, want_am);
                     }
-                    i64 i = gl;
-                    for (; i + (i64)(U - 1) * G < nv; i += (i64)U * G) {
-                        u32 xw[U][XW];
-                        u32 tw[U][TW];
-#pragma unroll
-                        for (int u = 0; u < U; ++u) {
-                            const i64 c0 = head + (i + (i64)u * G) * V;
-                            Words<XW>::load(xr + c0, xw[u]);
-                            if (SOFT) Words<TW>::load(tr + c0, tw[u]);
-                        }
-#pragma unroll
-                        for (int u = 0; u < U; ++u) {
-                            const i64 c0 = head + (i + (i64)u * G) * V;
-                            float z[V], w[V], tv[V];
-#pragma unroll
-                            for (int k = 0; k < V; ++k) {
-                                z[k] = ce_tf(E<TX>::unpack(xw[u], k), scale, cap);
-                                w[k] = w32 ? w32[c0 + k] : 1.0f;
-                                tv[k] = SOFT ? E<TS>::unpack(tw[u], k) : 0.0f;
-                            }
-                            ce_acc<V, SOFT>(A, z, w, tv, c0, want_wz, want_am);
-                        }
-                    }
-                    for (; i < nv; i += G) {
-                        const i64 c0 = head + i * V;
-                        u32 xw[XW];
-                        u32 tw[TW];
-                        Words<XW>::load(xr + c0, xw);
-                        if (SOFT) Words<TW>::load(tr + c0, tw);
-                        float z[V], w[V], tv[V];
-#pragma unroll
-                        for (int k = 0; k < V; ++k) {
-                            z[k] = ce_tf(E<TX>::unpack(xw, k), scale, cap);
-                            w[k] = w32 ? w32[c0 + k] : 1.0f;
-                            tv[k] = SOFT ? E<TS>::unpack(tw, k) : 0.0f;
-                        }
-                        ce_acc<V, SOFT>(A, z, w, tv, c0, want_wz, want_am);
+                    if (plain) {
+                        ce_pass1_vec<TX, TS, U, true>(A, xr, tr, head, nv, gl, G, w32, scale, cap, want_wz, want_am);
+                    } else {
+                        ce_pass1_vec<TX, TS, U, false>(A, xr, tr, head, nv, gl, G, w32, scale, cap, want_wz, want_am);
                     }
                 } else {
                     for (i64 c = gl; c < C; c += G) {
@@ -770,49 +865,10 @@ __device__ __forceinline__ void ce_body(
                 const u32 b = (c == yp) ? E<TX>::bits_d(ce_grad_y(xv, Q)) : E<TX>::bits(ce_grad_f(xv, wk, tk, P));
                 E<TX>::st_bits(orow + c, b);
             }
-            i64 i = gl;
-            for (; i + (i64)(U - 1) * G < nv; i += (i64)U * G) {
-                u32 xw[U][XW];
-                u32 tw[U][TW];
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const i64 c0 = head + (i + (i64)u * G) * V;
-                    Words<XW>::load(xr + c0, xw[u]);
-                    if (SOFT) Words<TW>::load(tr + c0, tw[u]);
-                }
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const i64 c0 = head + (i + (i64)u * G) * V;
-                    float gv[V];
-#pragma unroll
-                    for (int k = 0; k < V; ++k) {
-                        const float wk = w32 ? w32[c0 + k] : 1.0f;
-                        const float tk = SOFT ? E<TS>::unpack(tw[u], k) : 0.0f;
-                        gv[k] = ce_grad_f(E<TX>::unpack(xw[u], k), wk, tk, P);
-                    }
-                    u32 ow[XW];
-                    ce_pack<TX, V>(gv, ow);
-                    if ((u64)(yp - c0) < (u64)V) ce_patch<TX, XW>(ow, (int)(yp - c0), xr + yp, Q);
-                    Words<XW>::store(orow + c0, ow);
-                }
-            }
-            for (; i < nv; i += G) {
-                const i64 c0 = head + i * V;
-                u32 xw[XW];
-                u32 tw[TW];
-                Words<XW>::load(xr + c0, xw);
-                if (SOFT) Words<TW>::load(tr + c0, tw);
-                float gv[V];
-#pragma unroll
-                for (int k = 0; k < V; ++k) {
-                    const float wk = w32 ? w32[c0 + k] : 1.0f;
-                    const float tk = SOFT ? E<TS>::unpack(tw, k) : 0.0f;
-                    gv[k] = ce_grad_f(E<TX>::unpack(xw, k), wk, tk, P);
-                }
-                u32 ow[XW];
-                ce_pack<TX, V>(gv, ow);
-                if ((u64)(yp - c0) < (u64)V) ce_patch<TX, XW>(ow, (int)(yp - c0), xr + yp, Q);
-                Words<XW>::store(orow + c0, ow);
+            if (plain) {
+                ce_pass2_vec<TX, TS, U, true>(xr, tr, orow, head, nv, gl, G, w32, P, yp, Q);
+            } else {
+                ce_pass2_vec<TX, TS, U, false>(xr, tr, orow, head, nv, gl, G, w32, P, yp, Q);
             }
         } else {
             for (i64 c = gl; c < C; c += G) {

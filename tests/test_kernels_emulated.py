@@ -288,6 +288,42 @@ def test_true_class_term_in_f64_rounded_once(emu, reduction):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: IDS[d])
+@pytest.mark.parametrize("C", [700, 3000])
+def test_plain_loops_give_the_general_loops_bits(emu, dtype, C):
+    """The plain call (no weight, scale, softcap, smoothing) runs vector loops compiled apart,
+    whose NaN test rides on the sum: the same bits as the general loops (all-ones weights
+    take those), NaN rows included wherever the NaN sits (inside a -inf prefix, after the
+    max, beside +inf)."""
+    rng = np.random.default_rng(17)
+    x = _logits(rng, (10, C), np.float32)
+    x[0, C // 2] = np.nan
+    x[1, : C // 2] = -np.inf
+    x[1, C // 3] = np.nan  # while the running max is still -inf
+    x[2, : C - 1] = -np.inf
+    x[3, 5] = np.nan
+    x[3, C - 3] = np.inf
+    x[4, C - 1] = np.inf
+    x[5, :] = -np.inf
+    x[6, 3 : C - 3] = -np.inf
+    x[7, 1] = np.nan
+    x[7, 2:] = -np.inf
+    x = x.astype(dtype)
+    y = rng.integers(0, C, 10)
+    y[6] = 1  # a finite logit of the row that is mostly -inf
+    ones = np.ones(C, np.float32)
+    for shape in ("default", "wide", "narrow"):
+        with kernel_emulator.emulated_engine(emu, **SHAPES[shape]):
+            plain = ce_fast.cross_entropy_and_grad(x, y, reduction="none")
+            general = ce_fast.cross_entropy_and_grad(x, y, weight=ones, reduction="none")
+            fwd = ce_fast.cross_entropy(x, y, reduction="none")
+        np.testing.assert_array_equal(_f64(plain[0]).view(np.int64), _f64(general[0]).view(np.int64))
+        np.testing.assert_array_equal(_f64(plain[1]), _f64(general[1]))
+        np.testing.assert_array_equal(_f64(fwd).view(np.int64), _f64(plain[0]).view(np.int64))
+        assert np.isnan(_f64(fwd)[[0, 1, 3, 7]]).all() and np.isfinite(_f64(fwd)[[6, 8, 9]]).all()
+        assert np.isnan(_f64(plain[1])[[0, 1, 3, 7]]).all(axis=1).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: IDS[d])
 @pytest.mark.parametrize("C", [6, 700])
 def test_non_finite_rows(emu, dtype, C):
     rng = np.random.default_rng(13)
@@ -693,6 +729,24 @@ def test_launch_configuration():
     finally:
         _cuda._props.clear()
         _cuda._props.update(saved)
+
+
+@pytest.mark.parametrize("per_sm", [1, 2, 4, 8])
+def test_fused_rows_in_flight_per_multiprocessor(monkeypatch, per_sm):
+    """FUSED_ROWS_PER_SM narrows the fused kernel's rows (G halves per doubling, not below
+    64) only where half the L2 holds that many rows per SM; the statistics kernel keeps G."""
+    monkeypatch.setattr(_cuda, "FUSED_ROWS_PER_SM", per_sm)
+    monkeypatch.setitem(_cuda._props, 0, (132, 50 << 20))
+    # 62.5 KiB rows: 25 MiB holds 409 of them, 3 per SM -> at most 2 per SM (a power of two).
+    G, block, grid = _cuda._config(16384, 32000, 2, 0, fused=True)
+    assert (G, block, grid) == ({1: 512, 2: 256, 4: 256, 8: 256}[per_sm],) * 2 + (409,)
+    # 16 KiB rows: 12 per SM fit; G starts at 128 and stops at 64.
+    G, _, grid = _cuda._config(16384, 8192, 2, 0, fused=True)
+    assert G == {1: 128, 2: 64, 4: 64, 8: 64}[per_sm] and grid == min(16384, 132 * (2048 // G), 1600)
+    # Rows too long for one per SM in half the L2, and the statistics kernel: unchanged.
+    assert _cuda._config(16384, 128256, 2, 0, fused=True)[:2] == (512, 512)
+    assert _cuda._config(16384, 32000, 2, 0, fused=False) == (512, 512, 132 * 4)
+    assert _cuda._config(16384, 32000, 2, 0, fused=True, bounded=True)[:2] == (512, 512)
 
 
 def test_scope_uses_the_device_and_torch_current_stream(monkeypatch):
