@@ -447,17 +447,23 @@ def compile_program(outputs: list, kinds: list, block: int, prefix: str = "ce_ru
                 continue
             for n in here:
                 ident = "0.0" if n.op == "sum" else "__longlong_as_double(0x7ff0000000000000LL)"
-                lines.append(f"    double {names[id(n)]}_acc = {ident};")
-            lines.append("#pragma unroll 1")  # no trip count: a 64-bit division, with a stack frame
-            lines.append(f"    for (long long {loop_var} = tid; {loop_var} < {bound}; {loop_var} += blockDim.x) {{")
+                for u in range(UNROLL):
+                    lines.append(f"    double {names[id(n)]}_acc{u} = {ident};")
             wanted = {id(m) for n in here for m in needed(n.args[0], domain)}
-            emit([m for m in order if id(m) in wanted], "        ", (domain,))
-            for n in here:
-                acc = f"{names[id(n)]}_acc"
-                lines.append(f"        {acc} = {_combine(n.op, acc, names[id(n.args[0])])};")
+            lines.append(_loop_head(loop_var, bound, "tid", "blockDim.x"))
+            for u in range(UNROLL):
+                lines.append(_trip_head(loop_var, bound, u, "blockDim.x"))
+                emit([m for m in order if id(m) in wanted], "            ", (domain,))
+                for n in here:
+                    acc = f"{names[id(n)]}_acc{u}"
+                    lines.append(f"            {acc} = {_combine(n.op, acc, names[id(n.args[0])])};")
+                lines.append("        }")
             lines.append("    }")
             for n in here:
-                lines.append(f"    ce_red[tid] = {names[id(n)]}_acc;")
+                a = [f"{names[id(n)]}_acc{u}" for u in range(UNROLL)]
+                while len(a) > 1:  # the partial sums of a thread, in a fixed tree
+                    a = [f"({_combine(n.op, a[j], a[j + 1])})" for j in range(0, len(a), 2)]
+                lines.append(f"    ce_red[tid] = {a[0]};")
                 lines.append("    __syncthreads();")
                 lines.append(f"    for (int s = {block // 2}; s > 0; s >>= 1) {{")
                 lines.append(f"        if (tid < s) ce_red[tid] = {_combine(n.op, 'ce_red[tid]', 'ce_red[tid + s]')};")
@@ -470,16 +476,18 @@ def compile_program(outputs: list, kinds: list, block: int, prefix: str = "ce_ru
 
     row_outs = [(i, o) for i, (o, k) in enumerate(zip(outputs, kinds)) if k == ROW]
     if row_outs:
-        lines.append("#pragma unroll 1")
-        lines.append("    for (long long r = (long long)blockIdx.x * blockDim.x + tid; r < rows;")
-        lines.append("         r += (long long)gridDim.x * blockDim.x) {")
         row_nodes: list = []
         for _, o in row_outs:
             row_nodes += needed(o, ROW)
         ids = {id(n) for n in row_nodes}
-        emit([n for n in order if id(n) in ids], "        ", (ROW,))
-        for i, o in row_outs:
-            lines.append(f"        out{i}[r] = ({out_params[i][1]}){names[id(o)]};")
+        step = "(long long)gridDim.x * blockDim.x"
+        lines.append(_loop_head("r", "rows", "(long long)blockIdx.x * blockDim.x + tid", step))
+        for u in range(UNROLL):
+            lines.append(_trip_head("r", "rows", u, step))
+            emit([n for n in order if id(n) in ids], "            ", (ROW,))
+            for i, o in row_outs:
+                lines.append(f"            out{i}[r] = ({out_params[i][1]}){names[id(o)]};")
+            lines.append("        }")
         lines.append("    }")
     one_outs = [(i, o) for i, (o, k) in enumerate(zip(outputs, kinds)) if k == ONE]
     if one_outs:
@@ -501,6 +509,24 @@ def compile_program(outputs: list, kinds: list, block: int, prefix: str = "ce_ru
         f'extern "C" __global__ void __launch_bounds__({block}) {name}(\n    {head}) {{\n{body}\n}}\n'
     )
     return Program(name, source, inputs, consts, out_params, bool(reductions))
+
+
+# Rows (or classes) a thread takes per loop trip: their loads are in flight together (a
+# rule kernel that reduces is one block, so a trip's memory latency is the kernel's time).
+UNROLL = 4
+
+
+def _loop_head(var: str, bound: str, start: str, step: str) -> str:
+    """A strided loop over `var` < `bound` taking UNROLL values a trip (see _trip_head)."""
+    # No trip count (unroll 1): a 64-bit division, with a stack frame.
+    return f"#pragma unroll 1\n    for (long long {var}0 = {start}; {var}0 < {bound}; {var}0 += {UNROLL}LL * {step}) {{"
+
+
+def _trip_head(var: str, bound: str, u: int, step: str) -> str:
+    """The scope of value `u` of a loop trip (named accumulators per `u`: no array that
+    could land in local memory)."""
+    at = f"{var}0 + {u}LL * {step}"
+    return f"        if ({at} < {bound}) {{\n            const long long {var} = {at};"
 
 
 def _combine(op: str, a: str, b: str) -> str:
