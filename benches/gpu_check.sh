@@ -10,11 +10,13 @@
 #      two-pass fused kernel (CE_FAST_FUSED=two-pass, today's default) and the one-read kernel
 #      (CE_FAST_FUSED=one-read), while the CPU bench runs 4096 x 128256 on 2 threads with the
 #      avx512 and the avx2 kernel sets (same-run ratios against the read pass and PyTorch);
-#   5. with CHECK_COMPILE=1, the torch.compile baseline at 16384 x 128256;
-#   6. with CHECK_PROFILE=1, benches/gpu_profile.py (wall and per-kernel device time of each
-#      call, kernel resources) and `ncu` on the statistics and fused kernels.
+#   5. with CHECK_PROFILE=1, benches/gpu_profile.py (wall and per-kernel device time of each
+#      call, kernel resources, the fused kernel's rows in flight) and `ncu` on the statistics
+#      and fused kernels;
+#   6. with CHECK_COMPILE=1, the torch.compile baseline at 16384 x 128256.
 # CHECK_CPU=0 leaves out the CPU tests and bench, CHECK_BENCH=0 the benchmarks (a rerun);
-# CHECK_K selects GPU tests (pytest -k), CHECK_WORKERS sets their pytest-xdist workers.
+# CHECK_K selects GPU tests (pytest -k), CHECK_WORKERS sets their pytest-xdist workers;
+# CHECK_ONE_READ=0 leaves the one-read kernel out of memcheck and the benchmarks.
 # Every log and result goes under $CHECK_DIR (default ./gpu_check_out); the summary is
 # $CHECK_DIR/summary.txt and is printed last.
 #
@@ -107,10 +109,14 @@ for f in cargo-tests pytest-avx512 pytest-simd-core; do
 done
 
 # 3. memcheck on a subset (the sanitizer slows kernels down ~100x: small shapes only)
+MEMCHECK_K="capture or test_gradient_in_place or test_layouts or test_in_place_on_views"
+MEMCHECK_K="$MEMCHECK_K or test_non_finite_rows_across_warps or test_soft_targets"
+ONE_READ_K=""
+[ "${CHECK_ONE_READ:-1}" = 1 ] || ONE_READ_K=" and not one-read"  # its first compile takes ~90 s
 if command -v compute-sanitizer >/dev/null; then
     step memcheck 75 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
         "$PY" -m pytest -q -x -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_gpu_kl_focal.py \
-        -k "test_gradient_in_place or test_layouts or test_in_place_on_views or test_non_finite_rows_across_warps or test_soft_targets or capture"
+        -v -k "($MEMCHECK_K)$ONE_READ_K"
     tail -n 6 "$DIR/memcheck.log" >>"$SUMMARY"
 else
     note "memcheck: compute-sanitizer not found"
@@ -123,7 +129,7 @@ SIZES=16384x32000,16384x128256,16384x262144
     CE_FAST_FUSED=two-pass step bench-two-pass 100 "$PY" -m ce_fast bench --device cuda --sizes "$SIZES" \
         --dtypes bfloat16,float32 --repeat 10 --warmup 2 --no-compile \
         --json "$DIR/bench-two-pass.json" --markdown "$DIR/bench-two-pass.md"
-    CE_FAST_FUSED=one-read step bench-one-read 60 "$PY" -m ce_fast bench --device cuda --sizes "$SIZES" \
+    [ "${CHECK_ONE_READ:-1}" = 1 ] && CE_FAST_FUSED=one-read step bench-one-read 60 "$PY" -m ce_fast bench --device cuda --sizes "$SIZES" \
         --dtypes bfloat16,float32 --ops fwd+bwd,inplace --repeat 10 --warmup 2 --no-torch --no-compile \
         --json "$DIR/bench-one-read.json" --markdown "$DIR/bench-one-read.md"
 ) &
@@ -139,14 +145,7 @@ GPU_PID=$!
 CPU_PID=$!
 wait $GPU_PID $CPU_PID
 
-# 5. torch.compile baseline (compiles take tens of seconds: only on request)
-if [ "${CHECK_COMPILE:-0}" = 1 ]; then
-    step bench-compile 120 "$PY" -m ce_fast bench --device cuda --sizes 16384x128256 \
-        --dtypes bfloat16,float32 --ops fwd+bwd --repeat 10 --warmup 2 \
-        --json "$DIR/bench-compile.json" --markdown "$DIR/bench-compile.md"
-fi
-
-# 6. where the time goes
+# 5. where the time goes
 if [ "${CHECK_PROFILE:-0}" = 1 ]; then
     step profile 90 "$PY" benches/gpu_profile.py
     cat "$DIR/profile.log" >>"$SUMMARY"
@@ -154,6 +153,13 @@ if [ "${CHECK_PROFILE:-0}" = 1 ]; then
         --section Occupancy --section LaunchStats --section WarpStateStats "$PY" benches/gpu_profile.py --ncu
     grep -E "^  [a-z_]+<|^  ce_|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Registers Per|Achieved Occ|Theoretical Occ|Block Size|Grid Size|Warp Cycles Per Issued|Stall|OPT|Issued Warp" \
         "$DIR/ncu.log" | cut -c1-200 >>"$SUMMARY"
+fi
+
+# 6. torch.compile baseline (compiles take tens of seconds: only on request)
+if [ "${CHECK_COMPILE:-0}" = 1 ]; then
+    step bench-compile 120 "$PY" -m ce_fast bench --device cuda --sizes 16384x128256 \
+        --dtypes bfloat16,float32 --ops fwd+bwd --repeat 10 --warmup 2 \
+        --json "$DIR/bench-compile.json" --markdown "$DIR/bench-compile.md"
 fi
 
 for f in bench-two-pass bench-one-read bench-cpu-avx512 bench-cpu-avx2 bench-compile; do

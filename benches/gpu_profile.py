@@ -99,6 +99,23 @@ def main() -> None:
         torch.cuda.empty_cache()
     if ncu:
         return
+    print("\n== fused kernel against FUSED_ROWS_PER_SM (kernel us, wall us per call)")
+    sweep = [(16384, 32000, torch.bfloat16), (16384, 16384, torch.bfloat16), (16384, 32000, torch.float32)]
+    for rows, C, dtype in sweep:
+        x = torch.randn(rows, C, device="cuda", dtype=dtype)
+        y = torch.randint(0, C, (rows,), device="cuda")
+        cells = []
+        for per_sm in (1, 2, 4):
+            ce_cuda.FUSED_ROWS_PER_SM = per_sm
+            for _ in range(3):
+                call("fused", x, y)
+            ks = kernel_times(lambda x=x, y=y: call("fused", x, y))
+            fused_us = max(t for _, t in ks.values())
+            cells.append(f"{per_sm}: {fused_us:7.1f} / {wall_us(lambda x=x, y=y: call('fused', x, y)):7.1f}")
+        ce_cuda.FUSED_ROWS_PER_SM = 1
+        print(f"   {rows}x{C} {str(dtype)[6:]:9} " + "   ".join(cells))
+        del x, y
+        torch.cuda.empty_cache()
     print("\n== kernels loaded (registers, local bytes, static shared bytes, max threads)")
     for (key, kname), ker in sorted(ce_cuda._kernel_file._kernels.items(), key=lambda kv: str(kv[0])):
         try:

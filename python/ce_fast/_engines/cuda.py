@@ -76,6 +76,10 @@ INT_TYPES = {
 MAX_GROUP = 512  # threads per row; the kernels are compiled with __launch_bounds__(512)
 SMALL_BLOCK = 256  # block size when several rows share a block (G <= 32)
 VECTORS_PER_THREAD = 8  # G is chosen so each thread reads about this many 16-byte vectors
+# Rows the fused kernel keeps in flight per multiprocessor where half the L2 holds them all
+# (fewer threads per row, down to 64): a row's reduction between its two passes is then
+# hidden behind the other rows' loads.
+FUSED_ROWS_PER_SM = 1
 _NO_BAD = np.iinfo(np.uint64).max
 
 # Which kernel writes loss + gradient: "two-pass" (ce_fused: the row read twice, the second
@@ -535,7 +539,8 @@ def _config(rows: int, C: int, itemsize: int, dev: int, fused: bool, bounded: bo
     is one row per block. Blocks loop over row tiles. The fused kernel reads each row
     twice; its grid is capped so that the rows in flight fit in half the L2 and the
     second read hits the cache; with `bounded` (the one-read mode's fallback, e.g. rows too
-    long for one block on sm_80) that cap is not raised to one row per SM.
+    long for one block on sm_80) that cap is not raised to one row per SM. Where that cache
+    holds several rows per SM, the fused kernel's G shrinks for FUSED_ROWS_PER_SM of them.
     """
     vec = 16 // itemsize
     nvec = -(-C // vec)
@@ -543,12 +548,17 @@ def _config(rows: int, C: int, itemsize: int, dev: int, fused: bool, bounded: bo
     G = 1
     while G < want and G < MAX_GROUP:
         G *= 2
+    sms, l2 = _device_info(dev)
+    if fused and not bounded and G > 64:
+        per_sm = min(FUSED_ROWS_PER_SM, (l2 // 2) // max(1, C * itemsize * sms))
+        while per_sm > 1 and G > 64:
+            G //= 2
+            per_sm //= 2
     if G > 32:
         block, rpb = G, 1
     else:
         block, rpb = SMALL_BLOCK, SMALL_BLOCK // G
     tiles = -(-rows // rpb)
-    sms, l2 = _device_info(dev)
     cap = sms * max(1, 2048 // block)
     if fused:
         fit = (l2 // 2) // max(1, C * itemsize * rpb)
