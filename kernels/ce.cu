@@ -692,7 +692,7 @@ __device__ __forceinline__ void ce_pass2_vec(const TX* xr, const TS* tr, TX* oro
 
 // The shared body of the statistics kernel (FUSED = false) and of the fused
 // loss + gradient kernel (FUSED = true).
-template <typename TX, typename TS, bool FUSED>
+template <typename TX, typename TS, bool FUSED, bool PL>
 __device__ __forceinline__ void ce_body(
     const TX* x, i64 rows, i64 C, i64 x_cs, i64 x_rs, const i64* x_tab,
     const TS* t, i64 t_cs, i64 t_rs, const i64* t_tab,
@@ -716,8 +716,9 @@ __device__ __forceinline__ void ce_body(
     const bool want_wz = o_swz != nullptr;
     const bool want_am = o_amax != nullptr;
     const bool given = FUSED && given_mx != nullptr;
-    // The common call, whose vector loops are compiled apart (ce_pass1_vec, ce_pass2_vec).
-    const bool plain = !SOFT && w32 == nullptr && !want_wz && !want_am && scale == 1.0f && !(cap > 0.0f);
+    // PL: the plain call (no soft target, weight, softcap, logit scale, w (z - m) sums or
+    // argmax: the caller's promise), whose vector loops keep only what it needs.
+    const bool plain = PL && !SOFT;
 
     for (i64 tile = blockIdx.x; tile * rpb < rows; tile += gridDim.x) {
         const i64 r = tile * rpb + grp;
@@ -893,21 +894,22 @@ __device__ __forceinline__ void ce_body(
 
 // Per-row statistics: mx, ls (lse = mx + ls), target logit, sum w (z - mx), sum w t (z - mx),
 // sum w t, argmax (each output pointer may be null = not wanted; mx and ls are always written).
-template <typename TX, typename TS>
+// PL: the plain call (see ce_body), compiled apart.
+template <typename TX, typename TS, bool PL>
 __global__ void __launch_bounds__(512, CE_MIN_BLOCKS(TS)) ce_stats(
     const TX* x, i64 rows, i64 C, i64 x_cs, i64 x_rs, const i64* x_tab,
     const TS* t, i64 t_cs, i64 t_rs, const i64* t_tab,
     const i64* target, const float* w32,
     double scale, double cap, int G,
     double* o_mx, double* o_ls, double* o_zy, double* o_swz, double* o_swtz, double* o_swt, i64* o_amax) {
-    ce_body<TX, TS, false>(x, rows, C, x_cs, x_rs, x_tab, t, t_cs, t_rs, t_tab, target, w32, nullptr, scale, cap, G,
-                           o_mx, o_ls, o_zy, o_swz, o_swtz, o_swt, o_amax, nullptr, 0, 0, nullptr, nullptr, nullptr,
-                           nullptr, 0.0, 0.0, 0.0, 0.0, nullptr, nullptr, nullptr);
+    ce_body<TX, TS, false, PL>(x, rows, C, x_cs, x_rs, x_tab, t, t_cs, t_rs, t_tab, target, w32, nullptr, scale, cap,
+                               G, o_mx, o_ls, o_zy, o_swz, o_swtz, o_swt, o_amax, nullptr, 0, 0, nullptr, nullptr,
+                               nullptr, nullptr, 0.0, 0.0, 0.0, 0.0, nullptr, nullptr, nullptr);
 }
 
 // Statistics and gradient in one launch: per row, pass 1 then pass 2 (out may alias x).
 // With given_mx and given_ls (and given_swt for soft targets) pass 1 is skipped.
-template <typename TX, typename TS>
+template <typename TX, typename TS, bool PL>
 __global__ void __launch_bounds__(512, 1) ce_fused(
     const TX* x, i64 rows, i64 C, i64 x_cs, i64 x_rs, const i64* x_tab,
     const TS* t, i64 t_cs, i64 t_rs, const i64* t_tab,
@@ -918,9 +920,9 @@ __global__ void __launch_bounds__(512, 1) ce_fused(
     const double* a0, const double* bco, const double* gco,
     double a_lse, double a_swt, double dco, double eco,
     const double* given_mx, const double* given_ls, const double* given_swt) {
-    ce_body<TX, TS, true>(x, rows, C, x_cs, x_rs, x_tab, t, t_cs, t_rs, t_tab, target, w32, w64, scale, cap, G, o_mx,
-                          o_ls, o_zy, o_swz, o_swtz, o_swt, o_amax, out, o_cs, o_rs, o_tab, a0, bco, gco, a_lse, a_swt,
-                          dco, eco, given_mx, given_ls, given_swt);
+    ce_body<TX, TS, true, PL>(x, rows, C, x_cs, x_rs, x_tab, t, t_cs, t_rs, t_tab, target, w32, w64, scale, cap, G,
+                              o_mx, o_ls, o_zy, o_swz, o_swtz, o_swt, o_amax, out, o_cs, o_rs, o_tab, a0, bco, gco,
+                              a_lse, a_swt, dco, eco, given_mx, given_ls, given_swt);
 }
 
 // ------------------------------------------------------------------ one-read fused kernels

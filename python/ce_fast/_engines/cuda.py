@@ -96,10 +96,12 @@ ONE_READ_MIN_BYTES = 32 << 10  # shorter rows: ce_fused (several rows per block)
 # ---------------------------------------------------------------- kernels
 
 
-def row_kernel_names(x_code: int, soft_code: int | None) -> tuple[str, str]:
-    """Name expressions of the statistics and fused kernels for these dtypes."""
-    tx, ts = LOGIT_TYPES[x_code], SOFT_TYPES[soft_code]
-    return f"ce_stats<{tx}, {ts}>", f"ce_fused<{tx}, {ts}>"
+def row_kernel_names(x_code: int, soft_code: int | None, plain: bool = False) -> tuple[str, str]:
+    """Name expressions of the statistics and fused kernels for these dtypes; `plain`: the
+    variants for the plain call (hard targets, no weight, softcap, logit scale, smoothing
+    sums or argmax), compiled apart with only what it needs."""
+    tx, ts, pl = LOGIT_TYPES[x_code], SOFT_TYPES[soft_code], "true" if plain else "false"
+    return f"ce_stats<{tx}, {ts}, {pl}>", f"ce_fused<{tx}, {ts}, {pl}>"
 
 
 CLUSTERS = (2, 4, 8)  # blocks per row of the one-read cluster kernels (sm_90+)
@@ -226,6 +228,8 @@ def modules() -> dict[Any, list[str]]:
     for x_code in LOGIT_TYPES:
         for soft_code in SOFT_TYPES:
             mods[(x_code, soft_code)] = list(row_kernel_names(x_code, soft_code))
+            if soft_code is None:
+                mods[(x_code, soft_code)] += row_kernel_names(x_code, soft_code, plain=True)
     mods["targets"] = [target_kernel_name(n) for n in INT_TYPES] + [READ_PASS]
     mods["targets"] += [scale_kernel_name(c) for c in LOGIT_TYPES]
     plains = (True, False)
@@ -742,7 +746,8 @@ def run(
         G=G,
     )
     key = (x.code, None if soft is None else soft.code)
-    stats_kernel, fused_kernel = row_kernel_names(*key)
+    plain_row = soft is None and w32 is None and not want_wz and argmax is None and scale == 1.0 and not softcap > 0
+    stats_kernel, fused_kernel = row_kernel_names(*key, plain=plain_row)
     if grad is None:
         _function(key, stats_kernel)((grid,), (block,), kernel_args("ce_stats", **kw))
         return s
