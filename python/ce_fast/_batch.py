@@ -47,14 +47,22 @@ def same_device(x: Operand, other: Operand, name: str) -> None:
         raise _errors.device_mismatch(x.device, name, other.device)
 
 
+_kinds: dict[str, str] = {}  # dtype name -> kind letter (np.dtype(name) costs microseconds)
+
+
 def _kind(op: Operand) -> str:
     """NumPy's dtype kind letter ('f', 'i', 'u', ...) of any operand, torch dtypes included."""
     if op.code is not None:
         return "f"
-    try:
-        return np.dtype(op.dtype_name).kind
-    except TypeError:
-        return "?"
+    kind = _kinds.get(op.dtype_name)
+    if kind is None:
+        try:
+            kind = np.dtype(op.dtype_name).kind
+        except TypeError:
+            kind = "?"
+        if len(_kinds) < 256:
+            _kinds[op.dtype_name] = kind
+    return kind
 
 
 _F32 = np.finfo(np.float32)
