@@ -646,8 +646,9 @@ def index_targets(t: Operand, C: int, ignore_index: int, checked: bool = False, 
     """
     cp = xp()
     n = math.prod(t.shape)
-    idx = cp.empty(n, dtype=cp.int64)
-    valid = cp.empty(n, dtype=cp.bool_)
+    # One allocation for both (each allocation is a host callback into torch's allocator).
+    buf = cp.empty(9 * n, dtype=cp.uint8)
+    idx, valid = buf[: 8 * n].view(cp.int64), buf[8 * n :].view(cp.bool_)
     if n == 0:
         settle(checks)
         return idx, valid
@@ -722,11 +723,13 @@ def run(
     if grad is not None and out is None:
         raise ValueError("a gradient needs an out operand")
     if given is None:
-        s = Stats(mx=cp.empty(rows, dtype=f64), ls=cp.empty(rows, dtype=f64))
-        s.zy = cp.empty(rows, dtype=f64) if b.target is not None else None
-        s.swz = cp.empty(rows, dtype=f64) if want_wz else None
-        if b.soft is not None:
-            s.swtz, s.swt = cp.empty(rows, dtype=f64), cp.empty(rows, dtype=f64)
+        # The statistics are rows of one float64 array: one allocation.
+        fields = ["mx", "ls"] + ["zy"] * (b.target is not None) + ["swz"] * want_wz
+        fields += ["swtz", "swt"] * (b.soft is not None)
+        buf = cp.empty((len(fields), rows), dtype=f64)
+        s = Stats(mx=None, ls=None)
+        for i, name in enumerate(fields):
+            setattr(s, name, buf[i])
     else:
         s = given
     if rows == 0:
@@ -777,6 +780,8 @@ def run(
         return s
 
     def vec(a):
+        if isinstance(a, cp.ndarray) and a.dtype == f64 and a.shape == (rows,) and a.flags.c_contiguous:
+            return a  # the rules' per-row outputs already are
         return cp.ascontiguousarray(cp.broadcast_to(cp.asarray(a, dtype=f64), (rows,)))
 
     assert out is not None  # checked above

@@ -151,9 +151,17 @@ def apply(engine: Any, rule: Any, b: Batch, spec: Any, *stats: Any, **options: A
         packed = cp.empty(len(outputs), dtype=cp.float64)
         at = engine._ptr(packed)
         outs: list = [at + 8 * i for i in range(len(outputs))]
-    else:
-        f32, f64 = cp.float32, cp.float64
-        outs = [cp.empty(rows if per_row else (), dtype=f32 if single else f64) for per_row, single in outputs]
+    elif len(outputs) == 1:
+        per_row, single = outputs[0]
+        outs = [cp.empty(rows if per_row else (), dtype=cp.float32 if single else cp.float64)]
+    else:  # several outputs: views of one allocation, each at an 8-byte aligned offset
+        sizes = [(rows if per_row else 1) * (4 if single else 8) for per_row, single in outputs]
+        buf = cp.empty(sum(-(-n // 8) * 8 for n in sizes), dtype=cp.uint8)
+        outs, at = [], 0
+        for (per_row, single), n in zip(outputs, sizes):
+            a = buf[at : at + n].view(cp.float32 if single else cp.float64)
+            outs.append(a if per_row else a.reshape(()))
+            at += -(-n // 8) * 8
     args = [kinds["q"](rows), kinds["q"](b.classes)]
     for name, by_value in inputs:
         v = _input(b, stats, name, cp)
