@@ -33,12 +33,15 @@ import ce_fast  # noqa: E402
 
 import kernel_emulator  # noqa: E402  (tests/: the NumPy stand-in for CuPy)
 
+ALLOCATING = ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like", "full_like", "concatenate")
+
 
 class NullKernels:
     """A kernel library whose launches do nothing but count (in place of the emulator)."""
 
     def __init__(self) -> None:
         self.launches = 0
+        self.allocations = 0  # calls of CuPy's allocating functions (ALLOCATING)
 
     def _launch(self, grid: Any, block: Any, args: Any, **kw: Any) -> None:
         self.launches += 1
@@ -60,9 +63,22 @@ def null_engine(sms: int = 132, l2: int = 60 << 20):
     cet._plain_call = lambda *a: None  # CPU tensors would take the CPU's lean path
     try:
         with kernel_emulator.emulated_engine(kernels, sms=sms, l2=l2):  # type: ignore[arg-type]
+            from ce_fast._engines import cuda
+
+            fake = cuda.xp()
+            for name in ALLOCATING:
+                setattr(fake, name, _counting(kernels, getattr(fake, name)))
             yield kernels
     finally:
         cet._plain_call = saved
+
+
+def _counting(kernels: NullKernels, fn: Callable) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        kernels.allocations += 1
+        return fn(*args, **kwargs)
+
+    return call
 
 
 def cases(rows: int, classes: int) -> dict[str, Callable[[], Any]]:
@@ -137,14 +153,14 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             for _ in range(20):  # warm: traces, compiled programs, caches
                 fn()
-            kernels.launches = 0
+            kernels.launches = kernels.allocations = 0
             fn()
-            launches = kernels.launches
+            launches, allocations = kernels.launches, kernels.allocations
             wall, cpu = per_call(fn, args.calls)
             calls = count_calls(fn)
             print(
                 f"{name:24s} {wall * 1e6:8.1f} us wall, {cpu * 1e6:8.1f} us CPU per call; "
-                f"{calls} Python calls, {launches} kernel launches"
+                f"{calls} Python calls, {launches} kernel launches, {allocations} CuPy allocations"
             )
             if args.profile:
                 print(profile(fn, args.calls))

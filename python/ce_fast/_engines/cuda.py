@@ -299,6 +299,9 @@ def _function(key, name: str):
 
 
 def xp():
+    cupy = sys.modules.get("cupy")  # imported: called several times per call and allocation
+    if cupy is not None and not getattr(getattr(cupy, "__spec__", None), "_initializing", False):
+        return cupy  # (a module another thread is still importing goes through the import lock)
     try:
         import cupy
     except ImportError as exc:  # pragma: no cover - depends on the environment
