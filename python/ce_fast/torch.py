@@ -59,7 +59,10 @@ Small calls. In eager mode, CPU tensors with int64 targets and no option but
 ``ignore_index`` and ``reduction`` (a training loop's call) skip the custom-op dispatch:
 an ``autograd.Function`` runs one Rust call for the forward (targets checked once, per-row
 losses formed there) and one for the backward, which reuses the forward's checks
-(``ce_fast._plain``). The numbers are the custom ops' bit for bit.
+(``ce_fast._plain``). The numbers are the custom ops' bit for bit. Other eager calls of
+the default path (CUDA tensors, other options) run the custom ops' implementations in
+one ``autograd.Function``, without the ops' dispatch; the ops themselves run under
+torch.compile, dispatch or torch-function modes, functorch transforms and tracing.
 """
 
 from __future__ import annotations
@@ -138,6 +141,11 @@ def _ce_forward(
     (max, log-sum-exp relative to the max) as a float64 (2, rows) tensor (lse = sum of
     the two, kept apart for precision at huge magnitudes) and, for soft targets, the
     per-row sum_c w_c t_c (else empty)."""
+    return _forward_impl(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
+
+
+def _forward_impl(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
+    """What ce_fast::cross_entropy computes (also called directly by the eager path)."""
     spec = LossSpec.make(**_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale))
     loss, s = _api._loss_and_stats(input, target, spec, weight)
     lse = torch.stack([_as_tensor(a, input, torch.float64).reshape(-1) for a in (s.mx, s.ls)])
@@ -175,6 +183,15 @@ def _ce_backward(
 ) -> Tensor:
     """d(grad * loss)/d input from the saved statistics: one read and one write of the
     logits. ``grad`` is 0-d (mean/sum) or of the loss's shape (none)."""
+    return _backward_impl(
+        grad, input, target, weight, lse, swt, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
+    )
+
+
+def _backward_impl(
+    grad, input, target, weight, lse, swt, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
+):
+    """What ce_fast::cross_entropy_backward computes (also called directly by the eager path)."""
     saved = Stats(
         mx=_engine_array(lse[0]),
         ls=_engine_array(lse[1]),
@@ -248,17 +265,52 @@ def _soft_target_grad(ctx, grad, input, target, weight, lse):
     return (d * ((1.0 - eps) * g)).to(target.dtype)
 
 
-def _backward(ctx, grad, _grad_lse, _grad_swt):
+def _grads(ctx, grad, backward_op):
     input, target, weight, lse, swt = ctx.saved_tensors
     grad_input = grad_target = None
     if ctx.needs_input_grad[0]:
-        grad_input = _ce_backward(grad, input, target, weight, lse, swt, *ctx.options)
+        grad_input = backward_op(grad, input, target, weight, lse, swt, *ctx.options)
     if ctx.needs_input_grad[1] and target.is_floating_point():
         grad_target = _soft_target_grad(ctx, grad, input, target, weight, lse)
     return (grad_input, grad_target, None) + (None,) * _N_OPTIONS
 
 
+def _backward(ctx, grad, _grad_lse, _grad_swt):
+    return _grads(ctx, grad, _ce_backward)
+
+
 _ce_forward.register_autograd(_backward, setup_context=_setup_forward)
+
+
+class _EagerCrossEntropy(torch.autograd.Function):
+    """The default path in eager mode: ce_fast::cross_entropy and its backward as one
+    autograd.Function calling their implementations directly, without the custom ops'
+    dispatch (tens of microseconds per op, as much as a small call's work). Same
+    implementations, same saved tensors, same formula; see :func:`_eager`."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, *options):
+        loss, lse, swt = _forward_impl(input, target, weight, *options)
+        ctx.options = options
+        ctx.save_for_backward(input, target, weight, lse, swt)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _grads(ctx, grad, _backward_impl)
+
+
+def _eager(*tensors) -> bool:
+    """Whether a call may take :class:`_EagerCrossEntropy`: plain tensors, and nothing that
+    needs to see the custom ops (a dispatch or torch-function mode, a functorch transform,
+    a tracer); the caller has checked that nothing is being compiled."""
+    return (
+        all(t is None or type(t) is Tensor for t in tensors)
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and not torch.jit.is_tracing()
+    )
 
 
 class _InplaceCrossEntropy(torch.autograd.Function):
@@ -403,7 +455,8 @@ def cross_entropy(
         )
     if weight is not None and not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch tensor or None, got {type(weight).__name__}")
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         # Dynamo cannot trace the validation's math.isfinite on symbolic floats (dynamic=True);
         # the ops validate the same options when they run (LossSpec.make in the kernels).
         options = (
@@ -426,6 +479,8 @@ def cross_entropy(
         if target.requires_grad:
             raise ValueError("inplace_backward=True does not give a gradient for the target; detach it")
         return _InplaceCrossEntropy.apply(*args)
+    if not compiling and _eager(input, target, weight):
+        return _EagerCrossEntropy.apply(*args)
     return _ce_forward(*args)[0]
 
 
