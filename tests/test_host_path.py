@@ -133,3 +133,37 @@ def test_device_scope_lends_the_logits_operand(monkeypatch):
         with _batch.device_scope(a):
             raise RuntimeError("inside")
     assert _batch.logits_operand(a) is not entered[-1]  # restored after an exception too
+
+
+def test_eager_torch_calls_skip_the_custom_ops_with_the_same_numbers():
+    """Eager calls run the custom ops' implementations in one autograd.Function; under a
+    dispatch mode (as under tracing) the ops themselves run: same loss, same gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import ce_fast.torch as cet
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    rng = np.random.default_rng(5)
+    x = torch.tensor(rng.standard_normal((6, 11)), requires_grad=True)
+    p = torch.tensor(rng.dirichlet(np.ones(11), 6), requires_grad=True)  # soft targets: both grads
+    loss = cet.cross_entropy(x, p, label_smoothing=0.1, z_loss=1e-3)
+    assert type(loss.grad_fn).__name__ == "_EagerCrossEntropyBackward"
+    loss.backward()
+    gx, gp = x.grad.clone(), p.grad.clone()
+    x.grad = p.grad = None
+    mode = Seen()
+    with mode:
+        loss2 = cet.cross_entropy(x, p, label_smoothing=0.1, z_loss=1e-3)
+    assert "ce_fast.cross_entropy.default" in mode.ops
+    loss2.backward()
+    assert torch.equal(loss, loss2) and torch.equal(x.grad, gx) and torch.equal(p.grad, gp)
+    with torch.no_grad():
+        assert torch.equal(cet.cross_entropy(x, p, label_smoothing=0.1, z_loss=1e-3), loss)
