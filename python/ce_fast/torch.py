@@ -192,11 +192,8 @@ def _backward_impl(
     grad, input, target, weight, lse, swt, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
 ):
     """What ce_fast::cross_entropy_backward computes (also called directly by the eager path)."""
-    saved = Stats(
-        mx=_engine_array(lse[0]),
-        ls=_engine_array(lse[1]),
-        swt=_engine_array(swt) if target.is_floating_point() else None,
-    )
+    both = _engine_array(lse)  # (max, log-sum) rows: one view (one DLPack export on CUDA)
+    saved = Stats(mx=both[0], ls=both[1], swt=_engine_array(swt) if target.is_floating_point() else None)
     opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
     # The forward checked target and weight (autograd's version counters keep them as
     # they were): no second check, and no second host sync on CUDA.
