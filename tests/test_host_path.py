@@ -167,3 +167,23 @@ def test_eager_torch_calls_skip_the_custom_ops_with_the_same_numbers():
     assert torch.equal(loss, loss2) and torch.equal(x.grad, gx) and torch.equal(p.grad, gp)
     with torch.no_grad():
         assert torch.equal(cet.cross_entropy(x, p, label_smoothing=0.1, z_loss=1e-3), loss)
+
+
+def test_saved_lse_is_a_view_of_the_statistics():
+    """The torch forward saves (max, log-sum) as one view of the CUDA engine's statistics
+    (no stack, no kernel) where they are its first two rows; otherwise it stacks them."""
+    import ce_fast.torch as cet
+    from ce_fast._spec import LossSpec
+    from ce_fast._types import Stats
+
+    x, y = _inputs(6, 9)
+    with null_engine():
+        b = _batch.make_batch(x, y, LossSpec.make())
+        s = _cuda.run(b, scale=1.0, softcap=0.0, want_wz=False)
+    s.mx[:], s.ls[:] = np.arange(6.0), -np.arange(6.0)
+    lse = cet._lse_view(s, torch.zeros(1))
+    assert lse is not None and lse.dtype == torch.float64
+    assert torch.equal(lse, torch.tensor(np.stack([s.mx, s.ls])))
+    assert lse.data_ptr() == s.mx.__array_interface__["data"][0]  # the statistics' own memory
+    assert cet._lse_view(Stats(mx=s.ls, ls=s.mx), torch.zeros(1)) is None  # rows swapped
+    assert cet._lse_view(Stats(mx=s.mx.copy(), ls=s.ls.copy()), torch.zeros(1)) is None

@@ -70,6 +70,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -148,12 +149,31 @@ def _forward_impl(input, target, weight, ignore_index, reduction, label_smoothin
     """What ce_fast::cross_entropy computes (also called directly by the eager path)."""
     spec = LossSpec.make(**_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale))
     loss, s = _api._loss_and_stats(input, target, spec, weight)
-    lse = torch.stack([_as_tensor(a, input, torch.float64).reshape(-1) for a in (s.mx, s.ls)])
+    lse = _lse_view(s, input) if input.is_cuda else None
+    if lse is None:
+        lse = torch.stack([_as_tensor(a, input, torch.float64).reshape(-1) for a in (s.mx, s.ls)])
     if target.is_floating_point():
         swt = _as_tensor(s.swt, input, torch.float64).reshape(-1)
     else:
         swt = input.new_empty((0,), dtype=torch.float64)
     return _as_tensor(loss, input, _out_dtype(input)), lse, swt
+
+
+def _lse_view(s: Stats, like: Tensor) -> Optional[Tensor]:
+    """The (max, log-sum) rows as one (2, rows) float64 tensor without a copy or a kernel,
+    where the CUDA engine made them the first two rows of one array (its statistics);
+    else None."""
+    from ._engines import cuda
+
+    base = getattr(s.mx, "base", None)
+    if base is None or getattr(s.ls, "base", None) is not base or base.ndim != 2 or base.shape[0] < 2:
+        return None
+    at = cuda._ptr(base)
+    if cuda._ptr(s.mx) != at or cuda._ptr(s.ls) != at + base.strides[0] or s.mx.shape != (base.shape[1],):
+        return None
+    if base.dtype != s.mx.dtype or s.mx.dtype != np.float64:
+        return None
+    return _as_tensor(base[:2], like, torch.float64)
 
 
 @_ce_forward.register_fake
