@@ -165,8 +165,8 @@ def _lse_view(s: Stats, like: Tensor) -> Optional[Tensor]:
     else None."""
     from ._engines import cuda
 
-    base = getattr(s.mx, "base", None)
-    if base is None or getattr(s.ls, "base", None) is not base or base.ndim != 2 or base.shape[0] < 2:
+    base: Any = getattr(s.mx, "base", None)
+    if base is None or id(getattr(s.ls, "base", None)) != id(base) or base.ndim != 2 or base.shape[0] < 2:
         return None
     at = cuda._ptr(base)
     if cuda._ptr(s.mx) != at or cuda._ptr(s.ls) != at + base.strides[0] or s.mx.shape != (base.shape[1],):
