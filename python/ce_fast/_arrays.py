@@ -41,9 +41,27 @@ def is_torch(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
+_torch_code_map: dict | None = None
+
+
 def _torch_codes():
-    torch = _torch()
-    return {torch.float32: F32, torch.float64: F64, torch.float16: F16, torch.bfloat16: BF16}
+    global _torch_code_map
+    if _torch_code_map is None:
+        torch = _torch()
+        _torch_code_map = {torch.float32: F32, torch.float64: F64, torch.float16: F16, torch.bfloat16: BF16}
+    return _torch_code_map
+
+
+_dtype_names: dict = {}  # NumPy, CuPy and torch dtype -> its name (str() of a dtype costs microseconds)
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = _dtype_names.get(dtype)
+    if name is None:
+        name = str(dtype).replace("torch.", "")
+        if len(_dtype_names) < 256:
+            _dtype_names[dtype] = name
+    return name
 
 
 @dataclass(frozen=True)
@@ -153,7 +171,7 @@ def operand(obj: Any, name: str, *, out: bool = False) -> Operand:
             device="cpu" if t.device.type == "cpu" else f"cuda:{t.device.index}",
             shape=tuple(t.shape),
             strides=tuple(t.stride()),
-            dtype_name=str(t.dtype).replace("torch.", ""),
+            dtype_name=_dtype_name(t.dtype),
             code=code,
             ptr=t.data_ptr(),
         )
@@ -198,7 +216,7 @@ def operand(obj: Any, name: str, *, out: bool = False) -> Operand:
         device="cpu",
         shape=a.shape,
         strides=tuple(s // item for s in a.strides),
-        dtype_name=str(a.dtype),
+        dtype_name=_dtype_name(a.dtype),
         code=_NP_CODES.get(a.dtype),
         ptr=a.__array_interface__["data"][0] if a.size else 0,
     )
@@ -228,7 +246,7 @@ def _cupy_operand(a, name: str, lib: str, keep: Any = None) -> Operand:
         device=f"cuda:{a.device.id}",
         shape=tuple(a.shape),
         strides=tuple(s // item for s in a.strides),
-        dtype_name=str(a.dtype),
+        dtype_name=_dtype_name(a.dtype),
         code=code,
         ptr=int(a.data.ptr),
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -26,11 +27,35 @@ def device_scope(logits: Any) -> contextlib.AbstractContextManager[Any]:
     if isinstance(logits, np.ndarray) or not _arrays.device_of(logits).startswith("cuda"):
         return contextlib.nullcontext()
     x = _arrays.operand(logits, "logits")
-    return engine_for(x).scope(x)
+    return _LogitsScope(engine_for(x).scope(x), logits, x)
+
+
+_scoped = threading.local()  # .pair: (logits, their operand) of this thread's innermost device scope
+
+
+class _LogitsScope:
+    """An engine's scope for one call that lends its logits' operand to the call's batch
+    (:func:`logits_operand`), so the operand is not built twice."""
+
+    __slots__ = ("_inner", "_pair", "_saved")
+
+    def __init__(self, inner: contextlib.AbstractContextManager[Any], logits: Any, x: Operand) -> None:
+        self._inner, self._pair, self._saved = inner, (logits, x), None
+
+    def __enter__(self) -> Any:
+        value = self._inner.__enter__()
+        self._saved = getattr(_scoped, "pair", None)
+        _scoped.pair = self._pair
+        return value
+
+    def __exit__(self, *exc: Any) -> Any:
+        _scoped.pair = self._saved
+        return self._inner.__exit__(*exc)
 
 
 def logits_operand(logits: Any) -> Operand:
-    x = _arrays.operand(logits, "logits")
+    pair = getattr(_scoped, "pair", None)
+    x = pair[1] if pair is not None and pair[0] is logits else _arrays.operand(logits, "logits")
     if x.code is None:
         raise TypeError(f"logits dtype {x.dtype_name} is not supported; expected {_arrays.SUPPORTED}")
     if len(x.shape) == 0:
@@ -47,14 +72,22 @@ def same_device(x: Operand, other: Operand, name: str) -> None:
         raise _errors.device_mismatch(x.device, name, other.device)
 
 
+_kinds: dict[str, str] = {}  # dtype name -> kind letter (np.dtype(name) costs microseconds)
+
+
 def _kind(op: Operand) -> str:
     """NumPy's dtype kind letter ('f', 'i', 'u', ...) of any operand, torch dtypes included."""
     if op.code is not None:
         return "f"
-    try:
-        return np.dtype(op.dtype_name).kind
-    except TypeError:
-        return "?"
+    kind = _kinds.get(op.dtype_name)
+    if kind is None:
+        try:
+            kind = np.dtype(op.dtype_name).kind
+        except TypeError:
+            kind = "?"
+        if len(_kinds) < 256:
+            _kinds[op.dtype_name] = kind
+    return kind
 
 
 _F32 = np.finfo(np.float32)

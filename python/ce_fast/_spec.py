@@ -50,7 +50,8 @@ def document_options(*names: str) -> Callable[[_F], _F]:
 
 
 def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    plain = type(value) is float or type(value) is int  # skips the ABC checks (bool is neither)
+    if not plain and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v):
@@ -80,7 +81,9 @@ class LossSpec:
         softcap=None,
         logit_scale=1.0,
     ) -> LossSpec:
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        if type(ignore_index) is not int and (
+            isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
+        ):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if not isinstance(reduction, str):
             raise TypeError(f"reduction must be a str, got {type(reduction).__name__}")

@@ -59,7 +59,10 @@ Small calls. In eager mode, CPU tensors with int64 targets and no option but
 ``ignore_index`` and ``reduction`` (a training loop's call) skip the custom-op dispatch:
 an ``autograd.Function`` runs one Rust call for the forward (targets checked once, per-row
 losses formed there) and one for the backward, which reuses the forward's checks
-(``ce_fast._plain``). The numbers are the custom ops' bit for bit.
+(``ce_fast._plain``). The numbers are the custom ops' bit for bit. Other eager calls of
+the default path (CUDA tensors, other options) run the custom ops' implementations in
+one ``autograd.Function``, without the ops' dispatch; the ops themselves run under
+torch.compile, dispatch or torch-function modes, functorch transforms and tracing.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -138,14 +142,38 @@ def _ce_forward(
     (max, log-sum-exp relative to the max) as a float64 (2, rows) tensor (lse = sum of
     the two, kept apart for precision at huge magnitudes) and, for soft targets, the
     per-row sum_c w_c t_c (else empty)."""
+    return _forward_impl(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
+
+
+def _forward_impl(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
+    """What ce_fast::cross_entropy computes (also called directly by the eager path)."""
     spec = LossSpec.make(**_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale))
     loss, s = _api._loss_and_stats(input, target, spec, weight)
-    lse = torch.stack([_as_tensor(a, input, torch.float64).reshape(-1) for a in (s.mx, s.ls)])
+    lse = _lse_view(s, input) if input.is_cuda else None
+    if lse is None:
+        lse = torch.stack([_as_tensor(a, input, torch.float64).reshape(-1) for a in (s.mx, s.ls)])
     if target.is_floating_point():
         swt = _as_tensor(s.swt, input, torch.float64).reshape(-1)
     else:
         swt = input.new_empty((0,), dtype=torch.float64)
     return _as_tensor(loss, input, _out_dtype(input)), lse, swt
+
+
+def _lse_view(s: Stats, like: Tensor) -> Optional[Tensor]:
+    """The (max, log-sum) rows as one (2, rows) float64 tensor without a copy or a kernel,
+    where the CUDA engine made them the first two rows of one array (its statistics);
+    else None."""
+    from ._engines import cuda
+
+    base: Any = getattr(s.mx, "base", None)
+    if base is None or id(getattr(s.ls, "base", None)) != id(base) or base.ndim != 2 or base.shape[0] < 2:
+        return None
+    at = cuda._ptr(base)
+    if cuda._ptr(s.mx) != at or cuda._ptr(s.ls) != at + base.strides[0] or s.mx.shape != (base.shape[1],):
+        return None
+    if base.dtype != s.mx.dtype or s.mx.dtype != np.float64:
+        return None
+    return _as_tensor(base[:2], like, torch.float64)
 
 
 @_ce_forward.register_fake
@@ -175,11 +203,17 @@ def _ce_backward(
 ) -> Tensor:
     """d(grad * loss)/d input from the saved statistics: one read and one write of the
     logits. ``grad`` is 0-d (mean/sum) or of the loss's shape (none)."""
-    saved = Stats(
-        mx=_engine_array(lse[0]),
-        ls=_engine_array(lse[1]),
-        swt=_engine_array(swt) if target.is_floating_point() else None,
+    return _backward_impl(
+        grad, input, target, weight, lse, swt, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
     )
+
+
+def _backward_impl(
+    grad, input, target, weight, lse, swt, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
+):
+    """What ce_fast::cross_entropy_backward computes (also called directly by the eager path)."""
+    both = _engine_array(lse)  # (max, log-sum) rows: one view (one DLPack export on CUDA)
+    saved = Stats(mx=both[0], ls=both[1], swt=_engine_array(swt) if target.is_floating_point() else None)
     opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale)
     # The forward checked target and weight (autograd's version counters keep them as
     # they were): no second check, and no second host sync on CUDA.
@@ -248,17 +282,52 @@ def _soft_target_grad(ctx, grad, input, target, weight, lse):
     return (d * ((1.0 - eps) * g)).to(target.dtype)
 
 
-def _backward(ctx, grad, _grad_lse, _grad_swt):
+def _grads(ctx, grad, backward_op):
     input, target, weight, lse, swt = ctx.saved_tensors
     grad_input = grad_target = None
     if ctx.needs_input_grad[0]:
-        grad_input = _ce_backward(grad, input, target, weight, lse, swt, *ctx.options)
+        grad_input = backward_op(grad, input, target, weight, lse, swt, *ctx.options)
     if ctx.needs_input_grad[1] and target.is_floating_point():
         grad_target = _soft_target_grad(ctx, grad, input, target, weight, lse)
     return (grad_input, grad_target, None) + (None,) * _N_OPTIONS
 
 
+def _backward(ctx, grad, _grad_lse, _grad_swt):
+    return _grads(ctx, grad, _ce_backward)
+
+
 _ce_forward.register_autograd(_backward, setup_context=_setup_forward)
+
+
+class _EagerCrossEntropy(torch.autograd.Function):
+    """The default path in eager mode: ce_fast::cross_entropy and its backward as one
+    autograd.Function calling their implementations directly, without the custom ops'
+    dispatch (tens of microseconds per op, as much as a small call's work). Same
+    implementations, same saved tensors, same formula; see :func:`_eager`."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, *options):
+        loss, lse, swt = _forward_impl(input, target, weight, *options)
+        ctx.options = options
+        ctx.save_for_backward(input, target, weight, lse, swt)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _grads(ctx, grad, _backward_impl)
+
+
+def _eager(*tensors) -> bool:
+    """Whether a call may take :class:`_EagerCrossEntropy`: plain tensors, and nothing that
+    needs to see the custom ops (a dispatch or torch-function mode, a functorch transform,
+    a tracer); the caller has checked that nothing is being compiled."""
+    return (
+        all(t is None or type(t) is Tensor for t in tensors)
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and not torch.jit.is_tracing()
+    )
 
 
 class _InplaceCrossEntropy(torch.autograd.Function):
@@ -403,7 +472,8 @@ def cross_entropy(
         )
     if weight is not None and not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch tensor or None, got {type(weight).__name__}")
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         # Dynamo cannot trace the validation's math.isfinite on symbolic floats (dynamic=True);
         # the ops validate the same options when they run (LossSpec.make in the kernels).
         options = (
@@ -426,6 +496,8 @@ def cross_entropy(
         if target.requires_grad:
             raise ValueError("inplace_backward=True does not give a gradient for the target; detach it")
         return _InplaceCrossEntropy.apply(*args)
+    if not compiling and _eager(input, target, weight):
+        return _EagerCrossEntropy.apply(*args)
     return _ce_forward(*args)[0]
 
 

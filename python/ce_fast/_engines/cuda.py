@@ -38,6 +38,7 @@ gradient.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -306,6 +307,9 @@ def _function(key, name: str):
 
 
 def xp():
+    cupy = sys.modules.get("cupy")  # imported: called several times per call and allocation
+    if cupy is not None and not getattr(getattr(cupy, "__spec__", None), "_initializing", False):
+        return cupy  # (a module another thread is still importing goes through the import lock)
     try:
         import cupy
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -442,7 +446,9 @@ def _ptr(a) -> int:
     """Address of a CuPy array, an int address, or None (null)."""
     if a is None:
         return 0
-    if isinstance(a, (int, np.integer)):
+    if type(a) is int:
+        return a
+    if isinstance(a, np.integer):
         return int(a)
     ptr = getattr(getattr(a, "data", None), "ptr", None)
     if ptr is not None:  # CuPy
@@ -450,25 +456,61 @@ def _ptr(a) -> int:
     return int(a.__array_interface__["data"][0])  # host arrays: the tests' CPU emulation
 
 
-_KINDS = {
-    "p": lambda v: np.uint64(_ptr(v)),
-    "q": lambda v: np.int64(int(v)),
-    "Q": lambda v: np.uint64(int(v)),
-    "i": lambda v: np.int32(int(v)),
-    "d": lambda v: np.float64(float(v)),
-    "f": lambda v: np.float32(float(v)),
-}
+_U64, _I64, _I32, _F64S, _F32S = np.uint64, np.int64, np.int32, np.float64, np.float32  # scalar types
+
+
+def _p(v: Any) -> Any:
+    return _U64(_ptr(v))
+
+
+def _q(v: Any) -> Any:
+    return _I64(v if type(v) is int else int(v))
+
+
+def _uq(v: Any) -> Any:
+    return _U64(v if type(v) is int else int(v))
+
+
+def _i(v: Any) -> Any:
+    return _I32(v if type(v) is int else int(v))
+
+
+def _d(v: Any) -> Any:
+    return _F64S(v if type(v) is float else float(v))
+
+
+def _f(v: Any) -> Any:
+    return _F32S(v if type(v) is float else float(v))
+
+
+# How each parameter kind becomes a launch argument (the C++ parameter's size and type).
+_KINDS = {"p": _p, "q": _q, "Q": _uq, "i": _i, "d": _d, "f": _f}
+
+# Per parameter tuple (the kernels' fixed signatures, by identity): its names and each
+# parameter's converter, built once.
+_arg_plans: dict[int, tuple[Any, frozenset, tuple]] = {}
+
+
+def arg_plan(params: Any) -> tuple[frozenset, tuple]:
+    """(parameter names, (name, converter) in order) of a parameter list; cached for tuples."""
+    plan = _arg_plans.get(id(params))
+    if plan is None or plan[0] is not params:
+        plan = (params, frozenset(n for n, _ in params), tuple((n, _KINDS[k]) for n, k in params))
+        if isinstance(params, tuple) and len(_arg_plans) < 256:
+            _arg_plans[id(params)] = plan  # holds `params`, so its id is not reused while cached
+    return plan[1], plan[2]
 
 
 def typed_args(kernel: str, params: Any, values: dict) -> tuple:
     """Launch arguments typed as the C++ parameters `params` ((name, kind) in order; kinds as
     in KERNEL_PARAMS) of `kernel`, from values named as in the kernel file. Pointers take
     CuPy arrays, ints or None. TypeError names missing and unknown arguments."""
-    missing = [n for n, _ in params if n not in values]
-    extra = sorted(set(values) - {n for n, _ in params})
-    if missing or extra:
+    names, convert = arg_plan(params)
+    if values.keys() != names:
+        missing = [n for n, _ in params if n not in values]
+        extra = sorted(set(values) - names)
         raise TypeError(f"{kernel}: missing arguments {missing}, unknown {extra}")
-    return tuple(_KINDS[k](values[n]) for n, k in params)
+    return tuple([c(values[n]) for n, c in convert])
 
 
 def kernel_args(kernel: str, **values) -> tuple:
@@ -620,9 +662,10 @@ def index_targets(t: Operand, C: int, ignore_index: int, checked: bool = False, 
     forward of this backward) the target flag is not read either.
     """
     cp = xp()
-    n = int(np.prod(t.shape, dtype=np.int64))
-    idx = cp.empty(n, dtype=cp.int64)
-    valid = cp.empty(n, dtype=cp.bool_)
+    n = math.prod(t.shape)
+    # One allocation for both (each allocation is a host callback into torch's allocator).
+    buf = cp.empty(9 * n, dtype=cp.uint8)
+    idx, valid = buf[: 8 * n].view(cp.int64), buf[8 * n :].view(cp.bool_)
     if n == 0:
         settle(checks)
         return idx, valid
@@ -697,11 +740,13 @@ def run(
     if grad is not None and out is None:
         raise ValueError("a gradient needs an out operand")
     if given is None:
-        s = Stats(mx=cp.empty(rows, dtype=f64), ls=cp.empty(rows, dtype=f64))
-        s.zy = cp.empty(rows, dtype=f64) if b.target is not None else None
-        s.swz = cp.empty(rows, dtype=f64) if want_wz else None
-        if b.soft is not None:
-            s.swtz, s.swt = cp.empty(rows, dtype=f64), cp.empty(rows, dtype=f64)
+        # The statistics are rows of one float64 array: one allocation.
+        fields = ["mx", "ls"] + ["zy"] * (b.target is not None) + ["swz"] * want_wz
+        fields += ["swtz", "swt"] * (b.soft is not None)
+        buf = cp.empty((len(fields), rows), dtype=f64)
+        s = Stats(mx=None, ls=None)
+        for i, name in enumerate(fields):
+            setattr(s, name, buf[i])
     else:
         s = given
     if rows == 0:
@@ -753,6 +798,8 @@ def run(
         return s
 
     def vec(a):
+        if isinstance(a, cp.ndarray) and a.dtype == f64 and a.shape == (rows,) and a.flags.c_contiguous:
+            return a  # the rules' per-row outputs already are
         return cp.ascontiguousarray(cp.broadcast_to(cp.asarray(a, dtype=f64), (rows,)))
 
     assert out is not None  # checked above

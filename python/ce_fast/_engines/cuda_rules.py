@@ -15,6 +15,8 @@ import dataclasses
 import threading
 from typing import Any
 
+import numpy as np
+
 from .. import _symbolic as sym
 from .._types import Batch, GradCoef
 
@@ -102,6 +104,21 @@ def _trace(rule: Any, b: Batch, spec: Any, stats: tuple, options: dict, xp: Any)
     return program, shapes, build
 
 
+def _launch_plan(program: Any) -> tuple:
+    """What every launch of `program` repeats: its inputs ((name, by value?) in parameter
+    order), its constants typed as kernel_args types them, and its outputs ((per row?,
+    float32?) in order). Parameters: rows, C, the inputs, the constants, the outputs."""
+    inputs = tuple((name, how == "val") for name, how in program.inputs)
+    consts = tuple(np.float64(float(k)) for k in program.consts)
+    outputs = tuple((kind == sym.ROW, ctype == "float") for kind, ctype, _ in program.outputs)
+    expect = [("rows", "q"), ("C", "q")]
+    expect += [(f"in_{n}", "d" if val else "p") for n, val in inputs]
+    expect += [(f"k{i}", "d") for i in range(len(consts))] + [(f"out{i}", "p") for i in range(len(outputs))]
+    if program.params != expect:  # pragma: no cover - apply passes the arguments in this order
+        raise sym.TraceError(f"{program.name}: unexpected parameters {program.params}")
+    return inputs, consts, outputs
+
+
 def apply(engine: Any, rule: Any, b: Batch, spec: Any, *stats: Any, **options: Any) -> Any:
     """``rule(b, spec, *stats, **options)`` computed on the device by one kernel launch of
     `engine` (the ce_fast._engines.cuda module: its array module, compiler and launcher),
@@ -112,41 +129,51 @@ def apply(engine: Any, rule: Any, b: Batch, spec: Any, *stats: Any, **options: A
     array for values the rule stacks (``xp.stack``: read back at once)."""
     if len(stats) > 1:
         raise ValueError("a rule takes at most one set of statistics")
-    if b.rows == 0:
+    rows = b.rows
+    if rows == 0:
         return rule(b, spec, *stats, **options)  # CuPy on empty arrays: no kernel to build or launch
-    key: tuple = (rule, spec, tuple(sorted(options.items())), b.classes, tuple(b.x.batch_shape), b.out_dtype)
+    opts = tuple(sorted(options.items())) if options else ()
+    key: tuple = (rule, spec, opts, b.classes, b.x.shape[:-1], b.out_dtype)
     cp = engine.xp()
     key += _signature(b, stats, cp)
     hit = _traces.get(key)
     if hit is None:
         hit = _trace(rule, b, spec, stats, options, cp)
+        hit += (_launch_plan(hit[0]),)
         with _lock:
             if len(_traces) >= MAX_TRACES:
                 _traces.pop(next(iter(_traces)))
             _traces[key] = hit
-    program, shapes, build = hit
-    rows = b.rows
+    program, shapes, build, (inputs, consts, outputs) = hit
+    kinds = engine._KINDS
+    ptr, real = kinds["p"], kinds["d"]
     if build is None:  # stacked values: one array, the kernel writes each at its place
-        packed = cp.empty(len(program.outputs), dtype=cp.float64)
-        outs: list = [engine._ptr(packed) + 8 * i for i in range(len(program.outputs))]
-    else:
-        outs = [
-            cp.empty(rows if kind == sym.ROW else (), dtype=cp.float32 if ctype == "float" else cp.float64)
-            for kind, ctype, _ in program.outputs
-        ]
-    values: dict[str, Any] = {"rows": rows, "C": b.classes}
-    for name, how in program.inputs:
+        packed = cp.empty(len(outputs), dtype=cp.float64)
+        at = engine._ptr(packed)
+        outs: list = [at + 8 * i for i in range(len(outputs))]
+    elif len(outputs) == 1:
+        per_row, single = outputs[0]
+        outs = [cp.empty(rows if per_row else (), dtype=cp.float32 if single else cp.float64)]
+    else:  # several outputs: views of one allocation, each at an 8-byte aligned offset
+        sizes = [(rows if per_row else 1) * (4 if single else 8) for per_row, single in outputs]
+        buf = cp.empty(sum(-(-n // 8) * 8 for n in sizes), dtype=cp.uint8)
+        outs, at = [], 0
+        for (per_row, single), n in zip(outputs, sizes):
+            a = buf[at : at + n].view(cp.float32 if single else cp.float64)
+            outs.append(a if per_row else a.reshape(()))
+            at += -(-n // 8) * 8
+    args = [kinds["q"](rows), kinds["q"](b.classes)]
+    for name, by_value in inputs:
         v = _input(b, stats, name, cp)
-        values[f"in_{name}"] = float(v) if how == "val" else v
-    values.update({f"k{i}": k for i, k in enumerate(program.consts)})
-    values.update({f"out{i}": a for i, a in enumerate(outs)})
-    args = tuple(engine._KINDS[kind](values[n]) for n, kind in program.params)
+        args.append(real(float(v)) if by_value else ptr(v))
+    args += consts
+    args += [ptr(a) for a in outs]
     if program.reduces:
         grid = 1
     else:
         sms, _ = engine._device_info(engine._device_id(b.x))
         grid = max(1, min(-(-rows // RULE_BLOCK), sms * 4))
-    engine._generated(program)((grid,), (RULE_BLOCK,), args)
+    engine._generated(program)((grid,), (RULE_BLOCK,), tuple(args))
     if build is None:
         return packed
     return build([a.reshape(s) if s is not None and a.ndim == 1 else a for a, s in zip(outs, shapes)])
