@@ -230,13 +230,6 @@ def _require_cupy(name: str):
     return cupy
 
 
-def _to_cupy(t):
-    """A CuPy view of CUDA tensor `t` (zero copy, DLPack, on torch's current stream)."""
-    from ._engines import cuda
-
-    return cuda.from_torch(t)
-
-
 def _cupy_operand(a, name: str, lib: str, keep: Any = None) -> Operand:
     item = a.dtype.itemsize
     code = _NP_CODES.get(np.dtype(a.dtype)) if a.dtype != object else None

@@ -18,7 +18,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _arrays, _focal, _kl
+from . import _focal, _kl
 from ._types import KlStats, Stats
 
 __all__ = ["kl_divergence", "focal_loss"]
@@ -37,7 +37,9 @@ def _engine_array(t: Tensor) -> Any:
     t = t.detach()
     if t.device.type == "cpu":
         return t.numpy()
-    return _arrays._to_cupy(t)
+    from ._engines import cuda
+
+    return cuda.from_torch(t)
 
 
 def _rows(x: Tensor) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _arrays, _batch, _errors, _shards
+from . import _batch, _errors, _shards
 from ._spec import LossSpec
 from ._types import Stats
 
@@ -185,7 +185,11 @@ def _check_tiling(shard: Any, target: Any, vocab_start: Any, group: Any, err: Ex
 
 def _engine_array(t: Tensor) -> Any:
     t = t.detach().contiguous()
-    return t.numpy() if t.device.type == "cpu" else _arrays._to_cupy(t)
+    if t.device.type == "cpu":
+        return t.numpy()
+    from ._engines import cuda
+
+    return cuda.from_torch(t)
 
 
 def _as_tensor(a: Any, like: Tensor) -> Tensor:

@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _api, _arrays, _plain
+from . import _api, _plain
 from ._rules import Stats
 from ._spec import LossSpec, document_options
 from ._torch_binary import BCEWithLogitsLoss, binary_cross_entropy_with_logits, sigmoid_focal_loss
@@ -105,7 +105,9 @@ def _engine_array(t: Tensor) -> Any:
     t = t.detach()
     if t.device.type == "cpu":
         return t.numpy()
-    return _arrays._to_cupy(t)  # the CUDA engine works on CuPy views (zero copy, DLPack)
+    from ._engines import cuda
+
+    return cuda.from_torch(t)  # the CUDA engine works on CuPy views (zero copy, DLPack)
 
 
 def _rows(x: Tensor) -> int:
