@@ -11,12 +11,13 @@
 #      (CE_FAST_FUSED=one-read), while the CPU bench runs 4096 x 128256 on 2 threads with the
 #      avx512 and the avx2 kernel sets (same-run ratios against the read pass and PyTorch);
 #   5. with CHECK_PROFILE=1, benches/gpu_profile.py (wall and per-kernel device time of each
-#      call, kernel resources, the fused kernel's rows in flight) and `ncu` on the statistics
-#      and fused kernels;
+#      call, kernel resources, the fused kernel's rows in flight), benches/host_overhead.py
+#      --cuda (the host's share of small calls) and `ncu` on the statistics and fused kernels;
 #   6. with CHECK_COMPILE=1, the torch.compile baseline at 16384 x 128256.
 # CHECK_CPU=0 leaves out the CPU tests and bench, CHECK_BENCH=0 the benchmarks (a rerun);
 # CHECK_K selects GPU tests (pytest -k), CHECK_WORKERS sets their pytest-xdist workers;
-# CHECK_ONE_READ=0 leaves the one-read kernel out of memcheck and the benchmarks.
+# CHECK_ONE_READ=0 leaves the one-read kernel out of memcheck and the benchmarks; CHECK_AVX2=0
+# the CPU bench of the avx2 set; MEMCHECK_LIMIT is memcheck's time limit in seconds.
 # Every log and result goes under $CHECK_DIR (default ./gpu_check_out); the summary is
 # $CHECK_DIR/summary.txt and is printed last.
 #
@@ -114,7 +115,7 @@ MEMCHECK_K="$MEMCHECK_K or test_non_finite_rows_across_warps or test_soft_target
 ONE_READ_K=""
 [ "${CHECK_ONE_READ:-1}" = 1 ] || ONE_READ_K=" and not one-read"  # its first compile takes ~90 s
 if command -v compute-sanitizer >/dev/null; then
-    step memcheck 75 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+    step memcheck "${MEMCHECK_LIMIT:-75}" compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
         "$PY" -m pytest -q -x -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_gpu_kl_focal.py \
         -v -k "($MEMCHECK_K)$ONE_READ_K"
     tail -n 6 "$DIR/memcheck.log" >>"$SUMMARY"
@@ -138,7 +139,7 @@ GPU_PID=$!
     CE_FAST_SIMD=avx512 step bench-cpu-avx512 100 "$PY" -m ce_fast bench --sizes 4096x128256 --threads 2 \
         --dtypes float32,bfloat16 --ops fwd,inplace --no-numpy --repeat 5 --baseline-repeat 1 \
         --training 64x32000,512x32000 --json "$DIR/bench-cpu-avx512.json" --markdown "$DIR/bench-cpu-avx512.md"
-    CE_FAST_SIMD=avx2 step bench-cpu-avx2 60 "$PY" -m ce_fast bench --sizes 4096x128256 --threads 2 \
+    [ "${CHECK_AVX2:-1}" = 1 ] && CE_FAST_SIMD=avx2 step bench-cpu-avx2 60 "$PY" -m ce_fast bench --sizes 4096x128256 --threads 2 \
         --dtypes float32,bfloat16 --ops fwd,inplace --no-numpy --no-torch --repeat 5 --training none \
         --json "$DIR/bench-cpu-avx2.json" --markdown "$DIR/bench-cpu-avx2.md"
 ) &
@@ -149,6 +150,8 @@ wait $GPU_PID $CPU_PID
 if [ "${CHECK_PROFILE:-0}" = 1 ]; then
     step profile 90 "$PY" benches/gpu_profile.py
     cat "$DIR/profile.log" >>"$SUMMARY"
+    step host-overhead 60 "$PY" benches/host_overhead.py --cuda --profile
+    head -n 40 "$DIR/host-overhead.log" >>"$SUMMARY"
     step ncu 90 ncu --clock-control none -k 'regex:ce_(stats|fused)' -c 5 --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats "$PY" benches/gpu_profile.py --ncu
     grep -E "^  [a-z_]+<|^  ce_|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Registers Per|Achieved Occ|Theoretical Occ|Block Size|Grid Size|Warp Cycles Per Issued|Stall|OPT|Issued Warp" \
