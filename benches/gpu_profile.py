@@ -68,6 +68,28 @@ def wall_us(fn, reps: int = 20) -> float:
     return (time.perf_counter() - t0) / reps * 1e6
 
 
+def sweep(knob: str, values: tuple, op: str, shapes: list) -> None:
+    """The longest kernel of `op` (and the call's wall time) for each value of the CUDA
+    engine's launch constant `knob`, in microseconds."""
+    print(f"\n== {op}: the longest kernel / wall, us, against {knob}")
+    saved = getattr(ce_cuda, knob)
+    for rows, C, dtype in shapes:
+        x = torch.randn(rows, C, device="cuda", dtype=dtype)
+        y = torch.randint(0, C, (rows,), device="cuda")
+        cells = []
+        for v in values:
+            setattr(ce_cuda, knob, v)
+            for _ in range(3):
+                call(op, x, y)
+            ks = kernel_times(lambda x=x, y=y: call(op, x, y))
+            longest = max(t for _, t in ks.values())
+            cells.append(f"{v}: {longest:7.1f} / {wall_us(lambda x=x, y=y: call(op, x, y)):7.1f}")
+        setattr(ce_cuda, knob, saved)
+        print(f"   {rows}x{C} {str(dtype)[6:]:9} " + "   ".join(cells))
+        del x, y
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ncu = "--ncu" in sys.argv
     print("torch's stream in CuPy:", type(ce_cuda.torch_stream(0)).__name__)
@@ -99,23 +121,15 @@ def main() -> None:
         torch.cuda.empty_cache()
     if ncu:
         return
-    print("\n== fused kernel against FUSED_ROWS_PER_SM (kernel us, wall us per call)")
-    sweep = [(16384, 32000, torch.bfloat16), (16384, 16384, torch.bfloat16), (16384, 32000, torch.float32)]
-    for rows, C, dtype in sweep:
-        x = torch.randn(rows, C, device="cuda", dtype=dtype)
-        y = torch.randint(0, C, (rows,), device="cuda")
-        cells = []
-        for per_sm in (1, 2, 4):
-            ce_cuda.FUSED_ROWS_PER_SM = per_sm
-            for _ in range(3):
-                call("fused", x, y)
-            ks = kernel_times(lambda x=x, y=y: call("fused", x, y))
-            fused_us = max(t for _, t in ks.values())
-            cells.append(f"{per_sm}: {fused_us:7.1f} / {wall_us(lambda x=x, y=y: call('fused', x, y)):7.1f}")
-        ce_cuda.FUSED_ROWS_PER_SM = 1
-        print(f"   {rows}x{C} {str(dtype)[6:]:9} " + "   ".join(cells))
-        del x, y
-        torch.cuda.empty_cache()
+    sweep(
+        "FUSED_ROWS_PER_SM",
+        (1, 2, 4),
+        "fused",
+        [(16384, 32000, torch.bfloat16), (16384, 16384, torch.bfloat16), (16384, 32000, torch.float32)],
+    )
+    big = [(16384, 32000, torch.bfloat16), (16384, 128256, torch.bfloat16), (16384, 128256, torch.float32)]
+    sweep("VECTORS_PER_THREAD", (8, 16, 32), "fwd", big)
+    sweep("VECTORS_PER_THREAD", (8, 16, 32), "fused", big[:2])
     print("\n== kernels loaded (registers, local bytes, static shared bytes, max threads)")
     for (key, kname), ker in sorted(ce_cuda._kernel_file._kernels.items(), key=lambda kv: str(kv[0])):
         try:
