@@ -713,12 +713,17 @@ def test_large_class_count_block_per_row(emu):
     _grad_close(got[1], ref[1], BF16)
 
 
-def test_launch_configuration():
+def test_launch_configuration(monkeypatch):
     """G: about VECTORS_PER_THREAD 16-byte vectors per thread, a power of two up to
     MAX_GROUP; small rows share a block; the fused grid keeps rows in flight within L2."""
     saved = dict(_cuda._props)
     try:
         _cuda._props[0] = (132, 50 << 20)
+        # The default: 32 vectors a thread, 128 threads for a 62.5 KiB row, at most 512.
+        assert _cuda._config(16384, 32000, 2, 0, fused=False) == (128, 128, 132 * 16)
+        assert _cuda._config(16384, 32000, 2, 0, fused=True) == (128, 128, 409)
+        assert _cuda._config(16384, 128256, 4, 0, fused=False) == (512, 512, 132 * 4)
+        monkeypatch.setattr(_cuda, "VECTORS_PER_THREAD", 8)
         assert _cuda._config(16384, 128256, 2, 0, fused=False) == (512, 512, 132 * 4)
         G, block, grid = _cuda._config(16384, 128256, 2, 0, fused=True)
         assert (G, block) == (512, 512) and grid == 132  # 25 MiB / 256 KiB = 100 < SMs
@@ -736,6 +741,7 @@ def test_fused_rows_in_flight_per_multiprocessor(monkeypatch, per_sm):
     """FUSED_ROWS_PER_SM narrows the fused kernel's rows (G halves per doubling, not below
     64) only where half the L2 holds that many rows per SM; the statistics kernel keeps G."""
     monkeypatch.setattr(_cuda, "FUSED_ROWS_PER_SM", per_sm)
+    monkeypatch.setattr(_cuda, "VECTORS_PER_THREAD", 8)
     monkeypatch.setitem(_cuda._props, 0, (132, 50 << 20))
     # 62.5 KiB rows: 25 MiB holds 409 of them, 3 per SM -> at most 2 per SM (a power of two).
     G, block, grid = _cuda._config(16384, 32000, 2, 0, fused=True)
