@@ -307,7 +307,10 @@ def test_nothing_is_read_back_under_graph_capture(emu, monkeypatch):
     assert np.isnan(grad[7]).all() and np.isfinite(np.delete(grad, 7, axis=0)).all()
     y[7] = 3
     np.testing.assert_allclose(
-        np.delete(loss, 7), np.delete(ce_fast.cross_entropy(x, y, weight=w, reduction="none"), 7)
+        # The CPU engine's float32 losses: the GPU kernels sum a row in another order (an ulp).
+        np.delete(loss, 7),
+        np.delete(ce_fast.cross_entropy(x, y, weight=w, reduction="none"), 7),
+        rtol=1e-6,
     )
     loss, _, ops = _count(emu, lambda: ce_fast.focal_loss(x, y, alpha=w))
     assert ops.syncs == []
