@@ -121,12 +121,6 @@ def main() -> None:
         torch.cuda.empty_cache()
     if ncu:
         return
-    sweep(
-        "FUSED_ROWS_PER_SM",
-        (1, 2, 4),
-        "fused",
-        [(16384, 32000, torch.bfloat16), (16384, 16384, torch.bfloat16), (16384, 32000, torch.float32)],
-    )
     big = [(16384, 32000, torch.bfloat16), (16384, 128256, torch.bfloat16), (16384, 128256, torch.float32)]
     sweep("VECTORS_PER_THREAD", (8, 16, 32), "fwd", big)
     sweep("VECTORS_PER_THREAD", (8, 16, 32), "fused", big[:2])

@@ -736,25 +736,6 @@ def test_launch_configuration(monkeypatch):
         _cuda._props.update(saved)
 
 
-@pytest.mark.parametrize("per_sm", [1, 2, 4, 8])
-def test_fused_rows_in_flight_per_multiprocessor(monkeypatch, per_sm):
-    """FUSED_ROWS_PER_SM narrows the fused kernel's rows (G halves per doubling, not below
-    64) only where half the L2 holds that many rows per SM; the statistics kernel keeps G."""
-    monkeypatch.setattr(_cuda, "FUSED_ROWS_PER_SM", per_sm)
-    monkeypatch.setattr(_cuda, "VECTORS_PER_THREAD", 8)
-    monkeypatch.setitem(_cuda._props, 0, (132, 50 << 20))
-    # 62.5 KiB rows: 25 MiB holds 409 of them, 3 per SM -> at most 2 per SM (a power of two).
-    G, block, grid = _cuda._config(16384, 32000, 2, 0, fused=True)
-    assert (G, block, grid) == ({1: 512, 2: 256, 4: 256, 8: 256}[per_sm],) * 2 + (409,)
-    # 16 KiB rows: 12 per SM fit; G starts at 128 and stops at 64.
-    G, _, grid = _cuda._config(16384, 8192, 2, 0, fused=True)
-    assert G == {1: 128, 2: 64, 4: 64, 8: 64}[per_sm] and grid == min(16384, 132 * (2048 // G), 1600)
-    # Rows too long for one per SM in half the L2, and the statistics kernel: unchanged.
-    assert _cuda._config(16384, 128256, 2, 0, fused=True)[:2] == (512, 512)
-    assert _cuda._config(16384, 32000, 2, 0, fused=False) == (512, 512, 132 * 4)
-    assert _cuda._config(16384, 32000, 2, 0, fused=True, bounded=True)[:2] == (512, 512)
-
-
 def test_scope_uses_the_device_and_torch_current_stream(monkeypatch):
     """_cuda.scope: CuPy's device is the operand's; for torch operands CuPy's current
     stream wraps torch's current stream of that device (fakes stand in for CuPy and

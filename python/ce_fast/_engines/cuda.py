@@ -82,13 +82,6 @@ SMALL_BLOCK = 256  # block size when several rows share a block (G <= 32)
 # 441 to 304 us at 16384 x 32000 (the read pass: 290 us) and the fused kernel from 1245 to
 # 945 us; rows of 128256 classes, at G = 512 either way, did not move.
 VECTORS_PER_THREAD = 32
-# Rows the fused kernel keeps in flight per multiprocessor where half the L2 holds them all
-# (fewer threads per row, down to 64): a row's reduction between its two passes is then
-# hidden behind the other rows' loads. On an H200, 2 took the plain bf16 fused kernel from
-# 1234 to 917 us at 16384 x 32000 and from 549 to 451 us at 16384 x 16384; 4 gained nothing
-# more. It stays 1: a fused row group narrower than the statistics kernel's sums the row in
-# another order, and its loss would differ from cross_entropy's in the last bits.
-FUSED_ROWS_PER_SM = 1
 _NO_BAD = np.iinfo(np.uint64).max
 
 # Which kernel writes loss + gradient: "two-pass" (ce_fused: the row read twice, the second
@@ -593,8 +586,8 @@ def _config(rows: int, C: int, itemsize: int, dev: int, fused: bool, bounded: bo
     is one row per block. Blocks loop over row tiles. The fused kernel reads each row
     twice; its grid is capped so that the rows in flight fit in half the L2 and the
     second read hits the cache; with `bounded` (the one-read mode's fallback, e.g. rows too
-    long for one block on sm_80) that cap is not raised to one row per SM. Where that cache
-    holds several rows per SM, the fused kernel's G shrinks for FUSED_ROWS_PER_SM of them.
+    long for one block on sm_80) that cap is not raised to one row per SM. Both kernels take
+    the same G, so a row is summed in the same order by either.
     """
     vec = 16 // itemsize
     nvec = -(-C // vec)
@@ -602,17 +595,12 @@ def _config(rows: int, C: int, itemsize: int, dev: int, fused: bool, bounded: bo
     G = 1
     while G < want and G < MAX_GROUP:
         G *= 2
-    sms, l2 = _device_info(dev)
-    if fused and not bounded and G > 64:
-        per_sm = min(FUSED_ROWS_PER_SM, (l2 // 2) // max(1, C * itemsize * sms))
-        while per_sm > 1 and G > 64:
-            G //= 2
-            per_sm //= 2
     if G > 32:
         block, rpb = G, 1
     else:
         block, rpb = SMALL_BLOCK, SMALL_BLOCK // G
     tiles = -(-rows // rpb)
+    sms, l2 = _device_info(dev)
     cap = sms * max(1, 2048 // block)
     if fused:
         fit = (l2 // 2) // max(1, C * itemsize * rpb)
