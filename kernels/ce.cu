@@ -569,6 +569,61 @@ __device__ __forceinline__ bool ce_row_vec(const TX* xr, i64 x_cs, const TS* tr,
     return true;
 }
 
+// Words of a soft-target vector matching one 16-byte vector of logits (2 when there are none).
+template <typename TX, typename TS>
+struct SoftWords {
+    static const int N = IsSoft<TS>::value ? (16 / E<TX>::SIZE * E<TS>::SIZE) / 4 : 2;
+};
+
+// Loads U 16-byte vectors of logits (and the matching soft targets) for the thread steps
+// i, i + G, ...: step u covers classes head + (i + u G) V to that + V - 1.
+template <typename TX, typename TS, int U>
+__device__ __forceinline__ void ce_load_vecs(const TX* xr, const TS* tr, int head, i64 i, int G, u32 (&xw)[U][4],
+                                             u32 (&tw)[U][SoftWords<TX, TS>::N]) {
+    const int V = 16 / E<TX>::SIZE;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const i64 c0 = head + (i + (i64)u * G) * V;
+        Words<4>::load(xr + c0, xw[u]);
+        if (IsSoft<TS>::value) Words<SoftWords<TX, TS>::N>::load(tr + c0, tw[u]);
+    }
+}
+
+// Pass 1 of one vector (classes c0 to c0 + V - 1) into the accumulators.
+template <typename TX, typename TS, bool PL>
+__device__ __forceinline__ void ce_acc_vec(Acc& A, const u32* xw, const u32* tw, i64 c0, const float* w32,
+                                           float scale, float cap, bool want_wz, bool want_am) {
+    const bool SOFT = IsSoft<TS>::value != 0;
+    const int V = 16 / E<TX>::SIZE;
+    float z[V], w[V], tv[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        z[k] = ce_tf(E<TX>::unpack(xw, k), scale, cap);
+        w[k] = w32 ? w32[c0 + k] : 1.0f;
+        tv[k] = SOFT ? E<TS>::unpack(tw, k) : 0.0f;
+    }
+    ce_acc<V, SOFT, PL>(A, z, w, tv, c0, want_wz, want_am);
+}
+
+// Pass 2 of one vector: its gradients, the true class patched in f64, stored at orow + c0.
+template <typename TX, typename TS>
+__device__ __forceinline__ void ce_grad_vec(const u32* xw, const u32* tw, i64 c0, const TX* xr, TX* orow,
+                                            const float* w32, const GradF& P, i64 yp, const GradY& Q) {
+    const bool SOFT = IsSoft<TS>::value != 0;
+    const int V = 16 / E<TX>::SIZE;
+    float gv[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const float wk = w32 ? w32[c0 + k] : 1.0f;
+        const float tk = SOFT ? E<TS>::unpack(tw, k) : 0.0f;
+        gv[k] = ce_grad_f(E<TX>::unpack(xw, k), wk, tk, P);
+    }
+    u32 ow[4];
+    ce_pack<TX, V>(gv, ow);
+    if ((u64)(yp - c0) < (u64)V) ce_patch<TX, 4>(ow, (int)(yp - c0), xr + yp, Q);
+    Words<4>::store(orow + c0, ow);
+}
+
 // Pass 1 over the 16-byte vectors of a row, by thread gl of its G, U vectors in flight.
 // PL: the plain call (no weights, soft targets, softcap, logit scale, w (z - m) sums or
 // argmax), compiled apart so that its loop keeps only the loads, the max, exp and the sum:
@@ -576,10 +631,8 @@ __device__ __forceinline__ bool ce_row_vec(const TX* xr, i64 x_cs, const TS* tr,
 template <typename TX, typename TS, int U, bool PL>
 __device__ __forceinline__ void ce_pass1_vec(Acc& A, const TX* xr, const TS* tr, int head, i64 nv, int gl, int G,
                                              const float* w32, float scale, float cap, bool want_wz, bool want_am) {
-    const bool SOFT = IsSoft<TS>::value != 0;
     const int V = 16 / E<TX>::SIZE;
-    const int XW = 4;
-    const int TW = SOFT ? (V * E<TS>::SIZE) / 4 : 2;
+    const int TW = SoftWords<TX, TS>::N;
     if (PL) {
         w32 = nullptr;
         scale = 1.0f;
@@ -588,41 +641,18 @@ __device__ __forceinline__ void ce_pass1_vec(Acc& A, const TX* xr, const TS* tr,
     }
     i64 i = gl;
     for (; i + (i64)(U - 1) * G < nv; i += (i64)U * G) {
-        u32 xw[U][XW];
-        u32 tw[U][TW];
+        u32 xw[U][4], tw[U][TW];
+        ce_load_vecs<TX, TS, U>(xr, tr, head, i, G, xw, tw);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const i64 c0 = head + (i + (i64)u * G) * V;
-            Words<XW>::load(xr + c0, xw[u]);
-            if (SOFT) Words<TW>::load(tr + c0, tw[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const i64 c0 = head + (i + (i64)u * G) * V;
-            float z[V], w[V], tv[V];
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                z[k] = ce_tf(E<TX>::unpack(xw[u], k), scale, cap);
-                w[k] = w32 ? w32[c0 + k] : 1.0f;
-                tv[k] = SOFT ? E<TS>::unpack(tw[u], k) : 0.0f;
-            }
-            ce_acc<V, SOFT, PL>(A, z, w, tv, c0, want_wz, want_am);
+            ce_acc_vec<TX, TS, PL>(A, xw[u], tw[u], c0, w32, scale, cap, want_wz, want_am);
         }
     }
     for (; i < nv; i += G) {
-        const i64 c0 = head + i * V;
-        u32 xw[XW];
-        u32 tw[TW];
-        Words<XW>::load(xr + c0, xw);
-        if (SOFT) Words<TW>::load(tr + c0, tw);
-        float z[V], w[V], tv[V];
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            z[k] = ce_tf(E<TX>::unpack(xw, k), scale, cap);
-            w[k] = w32 ? w32[c0 + k] : 1.0f;
-            tv[k] = SOFT ? E<TS>::unpack(tw, k) : 0.0f;
-        }
-        ce_acc<V, SOFT, PL>(A, z, w, tv, c0, want_wz, want_am);
+        u32 xw[1][4], tw[1][TW];
+        ce_load_vecs<TX, TS, 1>(xr, tr, head, i, G, xw, tw);
+        ce_acc_vec<TX, TS, PL>(A, xw[0], tw[0], head + i * V, w32, scale, cap, want_wz, want_am);
     }
     // Every term of the sum is in [0, 1] when no z is NaN, and the sum only grows or is
     // rescaled by a factor in [0, 1]: a NaN sum means a NaN logit.
@@ -634,10 +664,8 @@ __device__ __forceinline__ void ce_pass1_vec(Acc& A, const TX* xr, const TS* tr,
 template <typename TX, typename TS, int U, bool PL>
 __device__ __forceinline__ void ce_pass2_vec(const TX* xr, const TS* tr, TX* orow, int head, i64 nv, int gl, int G,
                                              const float* w32, GradF P, i64 yp, const GradY& Q) {
-    const bool SOFT = IsSoft<TS>::value != 0;
     const int V = 16 / E<TX>::SIZE;
-    const int XW = 4;
-    const int TW = SOFT ? (V * E<TS>::SIZE) / 4 : 2;
+    const int TW = SoftWords<TX, TS>::N;
     if (PL) {  // e multiplies the soft target, 0 here: e * 0 is 0 for the finite e of hard targets
         w32 = nullptr;
         P.scale = 1.0f;
@@ -646,47 +674,18 @@ __device__ __forceinline__ void ce_pass2_vec(const TX* xr, const TS* tr, TX* oro
     }
     i64 i = gl;
     for (; i + (i64)(U - 1) * G < nv; i += (i64)U * G) {
-        u32 xw[U][XW];
-        u32 tw[U][TW];
+        u32 xw[U][4], tw[U][TW];
+        ce_load_vecs<TX, TS, U>(xr, tr, head, i, G, xw, tw);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const i64 c0 = head + (i + (i64)u * G) * V;
-            Words<XW>::load(xr + c0, xw[u]);
-            if (SOFT) Words<TW>::load(tr + c0, tw[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const i64 c0 = head + (i + (i64)u * G) * V;
-            float gv[V];
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const float wk = w32 ? w32[c0 + k] : 1.0f;
-                const float tk = SOFT ? E<TS>::unpack(tw[u], k) : 0.0f;
-                gv[k] = ce_grad_f(E<TX>::unpack(xw[u], k), wk, tk, P);
-            }
-            u32 ow[XW];
-            ce_pack<TX, V>(gv, ow);
-            if ((u64)(yp - c0) < (u64)V) ce_patch<TX, XW>(ow, (int)(yp - c0), xr + yp, Q);
-            Words<XW>::store(orow + c0, ow);
+            ce_grad_vec<TX, TS>(xw[u], tw[u], c0, xr, orow, w32, P, yp, Q);
         }
     }
     for (; i < nv; i += G) {
-        const i64 c0 = head + i * V;
-        u32 xw[XW];
-        u32 tw[TW];
-        Words<XW>::load(xr + c0, xw);
-        if (SOFT) Words<TW>::load(tr + c0, tw);
-        float gv[V];
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const float wk = w32 ? w32[c0 + k] : 1.0f;
-            const float tk = SOFT ? E<TS>::unpack(tw, k) : 0.0f;
-            gv[k] = ce_grad_f(E<TX>::unpack(xw, k), wk, tk, P);
-        }
-        u32 ow[XW];
-        ce_pack<TX, V>(gv, ow);
-        if ((u64)(yp - c0) < (u64)V) ce_patch<TX, XW>(ow, (int)(yp - c0), xr + yp, Q);
-        Words<XW>::store(orow + c0, ow);
+        u32 xw[1][4], tw[1][TW];
+        ce_load_vecs<TX, TS, 1>(xr, tr, head, i, G, xw, tw);
+        ce_grad_vec<TX, TS>(xw[0], tw[0], head + i * V, xr, orow, w32, P, yp, Q);
     }
 }
 
@@ -707,7 +706,6 @@ __device__ __forceinline__ void ce_body(
     const int V = 16 / E<TX>::SIZE;      // elements per 16-byte vector of logits
     const int U = (FUSED && !SOFT) ? 4 : 2;  // vectors in flight per thread (unrolled loads)
     const int XW = 4;                    // words of one logits vector
-    const int TW = SOFT ? (V * E<TS>::SIZE) / 4 : 2;  // words of one soft-target vector
 
     const int rpb = blockDim.x / G;
     const int grp = threadIdx.x / G;
