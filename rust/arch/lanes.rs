@@ -19,6 +19,11 @@ pub const MAX_LANES: usize = 16;
 /// the set's `#[target_feature]` entry points, reached after run-time detection.
 pub unsafe trait Lanes: Copy + Send + Sync + 'static {
     const N: usize;
+    /// Whether `exp2_core` splits t with `round` and `ldexp_add` (round + convert + shift:
+    /// fewer dependent steps, fastest where rounding is one cheap operation, as on Zen 3)
+    /// rather than with the 1.5 * 2^23 magic-number add (three adds, no rounding unit).
+    /// Both give the same bits.
+    const ROUND_SPLIT: bool;
     type V: Copy;
     type M: Copy;
     type D: Copy;
@@ -91,4 +96,9 @@ pub unsafe trait Lanes: Copy + Send + Sync + 'static {
     unsafe fn store_bf16(p: *mut u16, v: Self::V);
     /// N lanes rounded to nearest even as IEEE half.
     unsafe fn store_f16(p: *mut u16, v: Self::V);
+
+    /// A hint to bring the cache line at `p` into L1; never faults, so `p` may lie past
+    /// the end of the data. The default does nothing.
+    #[inline(always)]
+    unsafe fn prefetch(_p: *const u8) {}
 }

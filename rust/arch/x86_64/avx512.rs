@@ -46,6 +46,8 @@ pub struct L16;
 // trait names.
 unsafe impl Lanes for L16 {
     const N: usize = 16;
+    // VRNDSCALEPS is two operations on one port on Intel cores; the magic add is one.
+    const ROUND_SPLIT: bool = false;
     type V = __m512;
     type M = __mmask16;
     type D = __m512d;
@@ -231,6 +233,10 @@ unsafe impl Lanes for L16 {
     unsafe fn store_f16(p: *mut u16, v: __m512) {
         let h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm256_storeu_si256(p as *mut __m256i, h)
+    }
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
     }
 }
 
