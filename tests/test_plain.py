@@ -113,3 +113,41 @@ def test_inplace_plain_path_gradient_and_second_backward():
     logits = x.clone().requires_grad_() * 1.0
     (g,) = torch.autograd.grad(ct.cross_entropy(logits, t, inplace_backward=True), logits, torch.tensor(3.0))
     torch.testing.assert_close(g, 3.0 * ref_grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_small_call_gradient_comes_with_the_forward(simd_path, monkeypatch, dtype, reduction):
+    """Up to _EAGER_GRAD_ELEMS logits the forward pass also writes the gradient for an
+    incoming gradient of 1: the same bits as the backward pass, handed over only once."""
+    x, t = _case(5, (3, 4), 29, dtype)
+    ones = torch.ones(29, dtype=torch.float64)
+    _, general = _loss_and_grad(x, t, torch.tensor(1.0), reduction=reduction, weight=ones)
+    _, eager = _loss_and_grad(x, t, torch.tensor(1.0), reduction=reduction)
+    monkeypatch.setattr(ct, "_EAGER_GRAD_ELEMS", 0)
+    _, late = _loss_and_grad(x, t, torch.tensor(1.0), reduction=reduction)
+    assert torch.equal(eager, general) and torch.equal(eager, late)
+    monkeypatch.undo()
+
+    # Three backward passes through one graph add three gradients, as the general path.
+    def thrice(**kw):
+        leaf = x.clone().requires_grad_()
+        loss = ct.cross_entropy(leaf, t, reduction=reduction, **kw)
+        for _ in range(3):
+            loss.backward(retain_graph=True)
+        return leaf.grad
+
+    lean3, general3 = thrice(), thrice(weight=ones)
+    assert torch.equal(lean3, general3) and not torch.equal(lean3, eager)
+
+
+def test_only_small_calls_hold_a_gradient_before_backward():
+    x, t = _case(6, (4,), 9, torch.float32)
+    loss = ct.cross_entropy(x.clone().requires_grad_(), t)
+    assert loss.grad_fn.g1 is not None and loss.grad_fn.g1.shape == (4, 9)
+    loss.backward()
+    assert loss.grad_fn.g1 is None  # handed over
+    big = torch.zeros(2, ct._EAGER_GRAD_ELEMS // 2 + 1, requires_grad=True)
+    assert ct.cross_entropy(big, torch.zeros(2, dtype=torch.int64)).grad_fn.g1 is None
+    loss = ct.cross_entropy(x.clone().requires_grad_(), t, reduction="none")
+    assert loss.grad_fn.g1 is None  # per-row incoming gradients: nothing to precompute

@@ -82,26 +82,30 @@ def torch_prepare(input: Any, target: Any, inplace: bool = False) -> tuple | Non
 
 
 def torch_forward(
-    input: Any, d: Layout, t: Any, ignore_index: int, reduction: str, inplace: bool = False
-) -> tuple[Any, Any, int]:
+    input: Any, d: Layout, t: Any, ignore_index: int, reduction: str, inplace: bool = False, grad_out: Any = None
+) -> tuple[Any, np.ndarray, int]:
     """(loss, lse, counted rows) for `torch_prepare`'s tensors, lse a float64 (2, rows)
-    tensor; with `inplace` the gradient of the loss is written into `input`."""
+    NumPy array. The gradient of the loss (incoming gradient 1) is written into `input`
+    with `inplace`, or into `grad_out`, a fresh contiguous tensor like `input`."""
     torch = _arrays._torch()
-    rows = t.numel()
-    lse = torch.empty((2, rows), dtype=torch.float64)
-    per = torch.empty(rows, dtype=torch.float64)
-    tv, lv, pv = t.numpy().reshape(-1), lse.numpy(), per.numpy()
-    if inplace:
-        n = plain_forward(d, tv, ignore_index, lv, pv, cpu._threads, go=1.0, mean=reduction == "mean", out=d)
+    # NumPy buffers: a small call spends more on torch.empty and .numpy() than in the pass.
+    lse = np.empty((2, t.numel()))
+    per = np.empty(t.numel())
+    tv = t.numpy().reshape(-1)
+    out = d if inplace else None if grad_out is None else _fresh_layout(grad_out, input, d)
+    if out is not None:
+        n = plain_forward(d, tv, ignore_index, lse, per, cpu._threads, go=1.0, mean=reduction == "mean", out=out)
     else:
-        n = plain_forward(d, tv, ignore_index, lv, pv, cpu._threads)
+        n = plain_forward(d, tv, ignore_index, lse, per, cpu._threads)
     if n < 0:
         raise _target_error(t.numpy(), -1 - n, d.shape[-1], ignore_index)
     f64 = input.dtype is torch.float64
     if reduction == "none":
-        loss = (per if f64 else per.to(torch.float32)).reshape(t.shape)
+        rows = torch.from_numpy(per)
+        loss = (rows if f64 else rows.to(torch.float32)).reshape(t.shape)
     else:
-        loss = torch.tensor(_total(per.numpy(), reduction, n), dtype=torch.float64 if f64 else torch.float32)
+        # from_numpy: a third of torch.tensor's cost; the same round to nearest float32.
+        loss = torch.from_numpy(np.array(_total(per, reduction, n), dtype=np.float64 if f64 else np.float32))
     return loss, lse, n
 
 
@@ -111,21 +115,32 @@ def _target_error(t: np.ndarray, r: int, C: int, ignore_index: int) -> IndexErro
     return _errors.index_error(pos, int(t.reshape(-1)[r]), C, ignore_index)
 
 
-def torch_backward(grad: Any, input: Any, d: Layout, target: Any, ignore_index: int, reduction: str, lse: Any) -> Any:
+def torch_backward(
+    grad: Any, input: Any, d: Layout, target: Any, ignore_index: int, reduction: str, lse: np.ndarray
+) -> Any:
     """d(grad * loss)/d input from `torch_forward`'s lse (`d`: the logits' layout there):
     a fresh contiguous tensor."""
     torch = _arrays._torch()
     out = torch.empty(input.shape, dtype=input.dtype)
-    od = Layout(out.data_ptr(), d.code, d.shape, d.strides) if input.is_contiguous() else torch_layout(out)
-    assert od is not None  # a fresh dense tensor of a supported dtype
-    tv, lv = target.numpy().reshape(-1), lse.numpy()
+    od = _fresh_layout(out, input, d)
+    tv = target.numpy().reshape(-1)
     if reduction == "none":
         go = grad.to(torch.float64).contiguous().reshape(-1).numpy()
-        plain_backward(d, tv, ignore_index, lv, od, cpu._threads, go_rows=go)
+        plain_backward(d, tv, ignore_index, lse, od, cpu._threads, go_rows=go)
     else:
         mean = reduction == "mean"
-        plain_backward(d, tv, ignore_index, lv, od, cpu._threads, go=float(grad), mean=mean)
+        plain_backward(d, tv, ignore_index, lse, od, cpu._threads, go=float(grad), mean=mean)
     return out
+
+
+def _fresh_layout(out: Any, input: Any, d: Layout) -> Layout:
+    """The layout of `out`, a fresh contiguous tensor of `input`'s shape and dtype (`d`:
+    the layout of `input`, whose strides it shares when `input` is contiguous)."""
+    if input.is_contiguous():
+        return Layout(out.data_ptr(), d.code, d.shape, d.strides)
+    od = torch_layout(out)
+    assert od is not None  # a fresh dense tensor of a supported dtype
+    return od
 
 
 def _total(per: np.ndarray, reduction: str, n: int) -> float:

@@ -59,7 +59,10 @@ Small calls. In eager mode, CPU tensors with int64 targets and no option but
 ``ignore_index`` and ``reduction`` (a training loop's call) skip the custom-op dispatch:
 an ``autograd.Function`` runs one Rust call for the forward (targets checked once, per-row
 losses formed there) and one for the backward, which reuses the forward's checks
-(``ce_fast._plain``). The numbers are the custom ops' bit for bit. Other eager calls of
+(``ce_fast._plain``). Up to 65536 logits with a mean or sum reduction, the forward's call
+also writes the gradient for an incoming gradient of 1 (what ``loss.backward()`` passes),
+and the backward hands it over instead of calling again. The numbers are the custom ops'
+bit for bit. Other eager calls of
 the default path (CUDA tensors, other options) run the custom ops' implementations in
 one ``autograd.Function``, without the ops' dispatch; the ops themselves run under
 torch.compile, dispatch or torch-function modes, functorch transforms and tracing.
@@ -380,6 +383,11 @@ def _scale_on_device(g: Tensor, grad: Tensor) -> bool:
     return cuda.scale_inplace(g, grad)
 
 
+# Up to this many logits (256 KiB of float32), the lean path computes the gradient with the
+# forward pass; above it the gradient waits for backward, so a forward costs no extra memory.
+_EAGER_GRAD_ELEMS = 1 << 16
+
+
 class _PlainCrossEntropy(torch.autograd.Function):
     """The lean eager path (CPU, int64 targets, no option but ignore_index and reduction):
     no custom-op dispatch, options and targets checked once in the forward, the backward
@@ -387,15 +395,25 @@ class _PlainCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, d, ignore_index, reduction):
-        loss, lse, _ = _plain.torch_forward(input, d, target, ignore_index, reduction)
-        ctx.plain = (d, ignore_index, reduction)
-        ctx.save_for_backward(input, target, lse)  # the version check guards `d`'s memory
+        # A small call's gradient for an incoming gradient of 1 (loss.backward()) comes out
+        # of the forward's own pass: one native call and one read of the logits fewer.
+        g1 = None
+        if reduction != "none" and input.numel() <= _EAGER_GRAD_ELEMS:
+            g1 = torch.empty(input.shape, dtype=input.dtype)
+        loss, lse, _ = _plain.torch_forward(input, d, target, ignore_index, reduction, grad_out=g1)
+        ctx.plain = (d, ignore_index, reduction, lse)  # lse: a NumPy array of this call's own
+        ctx.g1 = g1
+        ctx.save_for_backward(input, target)  # the version check guards `d`'s memory
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        input, target, lse = ctx.saved_tensors
-        d, ignore_index, reduction = ctx.plain
+        input, target = ctx.saved_tensors
+        # Handed over once: autograd may keep it as .grad and add into it on a second backward.
+        g1, ctx.g1 = ctx.g1, None
+        if g1 is not None and float(grad) == 1.0:
+            return g1, None, None, None, None
+        d, ignore_index, reduction, lse = ctx.plain
         g = _plain.torch_backward(grad, input, d, target, ignore_index, reduction, lse)
         return g, None, None, None, None
 
