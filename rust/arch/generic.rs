@@ -34,6 +34,21 @@ pub trait Stored: Copy {
     /// # Safety
     /// The CPU has `L`'s set, and `p` points at N writable elements.
     unsafe fn store<L: Lanes>(p: *mut Self, v: L::V);
+    /// Whether `store2` puts `load2`'s two vectors back where they came from (and is worth
+    /// using over two `store`s): then a pass may work on the pairs.
+    #[inline(always)]
+    fn pairs<L: Lanes>() -> bool {
+        true
+    }
+    /// The inverse of `load2`, where `pairs` says so.
+    ///
+    /// # Safety
+    /// The CPU has `L`'s set, and `p` points at 2N writable elements.
+    #[inline(always)]
+    unsafe fn store2<L: Lanes>(p: *mut Self, a: L::V, b: L::V) {
+        Self::store::<L>(p, a);
+        Self::store::<L>(p.add(L::N), b);
+    }
 }
 
 impl Stored for f32 {
@@ -80,6 +95,14 @@ impl Stored for Bf16 {
     #[inline(always)]
     unsafe fn store<L: Lanes>(p: *mut Bf16, v: L::V) {
         L::store_bf16(p as *mut u16, v)
+    }
+    #[inline(always)]
+    fn pairs<L: Lanes>() -> bool {
+        L::BF16_PAIRS
+    }
+    #[inline(always)]
+    unsafe fn store2<L: Lanes>(p: *mut Bf16, a: L::V, b: L::V) {
+        L::store_bf16_2(p as *mut u16, a, b)
     }
 }
 
@@ -548,7 +571,8 @@ unsafe fn grad_core<L: Lanes>(
 
 /// The common gradient `g * scale * (a * exp(x - m) - d)` (no weights, soft target or
 /// softcap) from `n` stored elements at `src` into `dst`, converted in registers both
-/// ways: each N are read before they are written, so `dst` may be `src` itself.
+/// ways: each trip's elements are read before they are written, so `dst` may be `src`
+/// itself.
 ///
 /// # Safety
 /// `src` holds `n` readable elements and `dst` `n` writable ones, either disjoint or the
@@ -567,6 +591,18 @@ pub unsafe fn grad_plain<L: Lanes, S: Stored>(
     let vp = L::splat(post);
     let nv = n / L::N * L::N;
     let mut i = 0;
+    if S::pairs::<L>() {
+        while i + 2 * L::N <= n {
+            prefetch_ahead::<L>(src.add(i) as *const u8, 2 * L::N * std::mem::size_of::<S>());
+            let (a, b) = S::load2::<L>(src.add(i));
+            S::store2::<L>(
+                dst.add(i),
+                plain_term::<L>(a, vlse, ga, gd, vp, post),
+                plain_term::<L>(b, vlse, ga, gd, vp, post),
+            );
+            i += 2 * L::N;
+        }
+    }
     while i < nv {
         prefetch_ahead::<L>(src.add(i) as *const u8, L::N * std::mem::size_of::<S>());
         S::store::<L>(

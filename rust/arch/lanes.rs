@@ -5,7 +5,7 @@
 //! Every method is an `unsafe fn` marked `#[inline(always)]`: it may only run on a CPU
 //! with the instruction set its type stands for, and it is inlined into the kernel
 //! set's `#[target_feature]` entry points, where the intrinsics compile for that set.
-//! Pointer arguments must address `N` (or `2 * N`, for `load_bf16_2`) readable or
+//! Pointer arguments must address `N` (or `2 * N`, for the `_2` pairs) readable or
 //! writable elements; they need no alignment.
 
 /// The most lanes any set has (AVX-512: 16 f32); sizes the stack arrays of the tails.
@@ -88,7 +88,7 @@ pub unsafe trait Lanes: Copy + Send + Sync + 'static {
 
     /// N bfloat16 bits widened to f32 lanes.
     unsafe fn load_bf16(p: *const u16) -> Self::V;
-    /// 2N bfloat16 bits as two vectors of f32 lanes, in any order (for sums and maxima).
+    /// 2N bfloat16 bits as two vectors of f32 lanes: elements 2i and elements 2i + 1.
     unsafe fn load_bf16_2(p: *const u16) -> (Self::V, Self::V);
     /// N float16 bits widened to f32 lanes.
     unsafe fn load_f16(p: *const u16) -> Self::V;
@@ -96,6 +96,23 @@ pub unsafe trait Lanes: Copy + Send + Sync + 'static {
     unsafe fn store_bf16(p: *mut u16, v: Self::V);
     /// N lanes rounded to nearest even as IEEE half.
     unsafe fn store_f16(p: *mut u16, v: Self::V);
+
+    /// Whether `store_bf16_2` is faster than two `store_bf16` (the gradient pass then
+    /// works on `load_bf16_2`'s pairs).
+    const BF16_PAIRS: bool = false;
+    /// The inverse of `load_bf16_2`: 2N elements at `p`, element 2i from `even`'s lane i
+    /// and 2i + 1 from `odd`'s, each rounded as `store_bf16`. The default goes through
+    /// memory, element by element.
+    #[inline(always)]
+    unsafe fn store_bf16_2(p: *mut u16, even: Self::V, odd: Self::V) {
+        let (mut e, mut o) = ([0.0f32; MAX_LANES], [0.0f32; MAX_LANES]);
+        Self::store(e.as_mut_ptr(), even);
+        Self::store(o.as_mut_ptr(), odd);
+        for i in 0..Self::N {
+            *p.add(2 * i) = crate::elem::f32_to_bf16(e[i]);
+            *p.add(2 * i + 1) = crate::elem::f32_to_bf16(o[i]);
+        }
+    }
 
     /// A hint to bring the cache line at `p` into L1; never faults, so `p` may lie past
     /// the end of the data. The default does nothing.

@@ -117,14 +117,56 @@ unsafe fn loads_match_scalar<L: Lanes>() {
     }
 }
 
+/// The pair store rounds as the scalar conversion (NaN payloads included) and puts the
+/// pair load's two vectors back in element order.
+unsafe fn pair_stores_invert_pair_loads<L: Lanes>() {
+    let mut src = values();
+    // NaNs whose rounding would carry out of the high half or leave it signalling.
+    src.extend(
+        [
+            0x7f80_0001u32,
+            0x7fff_ffff,
+            0xffff_ffff,
+            0xff80_0001,
+            0x7fc0_ffff,
+            0x7fff_8000,
+        ]
+        .map(f32::from_bits),
+    );
+    for chunk in src.chunks(2 * L::N) {
+        let (mut e, mut o) = ([0.0f32; MAX_LANES], [0.0f32; MAX_LANES]);
+        for (j, &x) in chunk.iter().enumerate() {
+            if j % 2 == 0 {
+                e[j / 2] = x;
+            } else {
+                o[j / 2] = x;
+            }
+        }
+        let mut out = [0u16; 2 * MAX_LANES];
+        L::store_bf16_2(out.as_mut_ptr(), L::load(e.as_ptr()), L::load(o.as_ptr()));
+        for (j, &x) in chunk.iter().enumerate() {
+            assert_eq!(out[j], f32_to_bf16(x), "bf16 of {:#x}", x.to_bits());
+        }
+    }
+    let bits: Vec<u16> = src.iter().map(|&x| f32_to_bf16(x)).collect();
+    for chunk in bits.chunks_exact(2 * L::N) {
+        let (a, b) = L::load_bf16_2(chunk.as_ptr());
+        let mut out = [0u16; 2 * MAX_LANES];
+        L::store_bf16_2(out.as_mut_ptr(), a, b);
+        assert_eq!(&out[..2 * L::N], chunk);
+    }
+}
+
 #[test]
 fn conversions_match_the_scalar_ones() {
     each_set!(|_k, L| {
         // SAFETY: the set's value exists, so the CPU has its features; the arrays hold
-        // MAX_LANES >= N elements and the loads stay inside `values()`.
+        // MAX_LANES >= N elements (2 * MAX_LANES for pairs) and the loads stay inside
+        // `values()`.
         unsafe {
             stores_round_as_scalar::<L>();
             loads_match_scalar::<L>();
+            pair_stores_invert_pair_loads::<L>();
         }
     });
 }

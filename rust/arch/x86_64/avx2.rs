@@ -213,6 +213,24 @@ unsafe impl Lanes for L8 {
         let h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
         _mm_storeu_si128(p as *mut __m128i, h)
     }
+    const BF16_PAIRS: bool = true;
+    /// Rounds both vectors in their 32-bit lanes and interleaves the kept high halves with
+    /// one word blend: 12 operations per 16 elements against 20 for two `store_bf16`.
+    #[inline(always)]
+    unsafe fn store_bf16_2(p: *mut u16, even: __m256, odd: __m256) {
+        let (be, bo) = (_mm256_castps_si256(even), _mm256_castps_si256(odd));
+        let (mut re, mut ro) = (round_bf16_hi(be), round_bf16_hi(bo));
+        if _mm256_movemask_ps(_mm256_cmp_ps(even, odd, _CMP_UNORD_Q)) != 0 {
+            // Rare: a NaN keeps its high half, made quiet, as in `store_bf16`.
+            let ne = _mm256_castps_si256(_mm256_cmp_ps(even, even, _CMP_UNORD_Q));
+            let no = _mm256_castps_si256(_mm256_cmp_ps(odd, odd, _CMP_UNORD_Q));
+            re = _mm256_blendv_epi8(re, quiet_hi(be), ne);
+            ro = _mm256_blendv_epi8(ro, quiet_hi(bo), no);
+        }
+        // Element 2i is the low word of lane i, 2i + 1 the high word.
+        let v = _mm256_blend_epi16(_mm256_srli_epi32(re, 16), ro, 0xAA);
+        _mm256_storeu_si256(p as *mut __m256i, v)
+    }
     #[inline(always)]
     unsafe fn store_f16(p: *mut u16, v: __m256) {
         let h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
@@ -222,6 +240,22 @@ unsafe impl Lanes for L8 {
     unsafe fn prefetch(p: *const u8) {
         _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
     }
+}
+
+/// b + 0x7fff + (the lowest kept bit): the high half is b rounded to nearest even.
+#[inline(always)]
+unsafe fn round_bf16_hi(b: __m256i) -> __m256i {
+    let lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb)
+}
+
+/// The high half of b with the quiet bit set, in the high half.
+#[inline(always)]
+unsafe fn quiet_hi(b: __m256i) -> __m256i {
+    _mm256_slli_epi32(
+        _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40)),
+        16,
+    )
 }
 
 crate::arch::generic::kernel_set!(Avx2, L8, "avx2,fma,f16c", Level::Avx2);
