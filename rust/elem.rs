@@ -87,6 +87,22 @@ impl Matrix {
         })
     }
 
+    /// (first byte, byte length) of the elements when they are dense in C order (no gaps,
+    /// no repeats); None otherwise.
+    pub fn dense_bytes(&self) -> Option<(usize, usize)> {
+        let mut expect = self.cols as isize;
+        if self.col_stride != 1 && self.cols > 1 {
+            return None;
+        }
+        for (&n, &s) in self.batch_shape.iter().zip(&self.batch_strides).rev() {
+            if s != expect && n > 1 {
+                return None;
+            }
+            expect *= n as isize;
+        }
+        Some((self.ptr, expect as usize * self.dtype.itemsize() as usize))
+    }
+
     /// Address of a row's first element when the row is contiguous and aligned.
     #[inline]
     pub fn contiguous_row(&self, row_off: isize) -> Option<*mut u8> {

@@ -15,9 +15,10 @@ mod elem;
 mod engine;
 mod float;
 mod kernels;
+mod pages;
 
 use args::{ArrayDesc, Coefficients, Outputs, Saved};
-use elem::DType;
+use elem::{DType, Matrix};
 use engine::{binary, kl, plain, rows};
 use numpy::{
     PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1, PyReadwriteArray2, PyUntypedArray,
@@ -109,6 +110,14 @@ fn pool(_py: Python<'_>, threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
 /// `target`: int64 class indices, -1 for no target, one per row; `weight`: float64, one
 /// per class; `soft`: an `Operand` of the logits' shape; `argmax`: int64, one per row,
 /// receives each row's first maximum (-1 for a row holding NaN) from the same pass.
+/// A gradient destination shaped like `x`, with huge pages asked for when it is a large
+/// fresh array (see `pages`).
+fn grad_out(d: ArrayDesc, x: &Matrix) -> PyResult<Matrix> {
+    let m = d.like(x, "grad out")?;
+    pages::advise_fresh(&m, x);
+    Ok(m)
+}
+
 #[pyfunction]
 #[pyo3(signature = (
     x, *, target=None, weight=None, soft=None, scale=1.0, softcap=0.0, want_wz=false,
@@ -139,7 +148,7 @@ fn run(
     }
     let soft = soft.map(|d| d.like(&x, "soft target")).transpose()?;
     let gout = match (&grad, out) {
-        (Some(_), Some(d)) => Some(d.like(&x, "grad out")?),
+        (Some(_), Some(d)) => Some(grad_out(d, &x)?),
         (None, None) => None,
         _ => return Err(PyValueError::new_err("grad and out go together")),
     };
@@ -244,7 +253,7 @@ fn run_binary(
     let (w, pw) = (like(w, "weight")?, like(pw, "pos_weight")?);
     let (loss, grad, gout) = (
         like(loss, "loss out")?,
-        like(grad, "grad out")?,
+        grad.map(|d| grad_out(d, &x)).transpose()?,
         like(gout, "grad_output")?,
     );
     if loss
@@ -302,7 +311,7 @@ fn kl_run(
     let teacher = teacher.like(&x, "teacher logits")?;
     let rows = x.rows();
     let gout = match (&g, out) {
-        (Some(_), Some(d)) => Some(d.like(&x, "grad out")?),
+        (Some(_), Some(d)) => Some(grad_out(d, &x)?),
         (None, None) => None,
         _ => return Err(PyValueError::new_err("g and out go together")),
     };
@@ -368,7 +377,7 @@ fn plain_forward(
     let x = x.matrix("logits")?;
     let rows = x.rows();
     let gout = match (go, out) {
-        (Some(go), Some(d)) => Some((go, d.like(&x, "grad out")?)),
+        (Some(go), Some(d)) => Some((go, grad_out(d, &x)?)),
         (None, None) if mean => return Err(PyValueError::new_err("mean needs go")),
         (None, None) => None,
         _ => return Err(PyValueError::new_err("go and out go together")),
@@ -415,7 +424,7 @@ fn plain_backward(
 ) -> PyResult<()> {
     let x = x.matrix("logits")?;
     let rows = x.rows();
-    let out = out.like(&x, "grad out")?;
+    let out = grad_out(out, &x)?;
     let (mx, ls) = args::pair(&lse, rows, "lse")?;
     let up = match (go, &go_rows) {
         (Some(go), None) if mean => plain::Upstream::Mean(go),
