@@ -48,6 +48,28 @@ def _loss_and_grad(x, t, dtype, what="", **kw):
     return got
 
 
+# ---------------------------------------------------------------- maxima jumping inside a long chunk
+
+LONG_CHUNK = 8192  # rows.rs: contiguous rows after the first chunk, read in place
+
+
+@pytest.mark.parametrize("dtype", (F32, BF16, F16), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("at", [CHUNK, 5000, CHUNK + LONG_CHUNK - 1, CHUNK + LONG_CHUNK, 11999])
+def test_maximum_jumping_inside_a_long_chunk(simd_path, dtype, at):
+    """A maximum beyond the one-pass range (running max + 64) inside a long chunk: that
+    chunk is redone in two passes (f32 in place, half precision through the buffer)."""
+    rng = np.random.default_rng(at)
+    x = rng.standard_normal((4, 12000))
+    x[0, at] = 300.0  # one jump
+    x[1, at:] += 150.0  # a jump that holds to the end of the row
+    x[2, at] = -np.inf  # no jump, an -inf inside the chunk
+    x[3, :at] = -np.inf  # the first finite logits inside the chunk
+    x[3, at] += 200.0
+    x = cast(x, dtype)
+    y = np.array([at, min(at + 1, 11999), 0, at])
+    _loss_and_grad(x, y, dtype, what=f"jump at {at}: ")
+
+
 # ---------------------------------------------------------------- huge row maxima
 
 

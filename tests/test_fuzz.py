@@ -67,7 +67,8 @@ SEED = os.environ.get("CE_FAST_FUZZ_SEED")
 
 CHUNK = 2048
 # Lengths at the lane tails (8 f32 lanes, 32 per unrolled step) and the chunk boundaries.
-EDGE_C = [1, 2, 7, 8, 9, 31, 32, 33, 63, 65, 2047, 2048, 2049, 2055, 2080, 4095, 4096, 4097, 4103, 6150]
+# 10245: the first chunk, one whole long chunk read in place (rows.rs LONG_CHUNK), a tail.
+EDGE_C = [1, 2, 7, 8, 9, 31, 32, 33, 63, 65, 2047, 2048, 2049, 2055, 2080, 4095, 4096, 4097, 4103, 6150, 10245]
 ROW_KINDS = ["normal", "normal", "huge", "huge_ties", "spanning", "subnormal", "constant", "peaked"]
 COMPUTE_EPS = {F64: 2.0**-52, F32: 2.0**-23, F16: 2.0**-23, BF16: 2.0**-23}  # f16/bf16 compute in f32
 RTOL = {F64: 1e-12, F32: 1e-5, F16: 1e-5, BF16: 1e-5}  # conftest.row_tol's factor

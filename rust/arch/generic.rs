@@ -412,9 +412,9 @@ unsafe fn sum_term<L: Lanes>(x: L::V, vl: L::V, vml: L::V, lo: L::V) -> L::V {
 }
 
 /// Largest |fl(m*log2e) - m*log2e| the one-pass sum takes. Terms are 2^(t - rho) with
-/// t <= log2(e^FUSED_MAX_JUMP) = 92.3, and a lane adds up to 257 of them (a chunk of 2048
-/// in trips of two vectors of 8 lanes, and the remainder) before the f64 sum:
-/// 2^(92.3 + 16 + 8.1) stays below f32's 2^128, and the 2^-126 floor of the smallest terms becomes at most 2^-110, far
+/// t <= log2(e^FUSED_MAX_JUMP) = 92.3, and a lane adds up to 1025 of them (a chunk of at
+/// most rows::LONG_CHUNK = 8192 in trips of two vectors of 8 lanes, and the remainder)
+/// before the f64 sum: 2^(92.3 + 16 + 10.1) stays below f32's 2^128, and the 2^-126 floor of the smallest terms becomes at most 2^-110, far
 /// below the max's own term 1.
 const MAX_RHO: f64 = 16.0;
 

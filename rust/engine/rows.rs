@@ -12,6 +12,9 @@ use rayon::prelude::*;
 
 /// Elements per chunk: 8 KiB of f32, so a chunk and its weights stay in L1.
 pub const CHUNK: usize = 2048;
+/// Elements per chunk read straight from the logits (no buffer, no other sums), once the
+/// row has a maximum: each chunk costs a call, two reductions and a rescaling.
+pub const LONG_CHUNK: usize = 8192;
 /// Below this many elements a call stays on the calling thread (thread start-up dominates).
 pub const PAR_MIN_ELEMS: usize = 1 << 17;
 /// A fused chunk's terms reach exp(this) at most: far inside f32's range.
@@ -162,9 +165,16 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
         // registers) when no other sum needs the chunk in the compute type.
         let direct_half = !self.transform && !p.want_wz && p.soft.is_none();
         let bf16 = x.dtype == DType::BF16;
+        let long =
+            direct_half && (F::view(x, off, 0, 0).is_some() || x.halves(off, 0, 0).is_some());
         let mut start = 0;
         while start < cols {
-            let n = CHUNK.min(cols - start);
+            let size = if long && m.is_finite() {
+                LONG_CHUNK
+            } else {
+                CHUNK
+            };
+            let n = size.min(cols - start);
             let half = if direct_half && m.is_finite() {
                 x.halves(off, start, n)
             } else {
@@ -186,7 +196,13 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                 start += n;
                 continue;
             }
-            // Contiguous logits of the compute type are read in place, others converted.
+            // Contiguous logits of the compute type are read in place, others converted (a
+            // long chunk the fused half route declined goes back to the buffer's size).
+            let n = if !self.transform && F::view(x, off, start, n).is_some() {
+                n
+            } else {
+                n.min(CHUNK)
+            };
             let buf: &[F] = match F::view(x, off, start, n) {
                 Some(v) if !self.transform => v,
                 _ => {
