@@ -103,13 +103,6 @@ fn pool(_py: Python<'_>, threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     Ok(p)
 }
 
-/// Per-row statistics of the logits `x` (an `Operand`) into the float64 vectors of
-/// `stats` (a `Stats`, None fields not wanted); with `grad` (a `GradCoef`) the gradient
-/// into `out` (an `Operand` of the logits' shape); with `given` (a `Stats` saved by an
-/// earlier call: mx, ls, and swt for soft targets) only the gradient pass runs.
-/// `target`: int64 class indices, -1 for no target, one per row; `weight`: float64, one
-/// per class; `soft`: an `Operand` of the logits' shape; `argmax`: int64, one per row,
-/// receives each row's first maximum (-1 for a row holding NaN) from the same pass.
 /// A gradient destination shaped like `x`, with huge pages asked for when it is a large
 /// fresh array (see `pages`).
 fn grad_out(d: ArrayDesc, x: &Matrix) -> PyResult<Matrix> {
@@ -118,6 +111,13 @@ fn grad_out(d: ArrayDesc, x: &Matrix) -> PyResult<Matrix> {
     Ok(m)
 }
 
+/// Per-row statistics of the logits `x` (an `Operand`) into the float64 vectors of
+/// `stats` (a `Stats`, None fields not wanted); with `grad` (a `GradCoef`) the gradient
+/// into `out` (an `Operand` of the logits' shape); with `given` (a `Stats` saved by an
+/// earlier call: mx, ls, and swt for soft targets) only the gradient pass runs.
+/// `target`: int64 class indices, -1 for no target, one per row; `weight`: float64, one
+/// per class; `soft`: an `Operand` of the logits' shape; `argmax`: int64, one per row,
+/// receives each row's first maximum (-1 for a row holding NaN) from the same pass.
 #[pyfunction]
 #[pyo3(signature = (
     x, *, target=None, weight=None, soft=None, scale=1.0, softcap=0.0, want_wz=false,
