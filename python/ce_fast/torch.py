@@ -62,10 +62,10 @@ losses formed there) and one for the backward, which reuses the forward's checks
 (``ce_fast._plain``). Up to 65536 logits with a mean or sum reduction, the forward's call
 also writes the gradient for an incoming gradient of 1 (what ``loss.backward()`` passes),
 and the backward hands it over instead of calling again. The numbers are the custom ops'
-bit for bit. Other eager calls of
-the default path (CUDA tensors, other options) run the custom ops' implementations in
-one ``autograd.Function``, without the ops' dispatch; the ops themselves run under
-torch.compile, dispatch or torch-function modes, functorch transforms and tracing.
+bit for bit. Other eager calls of the default path (CUDA tensors, other options) run the
+custom ops' implementations in one ``autograd.Function``, without the ops' dispatch; the
+ops themselves run under torch.compile, dispatch or torch-function modes, functorch
+transforms and tracing.
 """
 
 from __future__ import annotations
