@@ -202,13 +202,9 @@ unsafe impl Lanes for L8 {
     #[inline(always)]
     unsafe fn store_bf16(p: *mut u16, v: __m256) {
         let b = _mm256_castps_si256(v);
-        let hi = _mm256_srli_epi32(b, 16);
-        let lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-        let r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-        let r = _mm256_srli_epi32(r, 16);
         let nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        let quiet = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
-        let r = _mm256_blendv_epi8(r, quiet, nan);
+        let r = _mm256_blendv_epi8(round_bf16_hi(b), quiet_hi(b), nan);
+        let r = _mm256_srli_epi32(r, 16);
         // Every lane is below 2^16, so the saturating pack keeps it exactly.
         let h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
         _mm_storeu_si128(p as *mut __m128i, h)
