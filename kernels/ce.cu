@@ -624,6 +624,26 @@ __device__ __forceinline__ void ce_grad_vec(const u32* xw, const u32* tw, i64 c0
     Words<4>::store(orow + c0, ow);
 }
 
+// Calls body(xw, tw, c0) for a thread's 16-byte vectors gl, gl + G, ... < nv of a row, U
+// loaded at a time and then one by one: the loop both passes share (c0: the first column).
+template <typename TX, typename TS, int U, typename Body>
+__device__ __forceinline__ void ce_for_vecs(const TX* xr, const TS* tr, int head, i64 nv, int gl, int G, Body body) {
+    const int V = 16 / E<TX>::SIZE;
+    const int TW = SoftWords<TX, TS>::N;
+    i64 i = gl;
+    for (; i + (i64)(U - 1) * G < nv; i += (i64)U * G) {
+        u32 xw[U][4], tw[U][TW];
+        ce_load_vecs<TX, TS, U>(xr, tr, head, i, G, xw, tw);
+#pragma unroll
+        for (int u = 0; u < U; ++u) body(xw[u], tw[u], head + (i + (i64)u * G) * V);
+    }
+    for (; i < nv; i += G) {
+        u32 xw[1][4], tw[1][TW];
+        ce_load_vecs<TX, TS, 1>(xr, tr, head, i, G, xw, tw);
+        body(xw[0], tw[0], head + i * V);
+    }
+}
+
 // Pass 1 over the 16-byte vectors of a row, by thread gl of its G, U vectors in flight.
 // PL: the plain call (no weights, soft targets, softcap, logit scale, w (z - m) sums or
 // argmax), compiled apart so that its loop keeps only the loads, the max, exp and the sum:
@@ -631,29 +651,15 @@ __device__ __forceinline__ void ce_grad_vec(const u32* xw, const u32* tw, i64 c0
 template <typename TX, typename TS, int U, bool PL>
 __device__ __forceinline__ void ce_pass1_vec(Acc& A, const TX* xr, const TS* tr, int head, i64 nv, int gl, int G,
                                              const float* w32, float scale, float cap, bool want_wz, bool want_am) {
-    const int V = 16 / E<TX>::SIZE;
-    const int TW = SoftWords<TX, TS>::N;
     if (PL) {
         w32 = nullptr;
         scale = 1.0f;
         cap = 0.0f;
         want_wz = want_am = false;
     }
-    i64 i = gl;
-    for (; i + (i64)(U - 1) * G < nv; i += (i64)U * G) {
-        u32 xw[U][4], tw[U][TW];
-        ce_load_vecs<TX, TS, U>(xr, tr, head, i, G, xw, tw);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const i64 c0 = head + (i + (i64)u * G) * V;
-            ce_acc_vec<TX, TS, PL>(A, xw[u], tw[u], c0, w32, scale, cap, want_wz, want_am);
-        }
-    }
-    for (; i < nv; i += G) {
-        u32 xw[1][4], tw[1][TW];
-        ce_load_vecs<TX, TS, 1>(xr, tr, head, i, G, xw, tw);
-        ce_acc_vec<TX, TS, PL>(A, xw[0], tw[0], head + i * V, w32, scale, cap, want_wz, want_am);
-    }
+    ce_for_vecs<TX, TS, U>(xr, tr, head, nv, gl, G, [&](const u32* xw, const u32* tw, i64 c0) {
+        ce_acc_vec<TX, TS, PL>(A, xw, tw, c0, w32, scale, cap, want_wz, want_am);
+    });
     // Every term of the sum is in [0, 1] when no z is NaN, and the sum only grows or is
     // rescaled by a factor in [0, 1]: a NaN sum means a NaN logit.
     if (PL) A.nan |= (A.s != A.s);
@@ -664,29 +670,15 @@ __device__ __forceinline__ void ce_pass1_vec(Acc& A, const TX* xr, const TS* tr,
 template <typename TX, typename TS, int U, bool PL>
 __device__ __forceinline__ void ce_pass2_vec(const TX* xr, const TS* tr, TX* orow, int head, i64 nv, int gl, int G,
                                              const float* w32, GradF P, i64 yp, const GradY& Q) {
-    const int V = 16 / E<TX>::SIZE;
-    const int TW = SoftWords<TX, TS>::N;
     if (PL) {  // e multiplies the soft target, 0 here: e * 0 is 0 for the finite e of hard targets
         w32 = nullptr;
         P.scale = 1.0f;
         P.cap = 0.0f;
         P.e = 0.0f;
     }
-    i64 i = gl;
-    for (; i + (i64)(U - 1) * G < nv; i += (i64)U * G) {
-        u32 xw[U][4], tw[U][TW];
-        ce_load_vecs<TX, TS, U>(xr, tr, head, i, G, xw, tw);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const i64 c0 = head + (i + (i64)u * G) * V;
-            ce_grad_vec<TX, TS>(xw[u], tw[u], c0, xr, orow, w32, P, yp, Q);
-        }
-    }
-    for (; i < nv; i += G) {
-        u32 xw[1][4], tw[1][TW];
-        ce_load_vecs<TX, TS, 1>(xr, tr, head, i, G, xw, tw);
-        ce_grad_vec<TX, TS>(xw[0], tw[0], head + i * V, xr, orow, w32, P, yp, Q);
-    }
+    ce_for_vecs<TX, TS, U>(xr, tr, head, nv, gl, G, [&](const u32* xw, const u32* tw, i64 c0) {
+        ce_grad_vec<TX, TS>(xw, tw, c0, xr, orow, w32, P, yp, Q);
+    });
 }
 
 // The shared body of the statistics kernel (FUSED = false) and of the fused
