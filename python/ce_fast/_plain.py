@@ -92,7 +92,12 @@ def torch_forward(
     lse = np.empty((2, t.numel()))
     per = np.empty(t.numel())
     tv = t.numpy().reshape(-1)
-    out = d if inplace else None if grad_out is None else _fresh_layout(grad_out, input, d)
+    if inplace:
+        out = d
+    elif grad_out is not None:
+        out = _fresh_layout(grad_out, input, d)
+    else:
+        out = None
     if out is not None:
         n = plain_forward(d, tv, ignore_index, lse, per, cpu._threads, go=1.0, mean=reduction == "mean", out=out)
     else:

@@ -34,8 +34,8 @@ pub trait Stored: Copy {
     /// # Safety
     /// The CPU has `L`'s set, and `p` points at N writable elements.
     unsafe fn store<L: Lanes>(p: *mut Self, v: L::V);
-    /// Whether `store2` puts `load2`'s two vectors back where they came from (and is worth
-    /// using over two `store`s): then a pass may work on the pairs.
+    /// Whether `store2` puts `load2`'s two vectors back where they came from: then a pass
+    /// may work on the pairs (bf16: only where the set's pair store is the faster one).
     #[inline(always)]
     fn pairs<L: Lanes>() -> bool {
         true
@@ -304,7 +304,7 @@ pub unsafe fn max_nan<L: Lanes>(buf: &[f32]) -> (f32, bool) {
     let mut nan = L::mask_none();
     let mut i = 0;
     while i < n2 {
-        prefetch_ahead::<L>(p.add(i) as *const u8, 2 * L::N * 4);
+        prefetch_ahead::<L>(p.add(i) as *const u8, 2 * L::N * std::mem::size_of::<f32>());
         let a = L::load(p.add(i));
         let b = L::load(p.add(i + L::N));
         // max(x, acc) returns acc when x is NaN: NaN is skipped here, flagged below.

@@ -46,7 +46,7 @@ pub struct L16;
 // trait names.
 unsafe impl Lanes for L16 {
     const N: usize = 16;
-    // VRNDSCALEPS is two operations on one port on Intel cores; the magic add is one.
+    // VRNDSCALEPS is two operations on Intel cores (instruction tables; not measured here).
     const ROUND_SPLIT: bool = false;
     type V = __m512;
     type M = __mmask16;
