@@ -198,15 +198,15 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
             }
             // Contiguous logits of the compute type are read in place, others converted (a
             // long chunk the fused half route declined goes back to the buffer's size).
-            let n = if !self.transform && F::view(x, off, start, n).is_some() {
-                n
+            let view = if self.transform {
+                None
             } else {
-                n.min(CHUNK)
+                F::view(x, off, start, n)
             };
-            let buf: &[F] = match F::view(x, off, start, n) {
-                Some(v) if !self.transform => v,
-                _ => {
-                    let buf = &mut bufs.x[..n];
+            let buf: &[F] = match view {
+                Some(v) => v,
+                None => {
+                    let buf = &mut bufs.x[..n.min(CHUNK)];
                     F::load(x, off, start, buf, level);
                     if self.transform {
                         self.k.transform(buf, scale, softcap, None);
@@ -214,6 +214,7 @@ impl<'a, F: Compute, K: Kernels<F>> Ctx<'a, F, K> {
                     buf
                 }
             };
+            let n = buf.len();
             // With a max from earlier chunks, one fused pass gives the sum and the chunk's
             // max; only a chunk whose max jumps far above it takes the two-pass route.
             let fused = if m.is_finite() {
